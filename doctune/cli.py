@@ -1,0 +1,68 @@
+"""The `doctune` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+app = typer.Typer(help="doctune: from a document folder to a fine-tuned, evaluated LLM.", no_args_is_help=True)
+
+
+def load_settings(path: Optional[Path], cls):
+    """A YAML file validated against a settings model; errors name the file and the key."""
+    if path is None:
+        return cls()
+    from pydantic import ValidationError
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(f"{path}: {problems}") from None
+
+
+@app.command("prepare-model")
+def prepare_model(target: Optional[Path] = typer.Option(None, help="Folder to write (default: the cache).")):
+    """Convert the offline SmolLM2-135M-Instruct GGUF into a safetensors folder (once)."""
+    from doctune.base_model import prepare_base_model
+
+    typer.echo(prepare_base_model(target))
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the offline base model)."),
+    host: str = typer.Option("127.0.0.1", help="Interface; loopback by default."),
+    port: int = typer.Option(8765),
+    name: str = typer.Option("smollm2-135m-instruct", help="Model name clients ask for."),
+    api_key_env: str = typer.Option("DOCTUNE_SERVE_API_KEY", help="Env var with the key clients must send (unset: no key)."),
+):
+    """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/embeddings)."""
+    from doctune.base_model import prepare_base_model
+    from doctune.server import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_server(str(model or prepare_base_model()), host=host, port=port, served_name=name,
+               api_key=os.environ.get(api_key_env) or None)
+
+
+@app.command("build-dataset")
+def build_dataset_cmd(
+    folder: Path = typer.Argument(Path("data/docs"), help="Document folder to ingest recursively."),
+    settings: Optional[Path] = typer.Option(None, help="YAML file of BuildSettings."),
+):
+    """Run the build_dataset flow and print the dataset folder."""
+    from doctune.settings import BuildSettings
+    from flows.build_dataset import build_dataset
+
+    typer.echo(build_dataset(str(folder), load_settings(settings, BuildSettings)))
+
+
+if __name__ == "__main__":
+    app()

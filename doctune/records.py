@@ -1,0 +1,127 @@
+"""The records every stage passes along (documents, chunks, Q&A pairs, drops).
+
+Stages read and write them as JSONL files; one line per record, so a person can open
+any intermediate file and a crash never leaves half a JSON document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Literal, TypeVar
+
+from pydantic import BaseModel, Field
+
+
+CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def detect_language(text: str) -> str:
+    """'zh' when CJK characters are over a fifth of the letters, else 'en'."""
+    cjk = len(CJK_RE.findall(text))
+    letters = cjk + sum(c.isalpha() and c.isascii() for c in text)
+    return "zh" if letters and cjk / letters > 0.2 else "en"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def short_hash(*parts: str, n: int = 16) -> str:
+    return sha256_text("\x1f".join(parts))[:n]
+
+
+class Document(BaseModel):
+    """One readable file of the knowledge base, as Markdown text."""
+
+    doc_id: str = Field(description="First 16 hex digits of the file's sha256.")
+    path: str = Field(description="Path relative to the ingested folder.")
+    sha256: str
+    format: str = Field(description="pdf, docx, md, html, txt, csv, xlsx, ...")
+    title: str
+    text: str
+    language: Literal["en", "zh"] = "en"
+
+
+class Chunk(BaseModel):
+    chunk_id: str = Field(description="'<doc_id>:<index>'")
+    doc_id: str
+    path: str
+    index: int
+    text: str
+    heading_path: list[str] = Field(default_factory=list)
+    start: int = Field(description="Character offset of the chunk in Document.text.")
+    end: int
+    n_tokens: int
+    language: Literal["en", "zh"] = "en"
+    title: str = ""
+
+
+PairSource = Literal["synthesized", "faq", "instruction", "translated", "replay"]
+
+
+class QAPair(BaseModel):
+    pair_id: str = ""
+    question: str
+    answer: str
+    source: PairSource = "synthesized"
+    doc_id: str | None = None
+    path: str | None = Field(default=None, description="Source file, relative to the folder.")
+    chunk_id: str | None = None
+    mode: str | None = Field(default=None, description="Synthesis mode: 'fact' or 'qa'.")
+    model: str | None = None
+    prompt_version: str | None = None
+    language: Literal["en", "zh"] = "en"
+    system: str | None = None
+    translated_from: str | None = Field(default=None, description="pair_id of the original.")
+
+    def model_post_init(self, __context) -> None:
+        if not self.pair_id:
+            self.pair_id = short_hash(self.question, self.answer, self.chunk_id or self.path or "")
+
+
+class Dropped(BaseModel):
+    """A row a filter removed, kept with the reason so nothing disappears silently."""
+
+    stage: str
+    reason: str
+    record: dict
+    duplicate_of: str | None = None
+    detail: str | None = None
+
+
+class SkippedFile(BaseModel):
+    path: str
+    reason: str
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> Path:
+    """Write records atomically: a temp file renamed into place, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            row = r.model_dump() if isinstance(r, BaseModel) else r
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_jsonl(path: str | Path, model: type[R] | None = None) -> list:
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows.append(model.model_validate(row) if model else row)
+    return rows

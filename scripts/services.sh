@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Start/stop the local services the demo needs: the Prefect server (SQLite), the local LLM server
+# and a worker on the `gpu` process pool. Each runs in the foreground of its own session, detached
+# with setsid and logging to a file: `prefect server start --background` dies offline when its
+# first log line hits a closed pipe (measured), so we never use it.
+#   scripts/services.sh up [prefect|llm|worker]...   scripts/services.sh down
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+RUN="$ROOT/.run"; mkdir -p "$RUN" "$PREFECT_HOME"
+
+wait_http() {  # url seconds name
+  for _ in $(seq "$2"); do
+    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    sleep 1
+  done
+  echo "$3 did not come up within $2 s; see $RUN/$3.log" >&2; tail -20 "$RUN/$3.log" >&2; return 1
+}
+
+running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+start() {  # name command...
+  local name=$1; shift
+  if running "$name"; then echo "$name already running (pid $(cat "$RUN/$name.pid"))"; return 0; fi
+  setsid "$@" >"$RUN/$name.log" 2>&1 < /dev/null &
+  echo $! >"$RUN/$name.pid"
+}
+
+up_prefect() {
+  start prefect prefect server start --host 127.0.0.1 --port "$PREFECT_SERVER_API_PORT"
+  wait_http "$PREFECT_API_URL/health" 120 prefect
+  echo "Prefect UI: http://127.0.0.1:$PREFECT_SERVER_API_PORT"
+}
+
+up_llm() {
+  start llm doctune serve --port "$DOCTUNE_LLM_PORT"
+  wait_http "http://127.0.0.1:$DOCTUNE_LLM_PORT/health" 180 llm
+  echo "LLM endpoint: http://127.0.0.1:$DOCTUNE_LLM_PORT/v1"
+}
+
+up_worker() {
+  prefect work-pool inspect gpu >/dev/null 2>&1 || prefect work-pool create gpu --type process >/dev/null
+  prefect work-pool set-concurrency-limit gpu 1 >/dev/null
+  start worker prefect worker start --pool gpu --type process
+  echo "worker on pool gpu: log $RUN/worker.log"
+}
+
+down() {
+  for name in worker llm prefect; do
+    if running "$name"; then
+      pid=$(cat "$RUN/$name.pid")
+      kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
+      for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      echo "stopped $name"
+    fi
+    rm -f "$RUN/$name.pid"
+  done
+}
+
+cmd=${1:-}; shift || true
+case "$cmd" in
+  up) for s in "${@:-prefect llm}"; do for t in $s; do "up_$t"; done; done ;;
+  down) down ;;
+  *) echo "usage: $0 up [prefect|llm|worker]... | down" >&2; exit 2 ;;
+esac

@@ -1,0 +1,366 @@
+"""Synthesize question/answer pairs from chunks through any OpenAI-compatible endpoint.
+
+Two modes (FINDINGS: a 135M model cannot write free-form Q&A, but can write a question for a
+given fact sentence about half the time):
+- fact: the answer is a self-contained passage of the chunk, grounded by construction; the LLM
+  writes several differently worded questions for it; filters drop the bad ones with a reason.
+- qa:   the LLM writes question and answer (JSON); answers are checked against the chunk.
+`auto` probes the endpoint on a few chunks and records which mode it chose and why.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from prefect import task
+from pydantic import BaseModel, Field
+from rapidfuzz import fuzz
+from tqdm import tqdm
+
+from doctune.llm import EndpointError, chat, make_client
+from doctune.prefect_utils import CACHE, NETWORK_RETRIES
+from doctune.prompts import load_prompt, render
+from doctune.records import Chunk, Dropped, QAPair, short_hash
+from doctune.settings import LLMSettings, SynthSettings
+from tasks.chunk import split_sentences
+
+STAGE = "synthesize"
+CJK = re.compile(r"[\u4e00-\u9fff]")
+META = re.compile(
+    r"according to (the|this) (text|passage|document|context|article)|in the (text|passage|document) above"
+    r"|the (passage|text) (says|states|mentions)|根据(文中|上文|原文|文本|材料|段落)|文中(提到|指出)|原文",
+    re.IGNORECASE,
+)
+PRONOUN_START = re.compile(r"^(it|its|they|their|this|these|he|she|his|her)\b", re.IGNORECASE)
+ZH_PRONOUN_START = re.compile(r"^(它|其|他们|她们|他|她|这|该)")
+NUMBERISH = re.compile(r"\d+(?:[.,:]\d+)*")
+EN_WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
+EN_STOP = {"what", "which", "when", "where", "does", "have", "that", "this", "with", "from", "there",
+           "their", "they", "much", "many", "about", "long", "after", "before", "into", "your", "will"}
+
+
+class SynthResult(BaseModel):
+    pairs: list[QAPair] = Field(default_factory=list)
+    dropped: list[Dropped] = Field(default_factory=list)
+    calls: int = 0
+    failed_calls: int = 0
+    errors: list[str] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def merge(self, other: "SynthResult") -> "SynthResult":
+        return SynthResult(
+            pairs=self.pairs + other.pairs,
+            dropped=self.dropped + other.dropped,
+            calls=self.calls + other.calls,
+            failed_calls=self.failed_calls + other.failed_calls,
+            errors=(self.errors + other.errors)[:50],
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
+
+class SynthesisIncomplete(RuntimeError):
+    pass
+
+
+class ModeChoice(BaseModel):
+    mode: str
+    reason: str
+
+
+# ---------------------------------------------------------------- facts
+
+
+def _subject(chunk: Chunk) -> str:
+    return (chunk.heading_path[-1] if chunk.heading_path else chunk.title).strip().rstrip(":：")
+
+
+def restore_subject(sentence: str, chunk: Chunk) -> str:
+    """A fact starting with a pronoun is no answer on its own: name its subject from the heading."""
+    subject = _subject(chunk)
+    if not subject:
+        return sentence
+    if chunk.language == "zh":
+        m = ZH_PRONOUN_START.match(sentence)
+        return subject + sentence[m.end():] if m else sentence
+    m = PRONOUN_START.match(sentence)
+    if not m:
+        return sentence
+    word = m.group(1).lower()
+    rest = sentence[m.end():]
+    if word in ("its", "their", "his", "her"):
+        return f"{subject}'s{rest}"
+    return f"{subject}{rest}"
+
+
+def extract_facts(chunk: Chunk) -> list[str]:
+    """Sentences of the chunk worth a question: prose with some content, subjects restored."""
+    facts = []
+    for start, end in split_sentences(chunk.text, chunk.language):
+        s = " ".join(chunk.text[start:end].split())
+        s = re.sub(r"^[#>*\-\d.)\s]+(?=\S)", "", s) if s.startswith(("#", ">", "*", "-")) else s
+        if s.startswith("|") or s.endswith(("?", "？", ":", "：")):
+            continue  # table rows, questions and lead-ins are not facts
+        size = len(CJK.findall(s)) if chunk.language == "zh" else len(s.split())
+        if size < (8 if chunk.language == "zh" else 5) or len(s) > 400:
+            continue
+        facts.append(restore_subject(s, chunk))
+    return facts
+
+
+def _key_words(text: str, language: str) -> set[str]:
+    if language == "zh":
+        chars = "".join(CJK.findall(text))
+        return {chars[i:i + 2] for i in range(len(chars) - 1)}
+    return {w.lower() for w in EN_WORD.findall(text)} - EN_STOP
+
+
+def check_question(question: str, fact: str, language: str) -> str | None:
+    """The reason to drop a fact-mode question, or None to keep it."""
+    q = question.strip()
+    if not q:
+        return "empty"
+    if "\n" in q or len(q) > 160 or len(q) < (6 if language == "zh" else 12):
+        return "form_length"
+    if not q.endswith(("?", "？")):
+        return "form_not_a_question"
+    if META.search(q):
+        return "meta_question"
+    if language == "en" and CJK.search(q):
+        return "wrong_language"
+    if language == "zh" and len(CJK.findall(q)) < 4:
+        return "wrong_language"
+    if not (_key_words(q, language) & _key_words(fact, language)):
+        return "off_topic"  # shares no content word with its fact: about something else
+    if fuzz.ratio(q.rstrip("?？").lower(), fact.rstrip(".。").lower()) > 85:
+        return "echo_of_fact"
+    q_numbers = set(NUMBERISH.findall(q))
+    if q_numbers & set(NUMBERISH.findall(fact)) and not q_numbers.issuperset(NUMBERISH.findall(fact)):
+        return "answer_leak"  # a number of the answer inside the question gives it away
+    return None
+
+
+def clean_question(text: str) -> str:
+    text = text.strip().strip('"“”').strip()
+    text = re.sub(r"^(question|q|问题)\s*[:：]\s*", "", text, flags=re.IGNORECASE)
+    # Small models often add the answer after the question: keep the first question only.
+    m = re.search(r"[?？]", text)
+    return text[: m.end()].strip() if m else text.splitlines()[0].strip() if text else ""
+
+
+def fact_messages(fact: str, language: str, variant: int) -> tuple[list[dict], str]:
+    prompt = load_prompt(f"fact_questions.{language}")
+    examples = prompt["examples"]
+    messages = [{"role": "system", "content": prompt["system"]}]
+    for i in range(min(3, len(examples))):
+        ex = examples[(variant * 3 + i) % len(examples)]
+        messages.append({"role": "user", "content": render(prompt["user"], fact=ex["fact"])})
+        messages.append({"role": "assistant", "content": ex["question"]})
+    messages.append({"role": "user", "content": render(prompt["user"], fact=fact)})
+    return messages, prompt["version"]
+
+
+# ---------------------------------------------------------------- qa mode
+
+
+def n_pairs_for(chunk: Chunk, settings: SynthSettings) -> int:
+    return max(1, min(10, round(chunk.n_tokens / 100 * settings.pairs_per_100_tokens)))
+
+
+def qa_messages(chunk: Chunk, n: int) -> tuple[list[dict], str]:
+    prompt = load_prompt(f"qa_pairs.{chunk.language}")
+    user = render(prompt["user"], text=chunk.text, heading=" > ".join(chunk.heading_path) or chunk.title, n=n)
+    return [{"role": "system", "content": prompt["system"]}, {"role": "user", "content": user}], prompt["version"]
+
+
+def parse_pairs(text: str) -> list[dict]:
+    """Lenient: a JSON list/object (fenced or not, with prose around it), or Q:/A: lines."""
+    text = text.strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
+    candidates = [fenced.group(1)] if fenced else []
+    for opener, closer in (("[", "]"), ("{", "}")):
+        i, j = text.find(opener), text.rfind(closer)
+        if 0 <= i < j:
+            candidates.append(text[i : j + 1])
+    for cand in candidates:
+        try:
+            data = json.loads(cand)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            data = data.get("pairs") or data.get("qa_pairs") or data.get("questions") or [data]
+        if isinstance(data, list):
+            rows = [
+                {"question": str(d.get("question") or d.get("q") or d.get("问题") or ""),
+                 "answer": str(d.get("answer") or d.get("a") or d.get("答案") or "")}
+                for d in data if isinstance(d, dict)
+            ]
+            if rows:
+                return rows
+    pairs, q = [], None
+    for line in text.splitlines():
+        m = re.match(r"^\s*(?:\d+[.)]\s*)?(Q|Question|问题?|问)\s*\d*\s*[:：]\s*(.+)", line, re.IGNORECASE)
+        if m:
+            q = m.group(2).strip()
+            continue
+        m = re.match(r"^\s*(A|Answer|答案?|答)\s*\d*\s*[:：]\s*(.+)", line, re.IGNORECASE)
+        if m and q:
+            pairs.append({"question": q, "answer": m.group(2).strip()})
+            q = None
+    return pairs
+
+
+def groundedness(answer: str, chunk_text: str) -> float:
+    """0-100: how well the answer's content is found in the chunk (fuzzy, so rewording is allowed).
+
+    Numbers in the answer must appear in the chunk, otherwise the answer invented them.
+    """
+    numbers = NUMBERISH.findall(answer)
+    if any(n not in chunk_text for n in numbers):
+        return 0.0
+    return float(fuzz.partial_token_set_ratio(answer.lower(), chunk_text.lower())
+                 if not CJK.search(answer) else fuzz.partial_ratio(answer, chunk_text))
+
+
+def check_pair(question: str, answer: str, chunk: Chunk, settings: SynthSettings) -> str | None:
+    if not question.strip() or not answer.strip():
+        return "empty"
+    if not question.strip().endswith(("?", "？")):
+        return "form_not_a_question"
+    if len(question) > 300 or len(answer) > 1500:
+        return "form_length"
+    if META.search(question) or META.search(answer):
+        return "meta_question"
+    if groundedness(answer, chunk.text) < settings.min_groundedness:
+        return "not_grounded"
+    return None
+
+
+# ---------------------------------------------------------------- running calls
+
+
+@dataclass
+class _Call:
+    chunk: Chunk
+    messages: list[dict]
+    params: dict
+    fact: str | None  # fact mode: the answer; qa mode: None
+    prompt_version: str
+
+
+def _seed(settings: SynthSettings, *parts) -> int:
+    return int(short_hash(str(settings.seed), *map(str, parts), n=8), 16) % (2**31)
+
+
+def plan_calls(chunks: list[Chunk], settings: SynthSettings, mode: str) -> list[_Call]:
+    calls = []
+    for chunk in chunks:
+        if mode == "qa":
+            messages, version = qa_messages(chunk, n_pairs_for(chunk, settings))
+            params = dict(temperature=0.3, max_tokens=settings.max_tokens * 4, seed=_seed(settings, chunk.chunk_id))
+            calls.append(_Call(chunk, messages, params, None, version))
+            continue
+        for f, fact in enumerate(extract_facts(chunk)):
+            for k in range(settings.questions_per_fact):
+                messages, version = fact_messages(fact, chunk.language, k)
+                # The first question is greedy (the model's best guess); the rest sample for variety.
+                temp = 0.0 if k == 0 else settings.temperature
+                params = dict(temperature=temp, top_p=0.95, max_tokens=min(settings.max_tokens, 64),
+                              seed=_seed(settings, chunk.chunk_id, f, k), stop=["\n"])
+                calls.append(_Call(chunk, messages, params, fact, version))
+    return calls
+
+
+def _pair_meta(call: _Call, llm: LLMSettings, mode: str) -> dict:
+    c = call.chunk
+    return dict(source="synthesized", doc_id=c.doc_id, path=c.path, chunk_id=c.chunk_id, mode=mode,
+                model=llm.model, prompt_version=call.prompt_version, language=c.language)
+
+
+def _run_call(client, llm: LLMSettings, settings: SynthSettings, call: _Call) -> SynthResult:
+    mode = "qa" if call.fact is None else "fact"
+    try:
+        reply = chat(client, llm, call.messages, **call.params)
+    except EndpointError as exc:
+        return SynthResult(calls=1, failed_calls=1, errors=[f"{call.chunk.chunk_id}: {exc}"])
+    out = SynthResult(calls=1, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
+    meta = _pair_meta(call, llm, mode)
+    if mode == "fact":
+        question = clean_question(reply.text)
+        reason = check_question(question, call.fact, call.chunk.language)
+        rows = [(question, call.fact, reason)]
+    else:
+        parsed = parse_pairs(reply.text)
+        if not parsed:
+            out.dropped.append(Dropped(stage=STAGE, reason="unparseable_reply",
+                                       record={"reply": reply.text[:500], **meta}))
+        rows = [(p["question"].strip(), p["answer"].strip(),
+                 check_pair(p["question"], p["answer"], call.chunk, settings)) for p in parsed]
+    for question, answer, reason in rows:
+        pair = QAPair(question=question, answer=answer, **meta)
+        if reason:
+            out.dropped.append(Dropped(stage=STAGE, reason=reason, record=pair.model_dump()))
+        else:
+            out.pairs.append(pair)
+    return out
+
+
+def synthesize_chunks(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, mode: str,
+                      progress: bool = True) -> SynthResult:
+    """All calls for these chunks, `llm.concurrency` at a time; results in a deterministic order."""
+    calls = plan_calls(chunks, settings, mode)
+    client = make_client(llm)
+    result = SynthResult()
+    with ThreadPoolExecutor(max_workers=llm.concurrency) as pool:
+        futures = [pool.submit(_run_call, client, llm, settings, c) for c in calls]
+        for fut in tqdm(futures, desc=f"synthesize ({mode})", unit="call", disable=not progress or not calls):
+            result = result.merge(fut.result())
+    return result
+
+
+def choose_mode(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, probe_chunks: int = 3) -> ModeChoice:
+    """`auto`: ask for Q&A pairs on a few chunks; use qa mode only if the endpoint delivers them."""
+    if settings.mode != "auto":
+        return ModeChoice(mode=settings.mode, reason=f"set by synth.mode={settings.mode!r}")
+    sample = sorted(chunks, key=lambda c: -c.n_tokens)[:probe_chunks]
+    if not sample:
+        return ModeChoice(mode="fact", reason="no chunks to probe")
+    probe = synthesize_chunks(sample, llm, settings, "qa", progress=False)
+    returned = len(probe.pairs) + sum(d.reason != "unparseable_reply" for d in probe.dropped)
+    kept_share = len(probe.pairs) / returned if returned else 0.0
+    summary = (f"probe of {llm.model} on {len(sample)} chunks: {returned} pairs parsed, "
+               f"{len(probe.pairs)} grounded ({kept_share:.0%})")
+    if probe.failed_calls == len(sample):
+        raise EndpointError(f"{summary}; every probe call failed: {probe.errors[:1]}")
+    if len(probe.pairs) >= len(sample) and kept_share >= 0.5:
+        return ModeChoice(mode="qa", reason=f"{summary}: the endpoint writes usable pairs")
+    reasons = Counter(d.reason for d in probe.dropped).most_common(3)
+    return ModeChoice(mode="fact", reason=f"{summary} (drops: {dict(reasons)}): "
+                                          "answers will be source sentences, the LLM writes questions")
+
+
+# ---------------------------------------------------------------- Prefect
+
+
+@task(cache_policy=CACHE, persist_result=True, **NETWORK_RETRIES)
+def choose_mode_task(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings) -> ModeChoice:
+    return choose_mode(chunks, llm, settings)
+
+
+@task(cache_policy=CACHE, persist_result=True, task_run_name="synthesize {path}", **NETWORK_RETRIES)
+def synthesize_document_task(path: str, chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings,
+                             mode: str) -> SynthResult:
+    # One task per document: the cache key holds the chunks' text, so editing one document
+    # re-synthesizes that document only.
+    result = synthesize_chunks(chunks, llm, settings, mode)
+    if result.failed_calls:
+        # Raise rather than cache a partial result: a cached hole would never be filled by a
+        # later nightly run. Prefect retries the task; the flow reports it if it still fails.
+        raise SynthesisIncomplete(f"{path}: {result.failed_calls} of {result.calls} calls failed; "
+                                  f"first: {result.errors[0]}")
+    return result

@@ -1,0 +1,150 @@
+"""Real HTTP servers on 127.0.0.1 for tests that need an endpoint with known behaviour:
+a scripted OpenAI-compatible server (prompt/parsing/caching tests) and a fault-injecting one.
+The real local model server is tested in test_server.py; these keep flow tests fast."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def _completion(text: str, model: str) -> dict:
+    return {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": max(1, len(text.split())), "total_tokens": 10 + len(text.split())},
+    }
+
+
+def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tuple[str, str]:
+    """(kind, reply) for a request: kind is 'fact', 'qa', 'translate' or 'other'."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    last = messages[-1]["content"]
+    if "Translate" in system:
+        return "translate", "这是翻译：" + last
+    if "JSON" in system:
+        passage = re.search(r'"""\s*(.*?)\s*"""', last, re.DOTALL)
+        first = re.split(r"(?<=[.。])\s*", passage.group(1))[0] if passage else last
+        if behaviour == "garbage":
+            return "qa", "I cannot do that."
+        return "qa", "```json\n" + json.dumps([{"question": "What does the section say?", "answer": first}]) + "\n```"
+    if last.startswith(("Fact:", "事实：")):
+        fact = last.split(":", 1)[-1].split("：", 1)[-1]
+        if behaviour == "garbage":
+            return "fact", "The answer is yes."
+        words = [w for w in re.findall(r"[A-Za-z]{4,}", fact)][:4]
+        templates = ["What do we know about {}?", "Tell me about {}?", "Which detail concerns {}?", "What about {}?"]
+        if re.search(r"[\u4e00-\u9fff]", fact):
+            return "fact", f"{fact[:6]}是什么？"
+        return "fact", templates[(seed or 0) % len(templates)].format(" ".join(words))
+    return "other", "Hello."
+
+
+class _Server:
+    def __init__(self, handler_cls):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class ScriptedEndpoint(_Server):
+    """Answers chat completions by rule; counts calls per kind and per fact text."""
+
+    model = "scripted"
+
+    def __init__(self, behaviour: str = "good"):
+        self.behaviour = behaviour
+        self.calls: Counter = Counter()
+        self.facts: list[str] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path.endswith("/models"):
+                    self._send(200, {"object": "list", "data": [{"id": outer.model, "object": "model", "created": 0, "owned_by": "test"}]})
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if body.get("model") != outer.model:
+                    return self._send(404, {"error": {"message": f"model {body.get('model')} not found", "code": "model_not_found"}})
+                kind, text = scripted_reply(body["messages"], body.get("seed"), outer.behaviour)
+                with outer.lock:
+                    outer.calls[kind] += 1
+                    if kind == "fact":
+                        outer.facts.append(body["messages"][-1]["content"])
+                self._send(200, _completion(text, outer.model))
+
+        super().__init__(Handler)
+
+
+class FaultyEndpoint(_Server):
+    """Fails the first requests in a scripted way, then answers: faults is a list of
+    '429' (with Retry-After: 1), '500', 'hang' (sleeps past the client timeout), 'malformed'."""
+
+    model = "faulty"
+
+    def __init__(self, faults: list[str], hang_s: float = 3.0):
+        self.faults = list(faults)
+        self.seen: list[str] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _raw(self, code: int, data: bytes, headers: dict | None = None):
+                self.send_response(code)
+                for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._raw(200, json.dumps({"object": "list", "data": [{"id": outer.model, "object": "model", "created": 0, "owned_by": "t"}]}).encode())
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                with outer.lock:
+                    fault = outer.faults.pop(0) if outer.faults else "ok"
+                    outer.seen.append(fault)
+                if fault == "429":
+                    return self._raw(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "1"})
+                if fault == "500":
+                    return self._raw(500, b'{"error": {"message": "boom"}}')
+                if fault == "hang":
+                    time.sleep(hang_s)
+                    return self._raw(200, json.dumps(_completion("late", outer.model)).encode())
+                if fault == "malformed":
+                    return self._raw(200, b'{"id": "x", "choices": [ {"message": ')
+                self._raw(200, json.dumps(_completion("What is the answer?", outer.model)).encode())
+
+        super().__init__(Handler)
