@@ -81,7 +81,8 @@ def dataset_card(m: dict) -> str:
 
 
 # Not cached: writing is idempotent by content, and a cached path could point at a deleted folder.
-@task
+# log_prints off: `datasets` fingerprinting prints bytecode disassembly that would flood the UI log.
+@task(log_prints=False)
 def write_dataset_task(pairs: list[QAPair], dropped: list[Dropped], counts: dict, settings: DatasetSettings,
                        output_dir: str) -> str:
     return str(write_dataset(pairs, dropped, counts, settings, output_dir))

@@ -37,7 +37,7 @@ META = re.compile(
 )
 PRONOUN_START = re.compile(r"^(it|its|they|their|this|these|he|she|his|her)\b", re.IGNORECASE)
 ZH_PRONOUN_START = re.compile(r"^(它|其|他们|她们|他|她|这|该)")
-NUMBERISH = re.compile(r"\d+(?:[.,:]\d+)*")
+NUMBERISH = re.compile(r"(?<![A-Za-z\d])\d+(?:[.,:]\d+)*")  # not the 2 of "X2"
 EN_WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
 EN_STOP = {"what", "which", "when", "where", "does", "have", "that", "this", "with", "from", "there",
            "their", "they", "much", "many", "about", "long", "after", "before", "into", "your", "will"}
@@ -107,7 +107,7 @@ def extract_facts(chunk: Chunk) -> list[str]:
         if s.startswith("|") or s.endswith(("?", "？", ":", "：")):
             continue  # table rows, questions and lead-ins are not facts
         size = len(CJK.findall(s)) if chunk.language == "zh" else len(s.split())
-        if size < (8 if chunk.language == "zh" else 5) or len(s) > 400:
+        if size < (8 if chunk.language == "zh" else 4) or len(s) > 400:
             continue
         facts.append(restore_subject(s, chunk))
     return facts
@@ -146,8 +146,8 @@ def check_question(question: str, fact: str, language: str) -> str | None:
 
 
 def clean_question(text: str) -> str:
+    text = re.sub(r"^\s*(question|q|问题)\s*[:：]\s*", "", text, flags=re.IGNORECASE)
     text = text.strip().strip('"“”').strip()
-    text = re.sub(r"^(question|q|问题)\s*[:：]\s*", "", text, flags=re.IGNORECASE)
     # Small models often add the answer after the question: keep the first question only.
     m = re.search(r"[?？]", text)
     return text[: m.end()].strip() if m else text.splitlines()[0].strip() if text else ""
@@ -216,15 +216,19 @@ def parse_pairs(text: str) -> list[dict]:
 
 
 def groundedness(answer: str, chunk_text: str) -> float:
-    """0-100: how well the answer's content is found in the chunk (fuzzy, so rewording is allowed).
+    """0-100: how much of the answer's content is found in the chunk.
 
-    Numbers in the answer must appear in the chunk, otherwise the answer invented them.
+    The better of two views: the answer as one span aligned fuzzily with the chunk (a quoted or
+    lightly edited passage), and the share of its content words (Chinese: character bigrams)
+    that the chunk contains (a reworded answer). Numbers in the answer must appear in the chunk,
+    otherwise the answer invented them.
     """
-    numbers = NUMBERISH.findall(answer)
-    if any(n not in chunk_text for n in numbers):
+    if any(n not in chunk_text for n in NUMBERISH.findall(answer)):
         return 0.0
-    return float(fuzz.partial_token_set_ratio(answer.lower(), chunk_text.lower())
-                 if not CJK.search(answer) else fuzz.partial_ratio(answer, chunk_text))
+    language = "zh" if CJK.search(answer) else "en"
+    words = _key_words(answer, language)
+    coverage = 100.0 * len(words & _key_words(chunk_text, language)) / len(words) if words else 0.0
+    return max(coverage, float(fuzz.partial_ratio(answer.lower(), chunk_text.lower())))
 
 
 def check_pair(question: str, answer: str, chunk: Chunk, settings: SynthSettings) -> str | None:

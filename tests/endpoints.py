@@ -69,6 +69,7 @@ class ScriptedEndpoint(_Server):
         self.behaviour = behaviour
         self.calls: Counter = Counter()
         self.facts: list[str] = []
+        self.requests: list[dict] = []
         self.lock = threading.Lock()
         outer = self
 
@@ -99,6 +100,7 @@ class ScriptedEndpoint(_Server):
                     outer.calls[kind] += 1
                     if kind == "fact":
                         outer.facts.append(body["messages"][-1]["content"])
+                    outer.requests.append(body)
                 self._send(200, _completion(text, outer.model))
 
         super().__init__(Handler)

@@ -1,0 +1,125 @@
+"""The build_dataset flow on a real Prefect server (session harness) against a scripted endpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from doctune.records import read_jsonl
+from doctune.settings import BuildSettings, LLMSettings, SynthSettings
+from flows.build_dataset import build_dataset
+from tasks.dedup import normalize
+from tests.endpoints import ScriptedEndpoint
+
+DOCS = {
+    "handbook.md": "# Handbook\n\n## Office\n\nThe Brekke office opens at 7:45 every weekday. "
+                   "The Brekke office has 23 desks for visitors.\n\n## Parking\n\nThe Brekke garage has 40 spaces "
+                   "for staff cars. Parking in the Brekke garage costs 12 crowns per day.\n",
+    "products.md": "# Products\n\nThe Vindel lamp costs 349 crowns. The Vindel lamp is made of recycled oak. "
+                   "The Fjord kettle holds 1.7 litres of water.\n",
+    "faq.csv": "Question,Answer\nHow do I reset my badge?,Ask reception for a new badge.\n"
+               "Where is the canteen?,The canteen is on floor 2.\n",
+}
+
+
+def write_docs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in DOCS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def settings_for(server, out: Path, mode="fact") -> BuildSettings:
+    return BuildSettings(
+        llm=LLMSettings(base_url=server.base_url, model=server.model, concurrency=4, max_retries=1),
+        synth=SynthSettings(mode=mode, questions_per_fact=2, min_pairs=3),
+        output_dir=str(out),
+    )
+
+
+async def task_states(flow_run_id) -> dict[str, str]:
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def run(folder, settings):
+    state = build_dataset(str(folder), settings, return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), state.state_details.flow_run_id
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
+    import asyncio
+
+    folder = write_docs(tmp_path / "docs")
+    settings = settings_for(scripted, tmp_path / "out")
+
+    path, _ = run(folder, settings)
+    first_calls = scripted.calls["fact"]
+    assert first_calls == 7 * 2  # 7 fact sentences, 2 questions each
+    ds = load_from_disk(str(Path(path) / "hf"))
+    rows = list(ds["train"]) + list(ds["test"])
+    chunk_ids = {c for c in (r["chunk_id"] for r in rows) if c}
+    assert {r["source"] for r in rows} == {"faq", "synthesized"}
+    for r in rows:
+        assert r["path"] in DOCS  # every pair links back to a file ...
+        assert r["source"] == "faq" or r["chunk_id"].startswith(r["doc_id"])  # ... and a chunk
+        assert r["messages"][-1] == {"role": "assistant", "content": r["answer"]}
+    keys = [(normalize(r["question"]), normalize(r["answer"])) for r in rows]
+    assert len(keys) == len(set(keys)), "exact duplicates remain"
+    assert chunk_ids
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["counts"]["files"] == 3 and (Path(path) / "card.md").exists()
+    for split in ("train", "test"):
+        assert (Path(path) / f"{split}.messages.jsonl").exists() and (Path(path) / f"{split}.alpaca.jsonl").exists()
+    dropped = read_jsonl(Path(path) / "dropped.jsonl")
+    assert all(d["reason"] for d in dropped)
+
+    # Unchanged folder: no LLM call at all, every synthesis task Cached.
+    path2, run_id = run(folder, settings)
+    assert scripted.calls["fact"] == first_calls and path2 == path
+    states = asyncio.run(task_states(run_id))
+    synth_states = {n: s for n, s in states.items() if n.startswith("synthesize ")}
+    assert synth_states and set(synth_states.values()) == {"Cached"}, states
+
+    # Edit one document: only its facts go to the LLM again.
+    (folder / "products.md").write_text(DOCS["products.md"] + "\nThe Fjord kettle comes in 4 colours.\n")
+    scripted.facts.clear()
+    path3, run_id = run(folder, settings)
+    assert path3 != path
+    assert scripted.calls["fact"] == first_calls + 4 * 2
+    assert scripted.facts and all(("Vindel" in f or "Fjord" in f) for f in scripted.facts)
+    states = asyncio.run(task_states(run_id))
+    assert states["synthesize handbook.md"] == "Cached" and states["synthesize products.md"] != "Cached"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_endpoint_whose_output_all_fails_stops_before_training(tmp_path):
+    from doctune.quality import DatasetQualityError
+
+    bad = ScriptedEndpoint(behaviour="garbage")
+    try:
+        folder = write_docs(tmp_path / "docs")
+        with pytest.raises(DatasetQualityError) as err:
+            build_dataset(str(folder), settings_for(bad, tmp_path / "out", mode="auto"))
+    finally:
+        bad.close()
+    message = str(err.value)
+    assert "stage 'synthesize' kept 0 of" in message and "model='scripted'" in message
+    assert "likely fix" in message and "dropped (" in message
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_unreachable_endpoint_fails_in_preflight(tmp_path):
+    from doctune.llm import EndpointError
+
+    folder = write_docs(tmp_path / "docs")
+    settings = BuildSettings(llm=LLMSettings(base_url="http://127.0.0.1:9/v1", max_retries=0, timeout_s=2),
+                             output_dir=str(tmp_path / "out"))
+    with pytest.raises(EndpointError, match="cannot connect"):
+        build_dataset(str(folder), settings)

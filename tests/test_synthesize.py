@@ -1,0 +1,150 @@
+import pytest
+
+from doctune.records import Chunk
+from doctune.settings import LLMSettings, SynthSettings
+from tasks.synthesize import (
+    check_pair,
+    check_question,
+    choose_mode,
+    clean_question,
+    extract_facts,
+    fact_messages,
+    groundedness,
+    parse_pairs,
+    restore_subject,
+    synthesize_chunks,
+)
+from tests.endpoints import ScriptedEndpoint
+
+EN_TEXT = (
+    "The Nimbus X2 drone costs 1,490 euros. The Nimbus X2 flies for 38 minutes on one battery. "
+    "It weighs 870 grams. Contact us."
+)
+ZH_TEXT = "星河三号无人机的售价为2999元。星河三号的电池可以飞行40分钟。"
+
+
+def chunk(text=EN_TEXT, language="en", heading=("Products", "Nimbus X2"), cid="d1:0"):
+    return Chunk(chunk_id=cid, doc_id="d1", path="docs/products.md", index=0, text=text,
+                 heading_path=list(heading), start=0, end=len(text), n_tokens=len(text) // 4,
+                 language=language, title="Products")
+
+
+def llm_for(server) -> LLMSettings:
+    return LLMSettings(base_url=server.base_url, model=server.model, concurrency=4, max_retries=1)
+
+
+def test_facts_are_sentences_with_subject_restored():
+    facts = extract_facts(chunk())
+    assert facts == ["The Nimbus X2 drone costs 1,490 euros.",
+                     "The Nimbus X2 flies for 38 minutes on one battery.",
+                     "Nimbus X2 weighs 870 grams."]  # "It" got its subject; "Contact us." is too short
+
+
+def test_restore_subject_possessive_and_chinese():
+    assert restore_subject("Its battery lasts 2 hours.", chunk()) == "Nimbus X2's battery lasts 2 hours."
+    zh = chunk(ZH_TEXT, "zh", heading=("星河三号",))
+    assert restore_subject("它的电池可以飞行40分钟。", zh) == "星河三号的电池可以飞行40分钟。"
+    assert len(extract_facts(zh)) == 2
+
+
+@pytest.mark.parametrize("question,reason", [
+    ("How much does the Nimbus X2 drone cost?", None),
+    ("Does the Nimbus X2 cost 1,490 euros?", None),  # the whole number is the yes/no question itself
+    ("What is the capital of France?", "off_topic"),
+    ("According to the text, what does the Nimbus X2 cost?", "meta_question"),
+    ("The Nimbus X2 drone costs 1,490 euros.", "form_not_a_question"),
+    ("The Nimbus X2 drone costs 1,490 euros?", "echo_of_fact"),
+    ("Is it?", "form_length"),
+])
+def test_check_question(question, reason):
+    assert check_question(question, "The Nimbus X2 drone costs 1,490 euros.", "en") == reason
+
+
+def test_answer_leak_is_caught():
+    fact = "The Oslo office opens at 8:30 and closes at 17:00."
+    assert check_question("Does the Oslo office open at 8:30, and when does it close?", fact, "en") == "answer_leak"
+
+
+def test_chinese_question_checks():
+    fact = "星河三号无人机的售价为2999元。"
+    assert check_question("星河三号无人机卖多少钱？", fact, "zh") is None
+    assert check_question("What is the price?", fact, "zh") == "wrong_language"
+
+
+def test_clean_question_keeps_the_first_question():
+    assert clean_question('Question: "How long does the X2 fly?" It flies 38 minutes.') == "How long does the X2 fly?"
+
+
+def test_fact_prompt_rotates_examples_for_variety():
+    a, version = fact_messages("A fact.", "en", 0)
+    b, _ = fact_messages("A fact.", "en", 1)
+    assert version.startswith("fact-en") and a[0]["role"] == "system"
+    assert len(a) == 8 and a[-1]["content"] == "Fact: A fact."
+    assert a[1]["content"] != b[1]["content"]
+
+
+@pytest.mark.parametrize("reply", [
+    '[{"question": "Q1?", "answer": "A1"}]',
+    'Sure! ```json\n[{"question": "Q1?", "answer": "A1"}]\n``` Hope it helps.',
+    '{"pairs": [{"question": "Q1?", "answer": "A1"}]}',
+    "Q: Q1?\nA: A1",
+    "1. Question: Q1?\n   Answer: A1",
+    "问题：Q1?\n答案：A1",
+])
+def test_parse_pairs_is_lenient(reply):
+    assert parse_pairs(reply) == [{"question": "Q1?", "answer": "A1"}]
+
+
+def test_parse_pairs_garbage():
+    assert parse_pairs("I cannot help with that.") == []
+
+
+def test_groundedness():
+    c = chunk()
+    assert groundedness("The Nimbus X2 flies for 38 minutes.", c.text) > 90
+    assert groundedness("The Nimbus X2 flies for 45 minutes.", c.text) == 0  # invented number
+    assert check_pair("How long does it fly?", "It flies for 38 minutes on one battery.", c, SynthSettings()) is None
+    assert check_pair("What colour is it?", "It is painted bright purple with stripes.", c,
+                      SynthSettings()) == "not_grounded"
+    zh = chunk(ZH_TEXT, "zh")
+    assert groundedness("星河三号的电池可以飞行40分钟", zh.text) > 90
+
+
+def test_fact_mode_against_scripted_endpoint(scripted):
+    settings = SynthSettings(mode="fact", questions_per_fact=3)
+    result = synthesize_chunks([chunk()], llm_for(scripted), settings, "fact", progress=False)
+    assert result.calls == 9 and scripted.calls["fact"] == 9 and result.failed_calls == 0
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
+    assert len(result.pairs) + len(result.dropped) == 9
+    for p in result.pairs:
+        assert p.chunk_id == "d1:0" and p.path == "docs/products.md" and p.mode == "fact"
+        assert p.model == "scripted" and p.prompt_version.startswith("fact-en")
+        assert p.answer in extract_facts(chunk())
+    # per fact: one greedy question, the others sampled with their own seeds for different wordings
+    by_fact = {}
+    for body in scripted.requests:
+        by_fact.setdefault(body["messages"][-1]["content"], []).append((body["temperature"], body["seed"]))
+    assert len(by_fact) == 3
+    for params in by_fact.values():
+        assert sorted(t for t, _ in params) == [0.0, 0.9, 0.9] and len({s for _, s in params}) == 3
+    assert len({p.question for p in result.pairs}) > 3
+
+
+def test_qa_mode_and_chinese_prompts(scripted):
+    zh = chunk(ZH_TEXT, "zh", heading=("星河三号",))
+    result = synthesize_chunks([chunk(), zh], llm_for(scripted), SynthSettings(), "qa", progress=False)
+    assert scripted.calls["qa"] == 2
+    assert {p.language for p in result.pairs} == {"en", "zh"}
+    assert all(p.prompt_version.startswith("qa-") for p in result.pairs)
+
+
+def test_auto_picks_qa_for_a_capable_endpoint_and_fact_otherwise(scripted):
+    choice = choose_mode([chunk()], llm_for(scripted), SynthSettings())
+    assert choice.mode == "qa" and "usable" in choice.reason
+    weak = ScriptedEndpoint(behaviour="garbage")
+    try:
+        choice = choose_mode([chunk()], llm_for(weak), SynthSettings())
+    finally:
+        weak.close()
+    assert choice.mode == "fact" and "unparseable_reply" in choice.reason
+    assert choose_mode([chunk()], llm_for(scripted), SynthSettings(mode="fact")).reason == "set by synth.mode='fact'"
