@@ -97,6 +97,9 @@ class DedupSettings(_Settings):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more is more precise, slower.")
     semantic: bool = Field(False, description="Also drop pairs whose question embeddings are nearly identical.")
     semantic_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity for semantic duplicates.")
+    embedding_model: str | None = Field(
+        None, description="Embedding model for semantic dedup (e.g. text-embedding-3-small); default: llm.model."
+    )
 
 
 class DatasetSettings(_Settings):
