@@ -1,0 +1,855 @@
+"""doctune's local OpenAI-compatible endpoint: the embedded default LLM for synthesis, and the
+way a fine-tuned model (or LoRA adapters over the base) is served afterwards.
+
+Why our own server and not `transformers serve`: it checks no API key, ignores temperature/seed
+unless sampling is switched on elsewhere, leaves stop strings in the output and serves one request
+at a time (see FINDINGS.md). Batching concurrent requests is worth ~3x on 2 cores, so:
+
+- one worker thread owns the model; HTTP handlers only validate, tokenize and wait on a queue;
+- the worker decodes all running requests as rows of one batch with a KV cache (a manual loop, so
+  each row samples with its own temperature/top_p/seed and stops at its own eos/stop/max_tokens);
+- new requests join a running batch between decode steps (their prompts are prefilled together
+  and their cache is left-padded onto the batch's), and a finished row leaves the batch at once;
+- when idle, the first request waits `batch_wait_ms` for others so their prefill is shared.
+
+The wire format reuses the response models of the `openai` package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import logging
+import math
+import os
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from openai.types import CompletionUsage, CreateEmbeddingResponse, Embedding, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.create_embedding_response import Usage as EmbeddingUsage
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+# A 135M model asked for an open-ended answer can loop until the context is full; without an
+# explicit max_tokens we stop it here rather than at 8k tokens.
+DEFAULT_MAX_TOKENS = 1024
+MAX_STOPS = 16
+BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+# ---------------------------------------------------------------- requests
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # Accepted only so that asking for them fails loudly instead of being silently ignored.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = None
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's JSON error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param)
+
+
+# ---------------------------------------------------------------- the worker's units of work
+
+
+@dataclass
+class _Reply:
+    """Where the worker sends a request's events: an asyncio queue on the server's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # the client went away: stop spending compute on it
+    failed: bool = False
+
+    def send(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            self.cancelled = True
+
+    def fail(self, message: str) -> None:
+        if not self.failed:
+            self.failed = True
+            self.send("error", message)
+
+
+@dataclass
+class GenJob:
+    prompt: list[int]
+    max_new: int
+    temperature: float
+    top_p: float
+    presence: float
+    frequency: float
+    seed: int | None
+    stops: list[str]
+    n: int
+    adapter: str | None
+    stream: bool
+    reply: _Reply
+
+
+@dataclass
+class EmbedJob:
+    inputs: list[list[int]]
+    adapter: str | None
+    reply: _Reply
+
+
+@dataclass
+class _Batch:
+    """Requests admitted together; logged when their last row finishes."""
+
+    requests: int
+    rows: int
+    prompt_tokens: int
+    joined: int  # rows already running when these were admitted
+    started: float = field(default_factory=time.perf_counter)
+    new_tokens: int = 0
+    open: int = 0
+
+
+@dataclass
+class _Row:
+    """One choice of one request: one row of the running batch."""
+
+    job: GenJob
+    index: int
+    batch: _Batch
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    sampled: int = 0  # tokens generated, eos included (that is what completion_tokens counts)
+    last: int = 0  # the token to feed at the next step
+    pos: int = 0  # its position id
+    emitted: int = 0  # characters already streamed
+    finish: str | None = None
+
+
+def cpu_threads() -> int:
+    """CPUs this process may really use: its affinity set, capped by a cgroup v2 CPU quota.
+    torch's default counts the host's physical cores, which oversubscribes a container."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def _streamable(text: str, stops: list[str]) -> str:
+    """The part of a row's text that can be sent now: not a trailing half of a UTF-8 character
+    (decoded as U+FFFD until its last byte arrives), not a tail that may be the start of a stop."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return text[: len(text) - hold]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Owns the model in one thread and decodes every running request as a row of one batch."""
+
+    def __init__(self, model_path: str, device: str = "cpu", adapters: dict[str, str] | None = None,
+                 max_batch: int = 16, batch_wait_ms: float = 10):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: must be at least 1")
+        self.device = torch.device(device)
+        self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
+        path = Path(model_path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}/config.json is missing: model_path must be a transformers model folder "
+                                    "(prepare_base_model() writes one; so does save_pretrained of a merged fine-tune)")
+        # Handlers encode while the worker decodes: two tokenizer objects, so the Rust tokenizer is
+        # never borrowed by two threads at once.
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self._detok = AutoTokenizer.from_pretrained(path)
+        if not self.tok.chat_template:
+            raise ValueError(f"{path}: the tokenizer has no chat template; serve an instruct/chat model "
+                             "or add chat_template.jinja to the folder")
+        if self.device.type == "cpu":
+            dtype = torch.float32  # bf16 speed on CPU varies by machine (FINDINGS.md): fp32 is the safe default
+        else:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.lm, self.peft = model, None
+        if adapters:
+            self.peft = _load_adapters(model, adapters)
+            self.lm = self.peft.get_base_model()
+        self.adapters = list(adapters or {})
+        self.decoder = self.lm.get_decoder()
+        cfg = self.lm.config.get_text_config()
+        self.hidden_size = cfg.hidden_size
+        self.context = getattr(cfg, "max_position_embeddings", None) or 2048
+        self.vocab = cfg.vocab_size
+        eos = self.lm.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tok.eos_token_id is not None:
+            self.eos_ids.add(self.tok.eos_token_id)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else min(self.eos_ids, default=0)
+        self._new_cache = lambda: DynamicCache(config=self.lm.config)
+        # Joining a running batch pads caches on the left; that is only right for full-attention
+        # layers (a sliding-window layer keeps its own offsets). Other models batch per arrival wave.
+        self._can_join = all(type(layer) is DynamicLayer for layer in self._new_cache().layers)
+        self.threads = cpu_threads() if self.device.type == "cpu" else torch.get_num_threads()
+        self.stats = {"requests": 0, "embedding_requests": 0, "batches": 0, "max_batch_size": 0,
+                      "prompt_tokens": 0, "completion_tokens": 0}
+        self.queue: queue.Queue = queue.Queue()
+        self._pending: deque[GenJob] = deque()
+        self._rows: list[_Row] = []
+        self._cache = self._mask = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The first forward pages the weights in and sets kernels up (measured here under load: the
+        # first 16-request batch 26-57 s, the same batch later 5 s); pay for it before /health says ok.
+        with torch.inference_mode():
+            self.lm(input_ids=torch.tensor([[self.pad_id] * 8] * 2, device=self.device))
+        log.info("loaded %s (%s, %s) on %s, %d threads, context %d, adapters: %s", path, type(model).__name__,
+                 dtype, self.device, self.threads, self.context, ", ".join(self.adapters) or "none")
+
+    # -- called from the HTTP side
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="doctune-model", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: GenJob | EmbedJob) -> None:
+        self.queue.put(job)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:
+            raise _bad("messages", f"the model's chat template refused them: {exc}") from exc
+        # The template already wrote every special token it wants.
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    # -- the worker thread
+
+    def _run(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                except Exception as exc:  # one bad batch must not take the server down
+                    log.exception("decoding failed; failing its %d rows", len(self._rows))
+                    for row in self._rows:
+                        row.job.reply.fail(f"generation failed: {type(exc).__name__}: {exc}")
+                    self._rows, self._cache, self._mask = [], None, None
+        for job in [*self._pending, *self._drain()]:
+            job.reply.fail("the server is shutting down")
+
+    def _drain(self) -> list:
+        jobs = []
+        while True:
+            try:
+                jobs.append(self.queue.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _take(self, job: GenJob | EmbedJob) -> None:
+        if isinstance(job, EmbedJob):
+            self._embed(job)  # one forward pass: run it between decode steps
+        else:
+            self._pending.append(job)
+
+    def _admit(self) -> None:
+        if not self._rows and not self._pending:
+            try:
+                self._take(self.queue.get(timeout=0.1))
+            except queue.Empty:
+                return
+            # Idle: give requests sent at the same moment a few ms to arrive and share the prefill.
+            deadline = time.monotonic() + self.batch_wait
+            while sum(j.n for j in self._pending) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    self._take(self.queue.get(timeout=left))
+                except queue.Empty:
+                    break
+        for job in self._drain():
+            self._take(job)
+        jobs, free = [], self.max_batch - len(self._rows)
+        while self._pending and self._pending[0].n <= free and (self._can_join or not self._rows):
+            job = self._pending.popleft()
+            if not job.reply.cancelled:
+                jobs.append(job)
+                free -= job.n
+        if jobs:
+            self._prefill(jobs)
+
+    def _forward(self, rows: list[_Row], **inputs) -> torch.Tensor:
+        """Last-position logits (float32) for the rows; each row with its own adapter."""
+        inputs.update(use_cache=True, logits_to_keep=1)
+        if self.peft is not None:
+            out = self.peft(**inputs, adapter_names=[r.job.adapter or BASE for r in rows])
+        else:
+            out = self.lm(**inputs)
+        self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(rows))
+        return out.logits[:, -1].float()
+
+    def _prefill(self, jobs: list[GenJob]) -> None:
+        batch = _Batch(requests=len(jobs), rows=sum(j.n for j in jobs),
+                       prompt_tokens=sum(len(j.prompt) for j in jobs), joined=len(self._rows))
+        rows = []
+        for job in jobs:
+            for i in range(job.n):
+                gen = None
+                if job.temperature > 0:
+                    # Per-row generator: the same seed gives the same sample whoever shares the batch.
+                    gen = torch.Generator(device=self.device)
+                    gen.manual_seed((job.seed + i) % 2**64 if job.seed is not None else secrets.randbits(63))
+                rows.append(_Row(job, i, batch, gen, pos=len(job.prompt)))
+        batch.open = len(rows)
+        width = max(len(r.job.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, row in enumerate(rows):  # left padding: every row's next token lands in the last column
+            ids[k, width - len(row.job.prompt):] = torch.tensor(row.job.prompt)
+            mask[k, width - len(row.job.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = self._new_cache()
+        try:
+            logits = self._forward(rows, input_ids=ids, attention_mask=mask,
+                                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache)
+        except Exception as exc:  # the running rows are untouched; fail only the newcomers
+            log.exception("prefill of %d requests failed", len(jobs))
+            for job in jobs:
+                job.reply.fail(f"generation failed: {type(exc).__name__}: {exc}")
+            return
+        self.stats["requests"] += len(jobs)
+        self.stats["batches"] += 1
+        self.stats["prompt_tokens"] += batch.prompt_tokens
+        self._join(rows, cache, mask)
+        self._sample(rows, logits)
+        self._drop_finished()
+
+    def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        """Append freshly prefilled rows to the running batch, left-padding whichever is shorter."""
+        if not self._rows:
+            self._rows, self._cache, self._mask = rows, cache, mask
+            return
+        width = max(mask.shape[1], self._mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:  # left-pad dimension `dim` (-1 or -2) to `width`
+            missing = width - t.shape[dim]
+            return t if missing == 0 else F.pad(t, (0, 0) * (-1 - dim) + (missing, 0))
+
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([pad(old.keys, -2), pad(new.keys, -2)])
+            old.values = torch.cat([pad(old.values, -2), pad(new.values, -2)])
+        self._mask = torch.cat([pad(self._mask, -1), pad(mask, -1)])
+        self._rows = self._rows + rows
+
+    def _step(self) -> None:
+        rows = self._rows
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        pos = torch.tensor([[r.pos] for r in rows], device=self.device)
+        self._mask = F.pad(self._mask, (0, 1), value=1)
+        logits = self._forward(rows, input_ids=ids, attention_mask=self._mask, position_ids=pos,
+                               past_key_values=self._cache)
+        for row in rows:
+            row.pos += 1
+        self._sample(rows, logits)
+        self._drop_finished()
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(-1).tolist()
+        for k, row in enumerate(rows):
+            job = row.job
+            if job.temperature == 0 and not (job.presence or job.frequency):
+                token = greedy[k]
+            else:
+                token = self._sample_row(row, logits[k])
+            self._advance(row, token)
+
+    def _sample_row(self, row: _Row, logits: torch.Tensor) -> int:
+        job = row.job
+        if (job.presence or job.frequency) and row.ids:
+            counts = torch.bincount(torch.tensor(row.ids, device=logits.device), minlength=logits.shape[-1])
+            logits = logits - job.frequency * counts - job.presence * (counts > 0)
+        if job.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / job.temperature, dim=-1)
+        if job.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+            drop = sorted_p.cumsum(-1) - sorted_p >= job.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p.masked_fill(drop, 0))
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    def _advance(self, row: _Row, token: int) -> None:
+        job = row.job
+        row.sampled += 1
+        row.last = token
+        text = None
+        if token in self.eos_ids:
+            row.finish = "stop"
+        else:
+            row.ids.append(token)
+            if job.stops or job.stream:
+                # Decode everything so far and diff: decoding token by token breaks multi-byte characters.
+                text = self._detok.decode(row.ids, skip_special_tokens=True)
+                cuts = [i for i in (text.find(s) for s in job.stops) if i >= 0]
+                if cuts:
+                    text, row.finish = text[: min(cuts)], "stop"
+        if row.finish is None and row.sampled >= job.max_new:
+            row.finish = "length"
+        if row.finish is not None:
+            if text is None:
+                text = self._detok.decode(row.ids, skip_special_tokens=True)
+            if job.stream and len(text) > row.emitted:
+                job.reply.send("delta", row.index, text[row.emitted:])
+            job.reply.send("done", row.index, text, row.finish, row.sampled)
+        elif job.stream:
+            ready = _streamable(text, job.stops)
+            if len(ready) > row.emitted:
+                job.reply.send("delta", row.index, ready[row.emitted:])
+                row.emitted = len(ready)
+
+    def _drop_finished(self) -> None:
+        keep = []
+        for k, row in enumerate(self._rows):
+            if row.finish is None and not row.job.reply.cancelled:
+                keep.append(k)
+                continue
+            batch = row.batch
+            batch.new_tokens += row.sampled
+            batch.open -= 1
+            self.stats["completion_tokens"] += row.sampled
+            if batch.open == 0:
+                took = time.perf_counter() - batch.started
+                log.info("batch: %d requests (%d rows%s), %d prompt + %d new tokens in %.2f s, %.1f new tokens/s",
+                         batch.requests, batch.rows, f", joined {batch.joined} running" if batch.joined else "",
+                         batch.prompt_tokens, batch.new_tokens, took, batch.new_tokens / max(took, 1e-9))
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._rows = [self._rows[k] for k in keep]
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        # Columns that are padding for every remaining row cost attention compute at every step.
+        first = int(self._mask.any(0).int().argmax())
+        if first > 0 and self._can_join:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    @contextmanager
+    def _adapter(self, name: str | None):
+        if self.peft is None:
+            yield
+        elif name is None:
+            with self.peft.disable_adapter():
+                yield
+        else:
+            self.peft.set_adapter(name)
+            yield
+
+    def _embed(self, job: EmbedJob) -> None:
+        """Mean of the last hidden state over each input's tokens, L2-normalised."""
+        try:
+            out: list[torch.Tensor | None] = [None] * len(job.inputs)
+            order = sorted(range(len(job.inputs)), key=lambda i: len(job.inputs[i]))
+            for start in range(0, len(order), self.max_batch):
+                part = order[start:start + self.max_batch]
+                width = max(len(job.inputs[i]) for i in part)
+                ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(part), width), dtype=torch.long)
+                for k, i in enumerate(part):  # right padding: causal attention never sees it
+                    ids[k, : len(job.inputs[i])] = torch.tensor(job.inputs[i])
+                    mask[k, : len(job.inputs[i])] = 1
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                with self._adapter(job.adapter):
+                    hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                weights = mask.unsqueeze(-1).to(torch.float32)
+                pooled = F.normalize((hidden.float() * weights).sum(1) / weights.sum(1), dim=-1).cpu()
+                for k, i in enumerate(part):
+                    out[i] = pooled[k]
+            self.stats["embedding_requests"] += 1
+            job.reply.send("embeddings", out)
+        except Exception as exc:
+            log.exception("embedding %d inputs failed", len(job.inputs))
+            job.reply.fail(f"embedding failed: {type(exc).__name__}: {exc}")
+
+
+def _load_adapters(model, adapters: dict[str, str]):
+    from peft import PeftModel
+
+    for name, folder in adapters.items():
+        if name == BASE or not name:
+            raise ValueError(f"adapters: {name!r} is reserved; pick another adapter name")
+        if not (Path(folder) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"adapters[{name!r}]: {folder}/adapter_config.json is missing; point it at a "
+                                    "folder written by peft's save_pretrained (the train stage's adapter folder)")
+    (first, first_dir), *rest = adapters.items()
+    peft = PeftModel.from_pretrained(model, first_dir, adapter_name=first, is_trainable=False)
+    for name, folder in rest:
+        peft.load_adapter(folder, adapter_name=name, is_trainable=False)
+    return peft.eval()
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise _bad(f"messages[{i}].content[{j}]",
+                               f"part type {part.type!r} is not supported; this server serves a text-only model")
+                texts.append(part.text)
+            content = "".join(texts)
+        # Templates of small chat models know "system" but not OpenAI's newer "developer".
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return out
+
+
+def _check_unsupported(req: ChatRequest) -> None:
+    if req.logprobs or req.top_logprobs:
+        raise _bad("logprobs", "log probabilities are not supported by this server")
+    if req.logit_bias:
+        raise _bad("logit_bias", "not supported by this server")
+    if req.tools or req.functions:
+        raise _bad("tools", "tool calling is not supported by this server")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise _bad("response_format", f"type {req.response_format.get('type')!r} is not supported; only 'text' "
+                                      "(ask for JSON in the prompt and parse the reply)")
+
+
+def _chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: int) -> GenJob:
+    """Validate a chat request (400s name the field) and turn it into the worker's job."""
+    _check_unsupported(req)
+    n = req.n or 1
+    if n > max_batch:
+        raise _bad("n", f"{n} choices do not fit one batch of this server (max_batch={max_batch})")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOPS or any(not s for s in stops):
+        raise _bad("stop", f"give at most {MAX_STOPS} non-empty strings")
+    prompt = engine.encode_chat(_message_dicts(req.messages))
+    room = engine.context - len(prompt)
+    asked = req.max_completion_tokens or req.max_tokens
+    if room < 1 or (asked and asked > room):
+        raise _bad("messages", f"the prompt has {len(prompt)} tokens and {asked or 1} more were asked for, "
+                               f"over the model's context of {engine.context} tokens; shorten the messages "
+                               "or lower max_tokens")
+    return GenJob(prompt=prompt, max_new=asked or min(DEFAULT_MAX_TOKENS, room),
+                  temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's default
+                  top_p=1.0 if req.top_p is None else req.top_p, presence=req.presence_penalty or 0.0,
+                  frequency=req.frequency_penalty or 0.0, seed=req.seed, stops=stops, n=n, adapter=adapter,
+                  stream=bool(req.stream), reply=_Reply(asyncio.get_running_loop()))
+
+
+def _embedding_inputs(req: EmbeddingRequest, engine: Engine) -> list[list[int]]:
+    """Token ids per input (strings are tokenized, token arrays checked); 400s name the input."""
+    if req.dimensions is not None and req.dimensions != engine.hidden_size:
+        raise _bad("dimensions", f"this model's embeddings have {engine.hidden_size} dimensions; omit the field")
+    items = [req.input] if isinstance(req.input, str) or (req.input and isinstance(req.input[0], int)) \
+        else list(req.input)
+    if not items:
+        raise _bad("input", "is empty; send a string or a list of strings")
+    inputs = []
+    for i, item in enumerate(items):
+        ids = engine.tok(item)["input_ids"] if isinstance(item, str) else list(item)
+        if not ids:
+            raise _bad(f"input[{i}]", "is empty; every input needs at least one token")
+        if len(ids) > engine.context:
+            raise _bad(f"input[{i}]", f"has {len(ids)} tokens, over the model's context of {engine.context}")
+        if min(ids) < 0 or max(ids) >= engine.vocab:
+            raise _bad(f"input[{i}]", f"token ids must lie in [0, {engine.vocab})")
+        inputs.append(ids)
+    return inputs
+
+
+def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_key: str | None = None,
+               max_batch: int = 16, batch_wait_ms: float = 10, device="cpu",
+               adapters: dict[str, str] | None = None) -> FastAPI:
+    """An OpenAI-compatible app over the model folder `model_path` (loaded now; the worker starts
+    with the app). `adapters` maps extra model names to LoRA adapter folders over that model."""
+    if adapters and served_name in adapters:
+        raise ValueError(f"adapters: {served_name!r} is already the served_name of the base model; rename the adapter")
+    engine = Engine(model_path, device=device, adapters=adapters, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="doctune OpenAI-compatible server", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.stats = engine.stats
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        return _bad(param, f"{first['msg']}{more}").response()
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with the key "
+                                "this server was started with.", code="invalid_api_key")
+
+    def adapter_for(name: str) -> str | None:
+        if name == served_name:
+            return None
+        if name in engine.adapters:
+            return name
+        served = ", ".join([served_name, *engine.adapters])
+        raise APIError(404, f"The model {name!r} does not exist on this server; it serves: {served}.",
+                       code="model_not_found", param="model")
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive():
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok"}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @v1.get("/models")
+    async def models():
+        data = [Model(id=name, object="model", created=created, owned_by="doctune").model_dump(exclude_none=True)
+                for name in [served_name, *engine.adapters]]
+        return {"object": "list", "data": data}
+
+    @v1.get("/stats")
+    async def stats():
+        return engine.stats
+
+    @v1.post("/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        adapter = adapter_for(req.model)
+        job = _chat_job(req, engine, adapter, max_batch)
+        engine.submit(job)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(job, rid, now, req.model, include_usage), media_type="text/event-stream")
+
+        reply, n, prompt = job.reply, job.n, job.prompt
+        done: dict[int, tuple] = {}
+        while len(done) < n:
+            try:
+                event = await asyncio.wait_for(reply.events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                # A client that timed out will retry; stop generating for the abandoned request.
+                if await request.is_disconnected():
+                    reply.cancelled = True
+                    return JSONResponse({}, status_code=499)
+                continue
+            if event[0] == "error":
+                raise APIError(500, event[1], type="server_error")
+            if event[0] == "done":
+                done[event[1]] = event[2:]
+        completion = sum(d[2] for d in done.values())
+        body = ChatCompletion(
+            id=rid, object="chat.completion", created=now, model=req.model,
+            choices=[Choice(index=i, finish_reason=done[i][1], logprobs=None,
+                            message=ChatCompletionMessage(role="assistant", content=done[i][0])) for i in range(n)],
+            usage=CompletionUsage(prompt_tokens=len(prompt), completion_tokens=completion,
+                                  total_tokens=len(prompt) + completion),
+        )
+        return JSONResponse(body.model_dump(mode="json", exclude_unset=True))
+
+    @v1.post("/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        adapter = adapter_for(req.model)
+        inputs = _embedding_inputs(req, engine)
+        reply = _Reply(asyncio.get_running_loop())
+        engine.submit(EmbedJob(inputs, adapter, reply))
+        event = await reply.events.get()
+        if event[0] == "error":
+            raise APIError(500, event[1], type="server_error")
+        tokens = sum(map(len, inputs))
+        usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+        if req.encoding_format == "base64":
+            # The openai client asks for base64 unless told otherwise and decodes it itself;
+            # the typed model only knows float lists, so this shape is written by hand.
+            data = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()}
+                    for i, v in enumerate(event[1])]
+            return {"object": "list", "model": req.model, "data": data, "usage": usage.model_dump()}
+        return CreateEmbeddingResponse(
+            object="list", model=req.model, usage=usage,
+            data=[Embedding(object="embedding", index=i, embedding=v.tolist()) for i, v in enumerate(event[1])],
+        ).model_dump(mode="json")
+
+    app.include_router(v1)
+    return app
+
+
+async def _sse(job: GenJob, rid: str, created: int, model: str, include_usage: bool):
+    """Server-sent events in OpenAI's order: a role chunk, content deltas, a finish chunk per
+    choice, a usage chunk if asked for, then [DONE]."""
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[ChunkChoice], **fields) -> str:
+        body = ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=model,
+                                   choices=choices, **{**extra, **fields})
+        return f"data: {body.model_dump_json(exclude_unset=True)}\n\n"
+
+    reply = job.reply
+    try:
+        yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""), finish_reason=None)
+                     for i in range(job.n)])
+        finished, completion = 0, 0
+        while finished < job.n:
+            event = await reply.events.get()
+            if event[0] == "error":
+                yield f"data: {APIError(500, event[1], type='server_error').response().body.decode()}\n\n"
+                return
+            if event[0] == "delta":
+                yield chunk([ChunkChoice(index=event[1], delta=ChoiceDelta(content=event[2]), finish_reason=None)])
+            elif event[0] == "done":
+                finished += 1
+                completion += event[4]
+                yield chunk([ChunkChoice(index=event[1], delta=ChoiceDelta(), finish_reason=event[3])])
+        if include_usage:
+            prompt = len(job.prompt)
+            yield chunk([], usage=CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
+                                                  total_tokens=prompt + completion))
+        yield "data: [DONE]\n\n"
+    finally:
+        reply.cancelled = True  # finished or the client left: either way no more compute for it
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8765, api_key: str | None = None, **kw) -> None:
+    """Serve until interrupted (blocking). `kw` goes to create_app (served_name, adapters, ...)."""
+    import uvicorn
+
+    if not _is_loopback(host) and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach port %d can use the model; "
+                    "set one with --api-key-env", host, port)
+    app = create_app(model_path, api_key=api_key, **kw)
+    uvicorn.run(app, host=host, port=port, log_level="info")

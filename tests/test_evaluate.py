@@ -1,0 +1,418 @@
+"""Evaluation: exact metric values on known English and Chinese strings, key facts, the judge's
+parsing and wire call, the promotion rule, and evaluate() end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from doctune.settings import LLMSettings
+from tasks import evaluate as ev
+from tasks.evaluate import (
+    EvalReport, EvalSettings, MetricRow, chrf, decide_promotion, detect_language, fact_recall, key_facts,
+    normalize, parse_judge_reply, rouge_l,
+)
+
+
+# --------------------------------------------------------------------------- metrics
+
+def test_fact_recall_english():
+    assert fact_recall("The X2 costs 149 euros.", ["149 euros", "X2"]) == 1.0
+    assert fact_recall("The X2 costs 150 euros.", ["149 euros", "X2"]) == 0.5
+    # Word edges: 149 is not in 1149, X2 is not in X20.
+    assert fact_recall("The X20 costs 1149 euros.", ["149", "X2"]) == 0.0
+
+
+def test_fact_recall_normalises_numbers_case_and_width():
+    assert fact_recall("We employ 1200 people", ["1,200"]) == 1.0
+    assert fact_recall("We employ 1,200 people", ["1200"]) == 1.0
+    assert fact_recall("ＡＣＭＥ ＧｍｂＨ was founded in １９９８", ["Acme GmbH", "1998"]) == 1.0
+    assert fact_recall("rate: 1.5 %", ["1.5 %"]) == 1.0
+    assert fact_recall("rate: 15 %", ["1.5 %"]) == 0.0  # the decimal point is kept
+    assert normalize("  Hello,\tWORLD!  ") == "hello world"
+
+
+def test_fact_recall_chinese_without_spaces():
+    assert fact_recall("退货期限为30天", ["30天"]) == 1.0
+    assert fact_recall("退货期限为 30 天。", ["30天", "退货期限"]) == 1.0
+    assert fact_recall("退货期限为３０天，运费１，２００元", ["30天", "1200元"]) == 1.0
+    assert fact_recall("退货期限为300天", ["30天"]) == 0.0
+    with pytest.raises(ValueError, match="at least one fact"):
+        fact_recall("anything", [])
+
+
+def test_rouge_l_on_words_for_english():
+    # LCS "the x2 149 euros" = 4 of 5 reply words and 7 reference words: F1 = 2*4/(5+7).
+    assert rouge_l("The X2 costs 149 euros.", "The X2 is priced at 149 euros.") == pytest.approx(2 / 3)
+    assert rouge_l("", "anything") == 0.0
+
+
+def test_rouge_l_on_characters_for_chinese_where_whitespace_gives_zero():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    class Whitespace:
+        def tokenize(self, text):
+            return text.split()
+
+    reply, reference = "退货期限是30天。", "退货期限为30天"
+    # Characters: 退 货 期 限 是/为 30 天 -> 6 of 7 units in common on both sides.
+    assert rouge_l(reply, reference) == pytest.approx(6 / 7)
+    # Split on spaces, each Chinese sentence is one "word" and the score is the famous 0.0.
+    assert RougeScorer(["rougeL"], tokenizer=Whitespace()).score(reference, reply)["rougeL"].fmeasure == 0.0
+
+
+def test_chrf_matches_sacrebleu_values():
+    # sacrebleu 2.6.0 CHRF() (char order 6, beta 2) computed once: 44.98291691477677 and 37.07384040111085.
+    assert chrf("The X2 costs 149 euros.", "The X2 is priced at 149 euros.") == pytest.approx(0.4498291691477677)
+    assert chrf("退货期限是30天。", "退货期限为30天") == pytest.approx(0.3707384040111085)
+    assert chrf("", "退货期限为30天") == 0.0
+    assert chrf("退货期限为30天", "退货期限为30天") == pytest.approx(1.0)
+
+
+def test_detect_language():
+    assert detect_language("The return window is 30 days.") == "en"
+    assert detect_language("Acme SuperWidget Pro 的价格是149欧元") == "zh"
+    assert detect_language("In Chinese, a return is 退货.") == "en"
+
+
+# --------------------------------------------------------------------------- key facts
+
+@pytest.mark.parametrize("answer, language, facts", [
+    ("The X2 costs 149 euros.", "en", ["X2", "149"]),
+    ("149 euros.", "en", ["149 euros"]),
+    ("Alice Smith leads the Berlin office, which opened in 2019 with 1,200 staff.", "en",
+     ["Alice Smith", "Berlin", "2019", "1,200"]),
+    ("Returns are accepted within 30 days of delivery if the item is unused.", "en", ["30"]),
+    ("You can return items within thirty days after delivery to our warehouse.", "en", []),
+    ("退货期限为30天。", "zh", ["退货期限为30天"]),
+    ("客户可以在收货后30天内通过Acme客服申请退货，详见《退货政策》。", "zh", ["30", "Acme", "退货政策"]),
+    ("我们的办公室周一至周五开放，周末和法定节假日休息，请提前预约。", "zh", []),
+])
+def test_key_facts(answer, language, facts):
+    assert key_facts(answer, language) == facts
+    if facts:
+        assert fact_recall(answer, facts) == 1.0  # the reference itself always contains its facts
+
+
+# --------------------------------------------------------------------------- LLM judge
+
+def test_parse_judge_reply_is_lenient():
+    assert parse_judge_reply('```json\n{"score": 4, "reason": "has the price"}\n```').score == 4
+    assert parse_judge_reply('Sure! {"score": "5", "reason": "all facts"} Hope this helps').score == 5
+    assert parse_judge_reply("Score: 2/5, the number is wrong").score == 2
+    assert parse_judge_reply("评分：3分").score == 3
+    assert parse_judge_reply("4").score == 4
+    bad = parse_judge_reply('{"score": 9}')
+    assert bad.score is None and "unreadable" in bad.reason
+
+
+def test_judge_calls_an_openai_compatible_endpoint():
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({
+                "id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": '{"score": 4, "reason": "price right"}'}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            }).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        llm = LLMSettings(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="judge", max_retries=0)
+        scores = ev.judge_replies(llm, [("How much is the X2?", "149 euros.", "It costs 149 euros.", "en"),
+                                        ("退货期限是多久？", "30天。", "30天", "zh")])
+    finally:
+        server.shutdown()
+    assert [s.score for s in scores] == [4, 4]
+    prompts = sorted(r["messages"][0]["content"] for r in seen)
+    assert "How much is the X2?" in prompts[0] and "It costs 149 euros." in prompts[0]
+    assert "退货期限是多久？" in prompts[1] and "参考答案" in prompts[1]
+    assert all(r["temperature"] == 0 for r in seen)
+
+
+def test_eval_settings_validate():
+    assert EvalSettings().promotion_margin == 0.05
+    with pytest.raises(ValidationError):
+        EvalSettings(max_new_token=8)  # misspelt key
+    with pytest.raises(ValidationError, match="judge=true"):
+        EvalSettings(promotion_metric="judge")
+
+
+# --------------------------------------------------------------------------- promotion
+
+def make_report(tmp_path: Path, candidate: str, base: float, tuned: float, gold_sha: str = "g1") -> EvalReport:
+    row = MetricRow(set="gold", language="all", metric="fact_recall", n=10, base=base, tuned=tuned,
+                    delta=round(tuned - base, 4), better=0, worse=0)
+    return EvalReport(
+        name=candidate, eval_dir=str(tmp_path / "evals" / candidate), created="now", fingerprint="f",
+        base_model="base", candidate=candidate, gold_path="gold.jsonl", gold_sha256=gold_sha, dataset_dir=None,
+        settings=EvalSettings(), counts={"gold": 10, "test": 0, "dropped": 0}, dropped=[], metrics=[row],
+    )
+
+
+def decisions(registry: Path) -> list[dict]:
+    return [json.loads(line) for line in (registry / "decisions.jsonl").read_text().splitlines()]
+
+
+def test_promoted_over_base_when_no_current(tmp_path):
+    registry = tmp_path / "registry"
+    d = decide_promotion(make_report(tmp_path, "runs/r1", base=0.2, tuned=0.6), registry, margin=0.05)
+    assert d.promoted and d.compared_to == "base:base"
+    current = json.loads((registry / "current.json").read_text())
+    assert current["run_dir"] == "runs/r1" and current["score"] == 0.6
+    assert current["scores"]["gold/all/fact_recall"] == 0.6
+    assert len(decisions(registry)) == 1 and not (registry / "current.json.tmp").exists()
+
+
+def test_not_promoted_below_margin_and_reason_has_both_numbers(tmp_path):
+    registry = tmp_path / "registry"
+    d = decide_promotion(make_report(tmp_path, "runs/r1", base=0.30, tuned=0.33), registry, margin=0.05)
+    assert not d.promoted
+    assert "0.330" in d.reason and "0.300" in d.reason and "0.050" in d.reason
+    assert not (registry / "current.json").exists()
+    assert decisions(registry)[0]["promoted"] is False
+    # Exactly the margin counts, despite 0.35 - 0.30 == 0.04999... in floating point.
+    assert decide_promotion(make_report(tmp_path, "runs/r2", base=0.30, tuned=0.35), registry, margin=0.05).promoted
+
+
+def test_not_promoted_when_current_model_is_better_than_base(tmp_path):
+    registry = tmp_path / "registry"
+    assert decide_promotion(make_report(tmp_path, "runs/r1", base=0.2, tuned=0.8), registry, margin=0.05).promoted
+    # r2 beats the base by far, but not the current model r1.
+    d = decide_promotion(make_report(tmp_path, "runs/r2", base=0.2, tuned=0.7), registry, margin=0.05)
+    assert not d.promoted and d.compared_to == "current:runs/r1" and "0.800" in d.reason
+    assert json.loads((registry / "current.json").read_text())["run_dir"] == "runs/r1"
+    d3 = decide_promotion(make_report(tmp_path, "runs/r3", base=0.2, tuned=0.9), registry, margin=0.05)
+    assert d3.promoted and json.loads((registry / "current.json").read_text())["previous"] == "runs/r1"
+    assert [x["promoted"] for x in decisions(registry)] == [True, False, True]
+
+
+def test_not_promoted_against_a_current_model_scored_on_another_gold_file(tmp_path):
+    registry = tmp_path / "registry"
+    decide_promotion(make_report(tmp_path, "runs/r1", base=0.2, tuned=0.5, gold_sha="old"), registry, margin=0.05)
+    d = decide_promotion(make_report(tmp_path, "runs/r2", base=0.2, tuned=0.9, gold_sha="new"), registry, margin=0.05)
+    assert not d.promoted and "another gold file" in d.reason
+    # The fix the reason names: evaluate the current model on the new gold file, which re-scores it ...
+    d = decide_promotion(make_report(tmp_path, "runs/r1", base=0.2, tuned=0.4, gold_sha="new"), registry, margin=0.05)
+    assert not d.promoted and "already the current model" in d.reason
+    current = json.loads((registry / "current.json").read_text())
+    assert (current["run_dir"], current["score"], current["gold_sha256"]) == ("runs/r1", 0.4, "new")
+    # ... after which candidates are compared with it again.
+    assert decide_promotion(make_report(tmp_path, "runs/r2", base=0.2, tuned=0.9, gold_sha="new"), registry,
+                            margin=0.05).promoted
+
+
+# --------------------------------------------------------------------------- evaluate() end to end
+
+GOLD = [
+    {"id": "en-001", "question": "How much does the X2 cost?", "answer": "The X2 costs 149 euros.",
+     "facts": ["149 euros", "X2"], "language": "en", "doc": "docs/prices.md", "kind": "document"},
+    {"id": "en-002", "question": "Who leads the Berlin office?", "answer": "Alice Smith leads it.",
+     "facts": ["Alice Smith"], "language": "en", "doc": "docs/team.md", "kind": "document"},
+    {"id": "zh-001", "question": "退货期限是多久？", "answer": "退货期限为30天。", "facts": ["30天"],
+     "language": "zh", "doc": "docs/faq.xlsx", "kind": "faq"},
+]
+TEST_ROWS = [
+    ("When did the Berlin office open?", "The Berlin office opened in 2019.", "en"),
+    ("How many staff work in Berlin?", "About 1,200 staff work in the Berlin office today.", "en"),
+    ("办公室什么时候开放？", "我们的办公室周一至周五开放，周末和法定节假日休息。", "zh"),
+]
+SYSTEM = "You answer questions about Acme's documents."
+
+
+def write_dataset(path: Path) -> Path:
+    from datasets import Dataset, DatasetDict
+
+    def row(i, q, a, lang):
+        return {"pair_id": f"p{i}", "question": q, "answer": a, "system": SYSTEM, "source": "synthesized",
+                "language": lang, "doc_id": "d", "path": "docs/x.md", "chunk_id": "d:0",
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
+                             {"role": "assistant", "content": a}]}
+
+    rows = [row(i, *r) for i, r in enumerate(TEST_ROWS)]
+    DatasetDict(train=Dataset.from_list(rows[:1]), test=Dataset.from_list(rows)).save_to_disk(str(path / "hf"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A random 2-layer Llama with the real SmolLM2 tokenizer, and a run folder with a random LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from doctune.base_model import prepare_base_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(prepare_base_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    base = root / "base"
+    LlamaForCausalLM(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    run = root / "run-001"
+    # init_lora_weights=False: random B as well as A, so the adapter really changes the replies.
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                                LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(run / "adapter")
+    tok.save_pretrained(run / "adapter")
+    (run / "run.json").write_text(json.dumps({"base_model": str(base), "dataset_dir": "-", "method": "lora_fp32",
+                                              "device": "cpu", "created": "now"}))
+    return base, run
+
+
+def test_evaluate_end_to_end_on_a_tiny_model(tmp_path, tiny_models):
+    base, run = tiny_models
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("\n".join(json.dumps(g, ensure_ascii=False) for g in GOLD) + "\n{not json\n", encoding="utf-8")
+    dataset = write_dataset(tmp_path / "ds")
+    settings = EvalSettings(max_new_tokens=6, batch_size=8, max_test_examples=3)
+
+    report = ev.evaluate(base, run, dataset, gold, settings, tmp_path / "out")
+
+    out = Path(report.eval_dir)
+    assert out.parent == tmp_path / "out" / "evals" and out.name.startswith("run-001-")
+    assert {p.name for p in out.iterdir()} == {"report.json", "examples.jsonl", "report.md"}
+    assert report.counts == {"gold": 3, "test": 3, "dropped": 1}
+    assert "not JSON" in report.dropped[0]["reason"]
+    for set_name in ("gold", "test"):
+        for metric in ("fact_recall", "rouge_l", "chrf"):
+            for language in ("all", "en", "zh"):
+                row = report.get(metric, set_name, language)
+                if (metric, set_name, language) == ("fact_recall", "test", "zh"):
+                    assert row is None  # its only row has no key span: no fact recall, no fake 0.0
+                    continue
+                assert row is not None, (metric, set_name, language)
+                assert row.delta == pytest.approx(row.tuned - row.base, abs=1e-3)
+    assert report.get("rouge_l", "gold", "zh").n == 1 and report.get("rouge_l", "gold", "en").n == 2
+
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [e["question"] for e in examples] == [g["question"] for g in GOLD] + [q for q, _, _ in TEST_ROWS]
+    for e in examples:
+        assert isinstance(e["base_reply"], str) and isinstance(e["tuned_reply"], str)
+        for who in ("base", "tuned"):
+            reply = e[f"{who}_reply"]
+            assert e[who]["rouge_l"] == pytest.approx(rouge_l(reply, e["reference"]))
+            assert e[who]["chrf"] == pytest.approx(chrf(reply, e["reference"]))
+    # The random adapter must have been applied: the two models answer differently.
+    assert any(e["base_reply"] != e["tuned_reply"] for e in examples)
+    assert examples[5]["facts"] == [] and examples[5]["base"]["fact_recall"] is None  # no key span in it
+    saved = json.loads((out / "report.json").read_text())
+    assert {"base", "tuned", "delta"} <= set(saved["metrics"][0])
+    assert "| fact_recall | gold | all |" in (out / "report.md").read_text(encoding="utf-8")
+
+    # Same inputs: the finished folder is returned untouched. Another gold file: a new folder.
+    mtime = (out / "report.json").stat().st_mtime_ns
+    assert ev.evaluate(base, run, dataset, gold, settings, tmp_path / "out").eval_dir == str(out)
+    assert (out / "report.json").stat().st_mtime_ns == mtime
+    gold.write_text(json.dumps(GOLD[0]) + "\n", encoding="utf-8")
+    again = ev.evaluate(base, run, None, gold, settings, tmp_path / "out")
+    assert again.eval_dir != str(out) and again.counts == {"gold": 1, "test": 0, "dropped": 0}
+
+
+def test_evaluate_scores_scripted_replies_per_language(tmp_path, monkeypatch):
+    """With generation scripted (the base knows nothing, the candidate knows the gold facts), the
+    aggregates must be exact and the promotion must go to the candidate."""
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("\n".join(json.dumps(g, ensure_ascii=False) for g in GOLD), encoding="utf-8")
+    tuned_answers = {"How much does the X2 cost?": "It is 149 euros for the X2.",
+                     "Who leads the Berlin office?": "I don't know.", "退货期限是多久？": "30 天内可以退货"}
+
+    def scripted(model_ref, questions, system_prompt, max_new_tokens=64, batch_size=8):
+        assert system_prompt == [SYSTEM] * len(questions)
+        if str(model_ref) == "base-model":
+            return ["I don't know."] * len(questions)
+        return [tuned_answers[q] for q in questions]
+
+    monkeypatch.setattr(ev, "generate_answers", scripted)
+    settings = EvalSettings(system_prompt=SYSTEM)
+    report = ev.evaluate("base-model", "runs/candidate", None, gold, settings, tmp_path / "out")
+    assert report.get("fact_recall", "gold", "en").tuned == 0.5  # X2 right, Alice Smith wrong
+    assert report.get("fact_recall", "gold", "zh").tuned == 1.0  # "30 天" matches "30天"
+    fr = report.get("fact_recall", "gold")
+    assert (fr.base, fr.tuned, fr.delta, fr.better, fr.worse) == (0.0, 0.6667, 0.6667, 2, 0)
+    expected = rouge_l("30 天内可以退货", "退货期限为30天。")
+    assert report.get("rouge_l", "gold", "zh").tuned == pytest.approx(expected, abs=1e-4)
+    assert report.get("rouge_l", "gold", "zh").tuned > 0  # a whitespace tokenizer would give 0.0 here
+
+    table = ev.side_by_side_table(ev.read_jsonl(Path(report.eval_dir) / "examples.jsonl"))
+    assert [(r["change"], r["question"]) for r in table] == [
+        ("improved", "How much does the X2 cost?"), ("improved", "退货期限是多久？"), ("", "Who leads the Berlin office?")]
+    assert table[0]["fine-tuned"].startswith("✓ 1.00") and table[0]["base"].startswith("✗ 0.00")
+    assert {r["metric"] for r in ev.metrics_table(report)} == {"fact_recall", "rouge_l", "chrf"}
+
+    d = decide_promotion(report, tmp_path / "registry")
+    assert d.promoted and "0.667" in d.reason and "0.000" in d.reason
+
+
+# --------------------------------------------------------------------------- Prefect tasks
+
+def test_tasks_cache_on_content_and_publish_artifacts(tmp_path, monkeypatch, prefect_server):
+    """prefect_server: the session-wide test server from conftest.py."""
+    import asyncio
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("\n".join(json.dumps(g, ensure_ascii=False) for g in GOLD), encoding="utf-8")
+    calls = []
+
+    def scripted(model_ref, questions, system_prompt, max_new_tokens=64, batch_size=8):
+        calls.append(model_ref)
+        return ["149 euros, X2, 30天"] * len(questions) if model_ref == "runs/c" else ["?"] * len(questions)
+
+    monkeypatch.setattr(ev, "generate_answers", scripted)
+
+    @flow
+    def evaluate_and_promote(out: str):
+        report = ev.evaluate_task("base", "runs/c", None, str(gold), EvalSettings(system_prompt="S"), out)
+        return report, ev.promote_task(report, out + "/registry")
+
+    report, decision = evaluate_and_promote(str(tmp_path / "out"))
+    assert decision.promoted and len(calls) == 2
+    evaluate_and_promote(str(tmp_path / "out"))
+    assert len(calls) == 2  # same content: the evaluation came from the cache
+    gold.write_text(json.dumps(GOLD[0]) + "\n", encoding="utf-8")  # edited in place, same path
+    evaluate_and_promote(str(tmp_path / "out"))
+    assert len(calls) == 4  # keyed on content, so no stale hit
+
+    async def artifact_keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    assert {"eval-metrics", "eval-side-by-side", "promotion-decision"} <= asyncio.run(artifact_keys())
+
+
+# --------------------------------------------------------------------------- the real base model
+
+@pytest.mark.slow
+def test_generate_answers_with_the_real_base_model():
+    from doctune.base_model import prepare_base_model
+
+    questions = ["What is the capital of France?", "Name a primary colour."]
+    replies = ev.generate_answers(prepare_base_model(), questions, "You are a helpful assistant.",
+                                  max_new_tokens=16, batch_size=2)
+    assert len(replies) == 2 and all(r.strip() for r in replies)
+    assert "Paris" in replies[0]
+    assert not any("<|im_end|>" in r or "<|im_start|>" in r for r in replies)
