@@ -73,7 +73,9 @@ class SynthSettings(_Settings):
         1.5, gt=0, description="qa mode: pairs asked for per 100 chunk tokens (at least 1, at most 10 per chunk)."
     )
     temperature: float = Field(0.9, ge=0, le=2, description="Sampling temperature for all but the first question.")
-    max_tokens: int = Field(256, ge=16, description="Completion token limit per call.")
+    max_tokens: int = Field(
+        128, ge=16, description="Completion token budget per pair asked for (qa) or per question (fact, at most 64)."
+    )
     seed: int = Field(0, description="Base seed; each call derives its own, so runs are repeatable.")
     min_keep_share: float = Field(
         0.2, ge=0, le=1, description="Stop before training when a filter keeps less than this share of pairs."

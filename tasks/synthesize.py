@@ -261,12 +261,14 @@ def _seed(settings: SynthSettings, *parts) -> int:
     return int(short_hash(str(settings.seed), *map(str, parts), n=8), 16) % (2**31)
 
 
-def plan_calls(chunks: list[Chunk], settings: SynthSettings, mode: str) -> list[_Call]:
+def plan_calls(chunks: list[Chunk], settings: SynthSettings, mode: str, n_pairs: int | None = None) -> list[_Call]:
     calls = []
     for chunk in chunks:
         if mode == "qa":
-            messages, version = qa_messages(chunk, n_pairs_for(chunk, settings))
-            params = dict(temperature=0.3, max_tokens=settings.max_tokens * 4, seed=_seed(settings, chunk.chunk_id))
+            n = n_pairs or n_pairs_for(chunk, settings)
+            messages, version = qa_messages(chunk, n)
+            # The budget grows with the pairs asked for; a model that loops stops there.
+            params = dict(temperature=0.3, max_tokens=settings.max_tokens * n, seed=_seed(settings, chunk.chunk_id))
             calls.append(_Call(chunk, messages, params, None, version))
             continue
         for f, fact in enumerate(extract_facts(chunk)):
@@ -315,9 +317,9 @@ def _run_call(client, llm: LLMSettings, settings: SynthSettings, call: _Call) ->
 
 
 def synthesize_chunks(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, mode: str,
-                      progress: bool = True) -> SynthResult:
+                      progress: bool = True, n_pairs: int | None = None) -> SynthResult:
     """All calls for these chunks, `llm.concurrency` at a time; results in a deterministic order."""
-    calls = plan_calls(chunks, settings, mode)
+    calls = plan_calls(chunks, settings, mode, n_pairs)
     client = make_client(llm)
     result = SynthResult()
     with ThreadPoolExecutor(max_workers=llm.concurrency) as pool:
@@ -334,7 +336,8 @@ def choose_mode(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, 
     sample = sorted(chunks, key=lambda c: -c.n_tokens)[:probe_chunks]
     if not sample:
         return ModeChoice(mode="fact", reason="no chunks to probe")
-    probe = synthesize_chunks(sample, llm, settings, "qa", progress=False)
+    # Two pairs per chunk keep the probe short even when a small model loops to its token limit.
+    probe = synthesize_chunks(sample, llm, settings, "qa", progress=False, n_pairs=2)
     returned = len(probe.pairs) + sum(d.reason != "unparseable_reply" for d in probe.dropped)
     kept_share = len(probe.pairs) / returned if returned else 0.0
     summary = (f"probe of {llm.model} on {len(sample)} chunks: {returned} pairs parsed, "
