@@ -64,5 +64,46 @@ def build_dataset_cmd(
     typer.echo(build_dataset(str(folder), load_settings(settings, BuildSettings)))
 
 
+@app.command()
+def train(
+    dataset_dir: Path = typer.Argument(..., help="A dataset folder written by build-dataset."),
+    config: Path = typer.Option(Path("configs/train.yaml"), help="Training settings YAML (validated first)."),
+    output_dir: Path = typer.Option(Path("outputs")),
+):
+    """Run the train flow (LoRA on CPU, QLoRA on CUDA) and print the run folder."""
+    from flows.train import train as train_flow
+    from tasks.train import load_train_settings
+
+    try:
+        settings = load_train_settings(config)  # before any model loads
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(train_flow(str(dataset_dir), settings, str(output_dir)))
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A model run folder written by train."),
+    dataset_dir: Optional[Path] = typer.Option(None, help="Dataset whose test split is also scored."),
+    gold: Optional[Path] = typer.Option(Path("data/gold/gold.jsonl"), help="Hand-written gold set."),
+    settings: Optional[Path] = typer.Option(None, help="YAML file of EvalSettings."),
+    output_dir: Path = typer.Option(Path("outputs")),
+):
+    """Run the evaluate flow: base vs fine-tuned, then the promotion rule; prints the comparison."""
+    from flows.evaluate import evaluate as evaluate_flow
+    from tasks.evaluate import EvalSettings
+
+    result = evaluate_flow(str(run_dir), str(dataset_dir) if dataset_dir else None, str(gold) if gold else None,
+                           load_settings(settings, EvalSettings), str(output_dir))
+    rows = result["metrics"]
+    typer.echo(f"\n{'metric':<12} {'set':<5} {'lang':<4} {'n':>3} {'base':>7} {'tuned':>7} {'delta':>7}")
+    for r in rows:
+        typer.echo(f"{r['metric']:<12} {r['set']:<5} {r['language']:<4} {r['n']:>3} {r['base']:>7.3f} "
+                   f"{r['fine-tuned']:>7.3f} {r['delta']:>7}")
+    d = result["decision"]
+    typer.echo(f"\n{'PROMOTED' if d['promoted'] else 'NOT PROMOTED'}: {d['reason']}")
+    typer.echo(f"report: {result['eval_dir']}/report.md")
+
+
 if __name__ == "__main__":
     app()

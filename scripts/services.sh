@@ -45,7 +45,7 @@ up_worker() {
 }
 
 down() {
-  for name in worker llm prefect; do
+  for name in ${@:-worker llm prefect}; do
     if running "$name"; then
       pid=$(cat "$RUN/$name.pid")
       kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
@@ -61,5 +61,6 @@ cmd=${1:-}; shift || true
 case "$cmd" in
   up) for s in "${@:-prefect llm}"; do for t in $s; do "up_$t"; done; done ;;
   down) down ;;
+  down-llm) down llm ;;
   *) echo "usage: $0 up [prefect|llm|worker]... | down" >&2; exit 2 ;;
 esac

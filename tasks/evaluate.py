@@ -482,11 +482,17 @@ def load_test_split(dataset_dir: str | Path, limit: int) -> list[EvalItem]:
     return [
         EvalItem(
             set="test", id=row["pair_id"], question=row["question"], reference=row["answer"],
-            facts=key_facts(row["answer"], row["language"]), facts_from="key_facts",
+            facts=answer_facts(row["question"], row["answer"], row["language"]), facts_from="key_facts",
             language=row["language"], system=row["system"],
         )
         for row in test
     ]
+
+
+def answer_facts(question: str, answer: str, language: Language) -> list[str]:
+    """Key facts of the answer that the question does not already contain: a model that merely
+    repeats the product name from the question has not recalled anything."""
+    return [f for f in key_facts(answer, language) if not _contains(normalize(question), normalize(f))]
 
 
 def dataset_system_prompt(dataset_dir: str | Path | None) -> str:

@@ -65,8 +65,9 @@ class ScriptedEndpoint(_Server):
 
     model = "scripted"
 
-    def __init__(self, behaviour: str = "good"):
+    def __init__(self, behaviour: str = "good", api_key: str | None = None):
         self.behaviour = behaviour
+        self.api_key = api_key
         self.calls: Counter = Counter()
         self.facts: list[str] = []
         self.requests: list[dict] = []
@@ -85,7 +86,15 @@ class ScriptedEndpoint(_Server):
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _refused(self) -> bool:
+                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
+                    self._send(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+                    return True
+                return False
+
             def do_GET(self):
+                if self._refused():
+                    return
                 if self.path.endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": outer.model, "object": "model", "created": 0, "owned_by": "test"}]})
                 else:
@@ -93,6 +102,8 @@ class ScriptedEndpoint(_Server):
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self._refused():
+                    return
                 if body.get("model") != outer.model:
                     return self._send(404, {"error": {"message": f"model {body.get('model')} not found", "code": "model_not_found"}})
                 kind, text = scripted_reply(body["messages"], body.get("seed"), outer.behaviour)

@@ -416,3 +416,11 @@ def test_generate_answers_with_the_real_base_model():
     assert len(replies) == 2 and all(r.strip() for r in replies)
     assert "Paris" in replies[0]
     assert not any("<|im_end|>" in r or "<|im_start|>" in r for r in replies)
+
+
+def test_answer_facts_leave_out_what_the_question_already_says():
+    from tasks.evaluate import answer_facts
+
+    facts = answer_facts("How much does the Heron H2 cost?", "The Heron H2 costs 12,400 euros.", "en")
+    assert "12400" in [f.replace(",", "") for f in facts]
+    assert not any("Heron" in f for f in facts)

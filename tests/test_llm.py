@@ -68,3 +68,16 @@ def test_api_key_comes_from_the_named_env_var(monkeypatch, scripted):
     monkeypatch.setenv("MY_KEY", "sk-test-123")
     assert resolve_api_key(LLMSettings(api_key_env="MY_KEY")) == "sk-test-123"
     assert "sk-test" not in LLMSettings(api_key_env="MY_KEY").model_dump_json()
+
+
+def test_preflight_wrong_key_names_where_the_key_comes_from(monkeypatch):
+    server = ScriptedEndpoint(api_key="sk-right")
+    try:
+        monkeypatch.setenv("SCRIPTED_KEY", "sk-wrong")
+        llm = LLMSettings(base_url=server.base_url, model=server.model, api_key_env="SCRIPTED_KEY")
+        with pytest.raises(EndpointError, match=r"refused \(401\). Put a valid key in \$SCRIPTED_KEY"):
+            preflight(llm)
+        monkeypatch.setenv("SCRIPTED_KEY", "sk-right")
+        assert "serves scripted" in preflight(llm)
+    finally:
+        server.close()

@@ -1,0 +1,22 @@
+"""evaluate: base vs fine-tuned on the gold set and the held-out split, then the promotion rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.evaluate import EvalSettings, evaluate_task, metrics_table, promote_task
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(run_dir: str, dataset_dir: str | None = None, gold_path: str | None = "data/gold/gold.jsonl",
+             settings: EvalSettings = EvalSettings(), output_dir: str = "outputs") -> dict:
+    """Returns the metrics table and the promotion decision."""
+    base_model = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))["base_model"]
+    report = evaluate_task(base_model, run_dir, dataset_dir, gold_path, settings, output_dir)
+    decision = promote_task(report, str(Path(output_dir) / "registry"), settings.promotion_margin)
+    print(f"evaluation: {report.eval_dir}")
+    print(f"promotion: {'PROMOTED' if decision.promoted else 'not promoted'}: {decision.reason}")
+    return {"eval_dir": report.eval_dir, "metrics": metrics_table(report), "decision": decision.model_dump()}
