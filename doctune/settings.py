@@ -81,6 +81,11 @@ class SynthSettings(_Settings):
         0.2, ge=0, le=1, description="Stop before training when a filter keeps less than this share of pairs."
     )
     min_pairs: int = Field(10, ge=1, description="Stop before training when fewer pairs than this survive.")
+    replay_share: float = Field(
+        0.1, ge=0, lt=1,
+        description="Share of the dataset made of the model's own answers to general prompts (keeps its manners); "
+        "0 turns replay off.",
+    )
     min_groundedness: float = Field(
         70.0, ge=0, le=100, description="qa mode: fuzzy score (0-100) an answer needs against its chunk."
     )

@@ -18,9 +18,10 @@ from tasks.dataset import write_dataset_task
 from tasks.dedup import dedup_task
 from tasks.ingest import discover, ingest_file_task
 from tasks.synthesize import SynthResult, choose_mode_task, synthesize_document_task
+from tasks.replay import replay_task
 from tasks.translate import translate_task
 
-HUMAN_FIRST = {"faq": 0, "instruction": 1, "synthesized": 2, "translated": 3, "replay": 4}
+HUMAN_FIRST = {"faq": 0, "instruction": 1, "synthesized": 2, "translated": 3}
 
 
 @task(task_run_name="preflight {llm.base_url}")
@@ -83,7 +84,16 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
         usage.append({"stage": "translate", "calls": tr.calls, "failed_calls": 0,
                       "prompt_tokens": tr.prompt_tokens, "completion_tokens": tr.completion_tokens})
 
-    # 5. Deduplicate: human-written sources come first, so they win over synthesized copies.
+    # 5. Replay: the model's own answers to general prompts, a settable share of the dataset.
+    if settings.synth.replay_share > 0:
+        n = round(len(pairs) * settings.synth.replay_share / (1 - settings.synth.replay_share))
+        rp = replay_task(settings.llm, sorted({p.language for p in pairs}))
+        pairs += rp.pairs[:n]
+        dropped += rp.dropped
+        usage.append({"stage": "replay", "calls": rp.calls, "failed_calls": 0, "prompt_tokens": rp.prompt_tokens,
+                      "completion_tokens": rp.completion_tokens})
+
+    # 6. Deduplicate: human-written sources come first, so they win over synthesized copies.
     dd = dedup_task(pairs, settings.dedup, settings.llm if settings.dedup.semantic else None)
     dropped += dd.dropped
     rates += keep_rate_rows("dedup", len(pairs), dd.dropped)
@@ -94,7 +104,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     artifacts.usage(usage)
     artifacts.sample_pairs(dd.kept)
 
-    # 6. Dataset folder, named after its content.
+    # 7. Dataset folder, named after its content.
     counts = {"files": len(refs), "skipped_files": len(skipped), "documents": len(docs), "chunks": len(all_chunks),
               "given_pairs": len(given), "synthesized_pairs": len(synth.pairs), "after_dedup": len(dd.kept),
               "failed_documents": len(failures), "mode": choice.mode, **{f"dedup_{k}": v for k, v in dd.counts.items()}}

@@ -65,8 +65,12 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     ds = load_from_disk(str(Path(path) / "hf"))
     rows = list(ds["train"]) + list(ds["test"])
     chunk_ids = {c for c in (r["chunk_id"] for r in rows) if c}
-    assert {r["source"] for r in rows} == {"faq", "synthesized"}
+    assert {r["source"] for r in rows} == {"faq", "synthesized", "replay"}
+    replay = [r for r in rows if r["source"] == "replay"]
+    assert 0 < len(replay) <= 0.15 * len(rows) and all(r["path"] == "prompts/replay.yaml" for r in replay)
     for r in rows:
+        if r["source"] == "replay":
+            continue
         assert r["path"] in DOCS  # every pair links back to a file ...
         assert r["source"] == "faq" or r["chunk_id"].startswith(r["doc_id"])  # ... and a chunk
         assert r["messages"][-1] == {"role": "assistant", "content": r["answer"]}
