@@ -13,6 +13,14 @@ import yaml
 app = typer.Typer(help="doctune: from a document folder to a fine-tuned, evaluated LLM.", no_args_is_help=True)
 
 
+@app.callback()
+def _main() -> None:
+    # Our modules log with the standard logger at INFO (the device plan, batch sizes, progress);
+    # PREFECT_LOGGING_EXTRA_LOGGERS (scripts/env.sh) forwards them to the Prefect UI.
+    for name in ("doctune", "tasks", "flows"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def load_settings(path: Optional[Path], cls):
     """A YAML file validated against a settings model; errors name the file and the key."""
     if path is None:
