@@ -1,0 +1,41 @@
+"""Every shipped config and prefect.yaml load and validate: a typo must fail here, not at 2 a.m."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from doctune.settings import BuildSettings
+from tasks.evaluate import EvalSettings
+from tasks.train import load_train_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_train_configs_validate(path):
+    load_train_settings(path)
+
+
+def test_prefect_yaml_deployments_point_at_flows_with_valid_parameters():
+    import importlib
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    names = {d["name"] for d in spec["deployments"]}
+    assert {"nightly", "train", "evaluate"} <= names
+    for d in spec["deployments"]:
+        path, func = d["entrypoint"].split(":")
+        module = path.removesuffix(".py").replace("/", ".")
+        flow = getattr(importlib.import_module(module), func)
+        params = d.get("parameters", {})
+        assert set(params) <= set(flow.parameters.properties), (d["name"], params)
+        if "settings" in params:
+            {"nightly": BuildSettings}[d["name"]].model_validate(params["settings"])
+        assert d["work_pool"]["name"] in {"cpu", "gpu"}
+
+
+def test_settings_reject_unknown_keys_naming_them():
+    with pytest.raises(ValueError, match="chunk_size"):
+        BuildSettings.model_validate({"chunk": {"chunk_size": 100}})
+    with pytest.raises(ValueError, match="promotion_margn"):
+        EvalSettings.model_validate({"promotion_margn": 0.1})
