@@ -28,7 +28,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from doctune.prefect_utils import CACHE
-from doctune.records import Document, QAPair, SkippedFile
+from doctune.records import Document, QAPair, SkippedFile, detect_language
 from doctune.settings import IngestSettings
 
 MB = 1024 * 1024
@@ -275,19 +275,6 @@ def normalise(text: str) -> str:
     if "\n\n\n" in text:
         text = _BLANK_RUNS.sub("\n\n", text)
     return text.strip()
-
-
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
-
-
-def detect_language(text: str) -> str:
-    """'zh' when CJK characters are over 20% of letters. An English word is ~5 letters and a
-    Chinese one 1-2, so a Chinese text with English terms in it still counts as Chinese."""
-    if len(text) > 200_000:  # evenly spread samples keep a 50 MB file fast
-        step = len(text) // 10
-        text = "".join(text[i:i + 20_000] for i in range(0, len(text), step))
-    letters = sum(c.isalpha() for c in text)
-    return "zh" if letters and len(_CJK.findall(text)) / letters > 0.2 else "en"
 
 
 # ATX ("# Title") or Setext (a line underlined with === or ---, common in plain-text files).

@@ -24,12 +24,12 @@ from tqdm import tqdm
 from doctune.llm import EndpointError, chat, make_client
 from doctune.prefect_utils import CACHE, NETWORK_RETRIES
 from doctune.prompts import load_prompt, render
-from doctune.records import Chunk, Dropped, QAPair, short_hash
+from doctune.records import CJK_RE, Chunk, Dropped, QAPair, short_hash
 from doctune.settings import LLMSettings, SynthSettings
 from tasks.chunk import split_sentences
 
 STAGE = "synthesize"
-CJK = re.compile(r"[\u4e00-\u9fff]")
+CJK = CJK_RE
 META = re.compile(
     r"according to (the|this) (text|passage|document|context|article)|in the (text|passage|document) above"
     r"|the (passage|text) (says|states|mentions)|根据(文中|上文|原文|文本|材料|段落)|文中(提到|指出)|原文",
