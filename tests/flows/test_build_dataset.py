@@ -1,5 +1,6 @@
 """The build_dataset flow on a real Prefect server (session harness) against a scripted endpoint."""
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -46,6 +47,17 @@ async def task_states(flow_run_id) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
+async def latest_table(key: str) -> list[dict]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async with get_client() as client:
+        arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                           sort=ArtifactSort.CREATED_DESC, limit=1)
+    data = arts[0].data
+    return json.loads(data) if isinstance(data, str) else data
+
+
 def run(folder, settings):
     state = build_dataset(str(folder), settings, return_state=True)
     assert state.is_completed(), state.message
@@ -54,8 +66,6 @@ def run(folder, settings):
 
 @pytest.mark.usefixtures("prefect_server")
 def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
-    import asyncio
-
     folder = write_docs(tmp_path / "docs")
     settings = settings_for(scripted, tmp_path / "out")
 
@@ -127,3 +137,25 @@ def test_unreachable_endpoint_fails_in_preflight(tmp_path):
                              output_dir=str(tmp_path / "out"))
     with pytest.raises(EndpointError, match="cannot connect"):
         build_dataset(str(folder), settings)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_bad_files_are_listed_and_nothing_else_is_lost(tmp_path, scripted):
+    import random
+
+    folder = write_docs(tmp_path / "docs")
+    (folder / "broken.pdf").write_bytes(random.Random(0).randbytes(4000))
+    (folder / "empty.md").write_text("")
+    (folder / "junk.txt").write_bytes(random.Random(1).randbytes(5000))
+    (folder / "售后_gbk.txt").write_bytes("# 售后政策\n\n星河三号无人机的保修期为24个月。维修中心通常在9个工作日内修好无人机。\n".encode("gb18030"))
+    with open(folder / "huge.txt", "wb") as f:  # 50 MB: over the default ingest.max_file_mb=20
+        f.write(b"The Brekke office is large. " * (50 * 1024 * 1024 // 28))
+    path, _ = run(folder, settings_for(scripted, tmp_path / "out"))
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["counts"]["files"] == 8 and manifest["counts"]["skipped_files"] == 4
+    assert manifest["counts"]["documents"] == 3  # handbook, products and the GBK text
+    assert set(manifest["by_file"]) >= {"handbook.md", "products.md", "faq.csv"}
+    assert any("星河三号" in f for f in scripted.facts)  # the GBK text was decoded and synthesized
+    skipped = {row["file"]: row["reason"] for row in asyncio.run(latest_table("skipped-files"))}
+    assert set(skipped) == {"broken.pdf", "empty.md", "junk.txt", "huge.txt"}
+    assert "max_file_mb" in skipped["huge.txt"] and "empty" in skipped["empty.md"]
