@@ -9,7 +9,7 @@ export PREFECT_API_URL="${PREFECT_API_URL:-http://127.0.0.1:$PREFECT_SERVER_API_
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS=false
 export PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
 # Our modules log with the standard logger; this sends those lines to the Prefect UI as well.
-export PREFECT_LOGGING_EXTRA_LOGGERS="doctune,tasks,flows"
+export PREFECT_LOGGING_EXTRA_LOGGERS="doctune,tasks,flows" PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW=ignore
 export PREFECT_LOCAL_STORAGE_PATH="${PREFECT_LOCAL_STORAGE_PATH:-$PREFECT_HOME/storage}"
 export DOCTUNE_LLM_PORT="${DOCTUNE_LLM_PORT:-8765}"
 export PATH="$ROOT/.venv/bin:$PATH"
