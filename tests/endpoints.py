@@ -25,7 +25,7 @@ def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tu
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     last = messages[-1]["content"]
     if "Translate" in system:
-        return "translate", "这是翻译：" + last
+        return "translate", "这是一个翻译后的句子：" + last
     if "JSON" in system:
         passage = re.search(r'"""\s*(.*?)\s*"""', last, re.DOTALL)
         first = re.split(r"(?<=[.。])\s*", passage.group(1))[0] if passage else last
