@@ -14,7 +14,7 @@ dataset=$(tail -n 1 .run/build_dataset.log)
 scripts/services.sh down-llm
 
 echo "== 2/3 train on $dataset"
-doctune train "$dataset" --config configs/train.yaml | tee .run/train.log
+doctune train "$dataset" --config configs/demo.yaml | tee .run/train.log
 run=$(tail -n 1 .run/train.log)
 
 echo "== 3/3 evaluate base vs fine-tuned"
