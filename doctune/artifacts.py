@@ -21,9 +21,12 @@ def skipped_files(skipped: list[SkippedFile], n_files: int) -> None:
                           description=f"{len(skipped)} of {n_files} files skipped or partly unreadable")
 
 
-def synthesis_mode(mode: str, reason: str) -> None:
-    create_markdown_artifact(f"## Synthesis mode: `{mode}`\n\n{reason}\n", key="synthesis-mode",
-                             description="Which synthesis mode ran and why")
+def synthesis_mode(mode: str, reason: str, skip_languages: dict[str, str] | None = None) -> None:
+    text = f"## Synthesis mode: `{mode}`\n\n{reason}\n"
+    if skip_languages:
+        text += "\n### Languages not synthesized\n\n" + "".join(
+            f"- **{language}**: {why}\n" for language, why in sorted(skip_languages.items()))
+    create_markdown_artifact(text, key="synthesis-mode", description="Which synthesis mode ran and why")
 
 
 def keep_rates(stage_rows: list[dict]) -> None:

@@ -110,7 +110,12 @@ class DedupSettings(_Settings):
 
 
 class DatasetSettings(_Settings):
-    test_size: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
+    test_size: float = Field(0.1, ge=0, lt=0.5, description="Share of pairs held out for evaluation.")
+    validation_size: float = Field(
+        0.1, ge=0, lt=0.5,
+        description="Share of pairs held out for choosing the training checkpoint (never trained on, never "
+                    "in the test split).",
+    )
     seed: int = Field(42, description="Split seed.")
     system_prompt: str = Field(
         "You are a helpful assistant that answers questions about the company's documents.",

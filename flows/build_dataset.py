@@ -11,6 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from doctune import artifacts
 from doctune.llm import preflight
+from doctune.records import Dropped
 from doctune.quality import check_stage, keep_rate_rows
 from doctune.settings import BuildSettings
 from tasks.chunk import chunk_document_task
@@ -54,16 +55,26 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     # 3. Synthesize, one cached task per document; the flow goes on when one fails.
     log.info(preflight_task(settings.llm))
     choice = choose_mode_task(all_chunks, settings.llm, settings.synth)
-    artifacts.synthesis_mode(choice.mode, choice.reason)
+    artifacts.synthesis_mode(choice.mode, choice.reason, choice.skip_languages)
     log.info("synthesis mode %s: %s", choice.mode, choice.reason)
+    for language, why in choice.skip_languages.items():
+        log.warning("language %s skipped: %s", language, why)
+    # Chunks of a language the endpoint cannot write are kept in dropped.jsonl, with the reason.
+    not_synthesized = [Dropped(stage="synthesize", reason=f"language_not_written_by_endpoint:{c.language}",
+                               record={"path": c.path, "chunk_id": c.chunk_id, "language": c.language,
+                                       "text": c.text[:300]})
+                       for c in all_chunks if c.language in choice.skip_languages]
     progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
     synth, failures = SynthResult(), []
     for i, (path, doc_chunks) in enumerate(chunks.items(), start=1):
-        state = synthesize_document_task(path, doc_chunks, settings.llm, settings.synth, choice.mode, return_state=True)
-        if state.is_completed():
-            synth = synth.merge(state.result())
-        else:
-            failures.append({"document": path, "error": str(state.message)[:500]})
+        doc_chunks = [c for c in doc_chunks if c.language not in choice.skip_languages]
+        if doc_chunks:
+            state = synthesize_document_task(path, doc_chunks, settings.llm, settings.synth, choice.mode,
+                                             return_state=True)
+            if state.is_completed():
+                synth = synth.merge(state.result())
+            else:
+                failures.append({"document": path, "error": str(state.message)[:500]})
         update_progress_artifact(progress, 100.0 * i / max(1, len(chunks)))
     artifacts.failures(failures)
     n_returned = len(synth.pairs) + len(synth.dropped)
@@ -75,7 +86,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
 
     # 4. Translate (optional); originals are kept.
     pairs = sorted(given, key=lambda p: HUMAN_FIRST[p.source]) + synth.pairs
-    dropped = list(synth.dropped)
+    dropped = list(synth.dropped) + not_synthesized
     if settings.translate.enabled:
         tr = translate_task(pairs, settings.llm, settings.translate)
         pairs += tr.pairs
@@ -107,7 +118,8 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     # 7. Dataset folder, named after its content.
     counts = {"files": len(refs), "skipped_files": len(skipped), "documents": len(docs), "chunks": len(all_chunks),
               "given_pairs": len(given), "synthesized_pairs": len(synth.pairs), "after_dedup": len(dd.kept),
-              "failed_documents": len(failures), "mode": choice.mode, **{f"dedup_{k}": v for k, v in dd.counts.items()}}
+              "failed_documents": len(failures), "mode": choice.mode,
+              "skipped_languages": sorted(choice.skip_languages), "chunks_not_synthesized": len(not_synthesized), **{f"dedup_{k}": v for k, v in dd.counts.items()}}
     path = write_dataset_task(dd.kept, dropped, counts, settings.dataset, str(out))
     artifacts.dataset_summary(path, (Path(path) / "card.md").read_text(encoding="utf-8"))
     print(f"dataset: {path}")

@@ -1,10 +1,15 @@
-"""Write the final dataset: a `datasets` DatasetDict (seeded train/test split), JSONL in
-OpenAI-messages and Alpaca form, the dropped rows, and a short dataset card."""
+"""Write the final dataset: a `datasets` DatasetDict (train, validation and test splits), JSONL in
+OpenAI-messages and Alpaca form, the dropped rows, and a short dataset card.
+
+Held-out questions are paraphrases: a question goes to the validation or test split only while
+another question with the same answer stays in training, so the held-out splits measure what a
+user asks for (the fact, asked in words the model never saw), not facts that were never taught."""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+import random
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
@@ -29,6 +34,39 @@ def fingerprint(pairs: list[QAPair], settings: DatasetSettings) -> str:
     return sha256_text(json.dumps([[p.pair_id for p in pairs], settings.model_dump()]))[:12]
 
 
+def held_out_split(rows: list[dict], test_size: float, validation_size: float, seed: int
+                   ) -> dict[str, list[int]]:
+    """Row indices per split. Questions are held out one per answer per round, and only from
+    answers that keep at least one training question; when that runs short (an FAQ export has one
+    question per answer), other rows fill the quota. Replay rows (general manners) stay in training."""
+    rng = random.Random(seed)
+    quota = {"test": round(test_size * len(rows)), "validation": round(validation_size * len(rows))}
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        if row["source"] != "replay":
+            groups[" ".join(row["answer"].split()).casefold()].append(i)
+    for members in groups.values():
+        rng.shuffle(members)
+    order = list(groups.values())
+    rng.shuffle(order)
+    held: dict[str, list[int]] = {"test": [], "validation": []}
+
+    def wanted() -> str | None:
+        return next((name for name in ("test", "validation") if len(held[name]) < quota[name]), None)
+
+    while wanted() and any(len(m) > 1 for m in order):
+        for members in order:
+            if len(members) > 1 and (split := wanted()):
+                held[split].append(members.pop())
+    singles = [m[0] for m in order if len(m) == 1]
+    rng.shuffle(singles)
+    while (split := wanted()) and singles:
+        held[split].append(singles.pop())
+    out = set(held["test"]) | set(held["validation"])
+    return {"train": [i for i in range(len(rows)) if i not in out], "validation": sorted(held["validation"]),
+            "test": sorted(held["test"])}
+
+
 def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, settings: DatasetSettings,
                   output_dir: str | Path) -> Path:
     """Returns the dataset folder; an existing folder with the same content is reused, never rewritten."""
@@ -40,10 +78,11 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
     tmp = out.with_name(out.name + ".partial")
     rows = [to_row(p, settings.system_prompt) for p in pairs]
     full = Dataset.from_list(rows)
-    if settings.test_size and len(rows) >= 10:
-        dd = full.train_test_split(test_size=settings.test_size, seed=settings.seed)
+    if len(rows) >= 10:
+        split = held_out_split(rows, settings.test_size, settings.validation_size, settings.seed)
     else:
-        dd = DatasetDict(train=full, test=full.select([]))
+        split = {"train": list(range(len(rows))), "validation": [], "test": []}
+    dd = DatasetDict({name: full.select(idx) for name, idx in split.items()})
     dd.save_to_disk(str(tmp / "hf"))
     for split, ds in dd.items():
         write_jsonl(tmp / f"{split}.messages.jsonl",
@@ -54,7 +93,7 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
                      for r in ds))
     write_jsonl(tmp / "dropped.jsonl", dropped)
     manifest = {
-        "name": out.name, "train": len(dd["train"]), "test": len(dd["test"]),
+        "name": out.name, "train": len(dd["train"]), "validation": len(dd["validation"]), "test": len(dd["test"]),
         "by_source": dict(Counter(r["source"] for r in rows)),
         "by_language": dict(Counter(r["language"] for r in rows)),
         "by_file": dict(Counter(r["path"] for r in rows)),
@@ -69,14 +108,17 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
 
 def dataset_card(m: dict) -> str:
     lines = [f"# Dataset {m['name']}", "",
-             f"{m['train']} training and {m['test']} held-out question/answer pairs, built by doctune.", "",
+             f"{m['train']} training, {m.get('validation', 0)} validation and {m['test']} test question/answer "
+             "pairs, built by doctune. Held-out questions are, where the data allows, paraphrases of facts "
+             "that training still teaches with other questions.", "",
              "| source | pairs |", "|---|---|", *[f"| {k} | {v} |" for k, v in m["by_source"].items()], "",
              "| language | pairs |", "|---|---|", *[f"| {k} | {v} |" for k, v in m["by_language"].items()], "",
              "| dropped (stage:reason) | rows |", "|---|---|",
              *[f"| {k} | {v} |" for k, v in sorted(m["dropped_by_reason"].items())], "",
              "| file | pairs |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(m["by_file"].items())], "",
-             "Files: `hf/` (datasets.load_from_disk), `train|test.messages.jsonl` (OpenAI chat format), "
-             "`train|test.alpaca.jsonl`, `dropped.jsonl` (every removed row with its reason)."]
+             "Files: `hf/` (datasets.load_from_disk), `<split>.messages.jsonl` (OpenAI chat format), "
+             "`<split>.alpaca.jsonl` for train, validation and test, `dropped.jsonl` (every removed row "
+             "with its reason)."]
     return "\n".join(lines) + "\n"
 
 

@@ -71,6 +71,8 @@ class SynthesisIncomplete(RuntimeError):
 class ModeChoice(BaseModel):
     mode: str
     reason: str
+    skip_languages: dict[str, str] = Field(
+        default_factory=dict, description="language -> why its documents are not synthesized")
 
 
 # ---------------------------------------------------------------- facts
@@ -319,7 +321,11 @@ def _run_call(client, llm: LLMSettings, settings: SynthSettings, call: _Call) ->
 def synthesize_chunks(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, mode: str,
                       progress: bool = True, n_pairs: int | None = None) -> SynthResult:
     """All calls for these chunks, `llm.concurrency` at a time; results in a deterministic order."""
-    calls = plan_calls(chunks, settings, mode, n_pairs)
+    return run_calls(plan_calls(chunks, settings, mode, n_pairs), llm, settings, mode, progress)
+
+
+def run_calls(calls: list[_Call], llm: LLMSettings, settings: SynthSettings, mode: str,
+              progress: bool = True) -> SynthResult:
     client = make_client(llm)
     result = SynthResult()
     with ThreadPoolExecutor(max_workers=llm.concurrency) as pool:
@@ -351,12 +357,52 @@ def choose_mode(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, 
                                           "answers will be source sentences, the LLM writes questions")
 
 
+LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
+ENDPOINT_HINT = {"zh": "a Chinese-capable endpoint (Qwen, DeepSeek, GLM, or a vLLM/Ollama model that writes Chinese)",
+                 "en": "an endpoint whose model writes English"}
+
+
+def probe_languages(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, mode: str,
+                    probe_calls: int = 6) -> dict[str, str]:
+    """Languages the endpoint cannot write, each with the reason, from a few greedy calls per
+    language (SmolLM2-135M writes no usable Chinese: its Chinese "questions" are echoes and
+    mojibake, with the odd one slipping through the filters). A language is skipped when its keep
+    share is below `min_keep_share` while another language reaches it, so an endpoint that fails at
+    everything still reaches the keep-rate gate and its loud message."""
+    by_language: dict[str, list[Chunk]] = {}
+    for c in chunks:
+        by_language.setdefault(c.language, []).append(c)
+    if len(by_language) < 2:
+        return {}
+    greedy = settings.model_copy(update={"questions_per_fact": 1})
+    verdicts = {}
+    for language, group in sorted(by_language.items()):
+        if mode == "qa":
+            calls = plan_calls(sorted(group, key=lambda c: -c.n_tokens)[:2], greedy, mode, n_pairs=2)
+        else:
+            calls = plan_calls(group, greedy, mode)[:probe_calls]
+        result = run_calls(calls, llm, greedy, mode, progress=False)
+        returned = len(result.pairs) + len(result.dropped)
+        share = len(result.pairs) / returned if returned else 0.0
+        verdicts[language] = (share, len(result.pairs), returned, dict(Counter(d.reason for d in result.dropped)))
+    if not any(share >= settings.min_keep_share for share, *_ in verdicts.values()):
+        return {}
+    return {
+        language: (f"probe of {llm.model} on {LANGUAGE_NAMES.get(language, language)} text: {kept} of {returned} "
+                   f"replies usable ({reasons}), below min_keep_share {settings.min_keep_share:.0%}; its documents "
+                   f"are not synthesized; use {ENDPOINT_HINT.get(language, 'an endpoint that writes this language')}")
+        for language, (share, kept, returned, reasons) in verdicts.items() if share < settings.min_keep_share
+    }
+
+
 # ---------------------------------------------------------------- Prefect
 
 
 @task(cache_policy=CACHE, persist_result=True, **NETWORK_RETRIES)
 def choose_mode_task(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings) -> ModeChoice:
-    return choose_mode(chunks, llm, settings)
+    choice = choose_mode(chunks, llm, settings)
+    choice.skip_languages = probe_languages(chunks, llm, settings, choice.mode)
+    return choice
 
 
 @task(cache_policy=CACHE, persist_result=True, task_run_name="synthesize {path}", **NETWORK_RETRIES)

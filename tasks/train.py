@@ -40,6 +40,8 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
+from doctune.generation import chat_prompts, generate_greedy
+from doctune.metrics import answer_facts, fact_recall, rouge_l
 from doctune.prefect_utils import CACHE
 
 log = logging.getLogger(__name__)
@@ -101,9 +103,23 @@ class TrainSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     merge: bool = Field(False, description="Also write merged/: the adapter folded into a full model.")
     logging_steps: int = Field(5, ge=1, description="Log the loss every this many steps.")
+    eval_every_steps: int = Field(
+        0, ge=0,
+        description="Every N steps, answer the dataset's validation questions greedily and score fact recall "
+        "(held-out paraphrases: does the model know the facts, not just the training wording?); 0: never.",
+    )
+    eval_max_questions: int = Field(48, ge=1, description="Validation questions scored at each evaluation.")
+    select_checkpoint: Literal["last", "best"] = Field(
+        "last",
+        description="last: the adapter after the final step; best: the evaluated step with the highest validation "
+        "fact recall (the later step on a tie): small models over-trained on a few facts drift into answering with "
+        "the same memorised sentences, so the last step is often not the best.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSettings":
+        if self.select_checkpoint == "best" and not self.eval_every_steps:
+            raise ValueError("select_checkpoint='best' needs eval_every_steps > 0 (how often to score validation)")
         if self.max_steps == 0 and not self.num_epochs:
             raise ValueError("max_steps is 0 and num_epochs is unset; set max_steps > 0 or num_epochs > 0")
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -224,6 +240,35 @@ def load_train_split(dataset_dir: str | Path):
     if "messages" not in data["train"].column_names:
         raise ValueError(f"{hf}: the train split has no 'messages' column")
     return data["train"]
+
+
+def load_validation(dataset_dir: str | Path, limit: int) -> list[dict]:
+    """Validation questions with the key facts a correct reply must contain (those the question
+    does not already give away). Datasets written before the split existed have none."""
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(Path(dataset_dir) / "hf"))
+    if "validation" not in data:
+        return []
+    rows = data["validation"].select(range(min(limit, len(data["validation"]))))
+    return [{"question": r["question"], "answer": r["answer"], "system": r["system"],
+             "facts": answer_facts(r["question"], r["answer"], r["language"])} for r in rows]
+
+
+def score_validation(model, tokenizer, items: list[dict], settings: TrainSettings, plan: Plan) -> dict:
+    """Greedy replies to the validation questions, scored; the model is put back in training mode."""
+    systems = [settings.system_prompt if settings.system_prompt is not None else i["system"] for i in items]
+    model.eval()
+    try:
+        replies = generate_greedy(model, tokenizer, chat_prompts(tokenizer, [i["question"] for i in items], systems),
+                                  max_new_tokens=64, batch_size=16, autocast=autocast_for(plan))
+    finally:
+        model.train()
+    with_facts = [(r, i) for r, i in zip(replies, items) if i["facts"]]
+    recall = sum(fact_recall(r, i["facts"]) for r, i in with_facts) / len(with_facts) if with_facts else 0.0
+    rouge = sum(rouge_l(r, i["answer"]) for r, i in zip(replies, items)) / len(items)
+    return {"fact_recall": round(recall, 4), "rouge_l": round(rouge, 4), "questions": len(items),
+            "with_facts": len(with_facts), "example": {"question": items[0]["question"], "reply": replies[0]}}
 
 
 def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Example], dict[str, int]]:
@@ -638,17 +683,24 @@ def peak_memory(device: str) -> dict[str, float]:
     return out
 
 
-def plot_loss(losses: list[dict], path: Path) -> None:
+def plot_loss(losses: list[dict], path: Path, evals: list[dict] | None = None, selected: int | None = None) -> None:
     # The object API renders with Agg without switching pyplot's global backend.
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.5), dpi=100)
     ax = fig.subplots()
-    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], lw=1.5)
+    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], lw=1.5, label="loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (reply tokens)")
-    ax.set_title("training loss")
+    ax.set_title("training loss" + (" and validation fact recall" if evals else ""))
     ax.grid(alpha=0.3)
+    if evals:
+        right = ax.twinx()
+        right.plot([e["step"] for e in evals], [e["fact_recall"] for e in evals], "o-", color="tab:green", lw=1.2)
+        right.set_ylabel("validation fact recall", color="tab:green")
+        right.set_ylim(0, 1)
+        if selected is not None:
+            ax.axvline(selected, color="tab:green", ls="--", lw=1)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -722,20 +774,42 @@ def optimizer_step(model, batches: list[dict], plan: Plan, optimizer, scheduler,
     return step_loss, n_labels
 
 
-def save_adapter(run_dir: Path, model, tokenizer) -> None:
-    tmp = _atomic_dir(run_dir / "adapter")
+def save_adapter(run_dir: Path, model, tokenizer, name: str = "adapter") -> None:
+    tmp = _atomic_dir(run_dir / name)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-    tmp.rename(run_dir / "adapter")
+    shutil.rmtree(run_dir / name, ignore_errors=True)
+    tmp.rename(run_dir / name)
+
+
+def validate_step(run_dir: Path, model, tokenizer, items: list[dict], settings: TrainSettings, plan: Plan,
+                  state: dict) -> None:
+    """Score the validation questions now; keep the adapter aside when it is the best so far."""
+    result = {"step": state["step"], **score_validation(model, tokenizer, items, settings, plan)}
+    example = result.pop("example")
+    best = state.get("best")
+    # Ties go to the later step: it has seen more of the data, and a small validation set ties often.
+    improved = best is None or result["fact_recall"] >= best["fact_recall"]
+    if improved:
+        state["best"] = {k: result[k] for k in ("step", "fact_recall", "rouge_l")}
+        if settings.select_checkpoint == "best":
+            save_adapter(run_dir, model, tokenizer, name="best")
+    state["evals"].append(result)
+    log.info("step %d: validation fact recall %.3f, ROUGE-L %.3f (%d questions)%s; e.g. %r -> %r",
+             state["step"], result["fact_recall"], result["rouge_l"], result["questions"],
+             " - best so far" if improved else f" - best is step {state['best']['step']}",
+             example["question"], example["reply"][:120])
 
 
 def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: TrainSettings, base: str,
                   dataset_dir: str | Path, data_counts: dict) -> None:
     """loss.png, metrics.json, merged/ if asked, and run.json last (it marks the run finished)."""
-    plot_loss(state["losses"], run_dir / "loss.png")
+    plot_loss(state["losses"], run_dir / "loss.png", state.get("evals"), state["selected_step"])
     metrics = {
         "steps": state["step"],
+        "selected_step": state["selected_step"],
+        "validation": state.get("evals", []),
+        "eval_seconds": round(state.get("eval_seconds", 0.0), 2),
         **data_counts,
         "losses": state["losses"],
         "train_seconds": round(state["seconds"], 2),
@@ -770,6 +844,7 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
             "probe": plan.probe,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "steps": state["step"],
+            "selected_step": state["selected_step"],
         },
     )
 
@@ -843,6 +918,14 @@ def train(
     if last is not None:
         state = load_checkpoint(last, model, optimizer, scheduler)
         log.info("resuming %s from %s", run_dir, last.name)
+    state.setdefault("evals", [])
+    state.setdefault("best", None)
+    validation = load_validation(dataset_dir, settings.eval_max_questions) if settings.eval_every_steps else []
+    if settings.eval_every_steps and not validation:
+        if settings.select_checkpoint == "best":
+            raise ValueError(f"{dataset_dir} has no validation split to choose the best checkpoint by; rebuild it "
+                             f"with dataset.validation_size > 0, or set select_checkpoint: last")
+        log.warning("%s has no validation split: eval_every_steps is ignored", dataset_dir)
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -865,6 +948,12 @@ def train(
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if state["step"] % settings.logging_steps == 0 or state["step"] == steps:
             log.info("step %d/%d loss %.4f", state["step"], steps, step_loss)
+        if validation and (state["step"] % settings.eval_every_steps == 0 or state["step"] == steps):
+            state["seconds"] += time.perf_counter() - t0  # training time excludes validation
+            t_eval = time.perf_counter()
+            validate_step(run_dir, model, tokenizer, validation, settings, plan, state)
+            state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - t_eval
+            t0 = time.perf_counter()
         if settings.save_every_steps and state["step"] % settings.save_every_steps == 0 and state["step"] < steps:
             state["seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -877,7 +966,16 @@ def train(
     bar.close()
     state["seconds"] += time.perf_counter() - t0
 
-    save_adapter(run_dir, model, tokenizer)
+    best = state.get("best")
+    if settings.select_checkpoint == "best" and best and best["step"] != state["step"]:
+        shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+        (run_dir / "best").rename(run_dir / "adapter")
+        log.info("selected the adapter of step %d (validation fact recall %.3f) over the last step %d",
+                 best["step"], best["fact_recall"], state["step"])
+    else:
+        save_adapter(run_dir, model, tokenizer)
+        shutil.rmtree(run_dir / "best", ignore_errors=True)
+    state["selected_step"] = best["step"] if settings.select_checkpoint == "best" and best else state["step"]
     del model, optimizer, scheduler  # free the training copy before a merge loads an unquantized one
     write_outputs(run_dir, tokenizer, state, plan, settings, base, dataset_dir,
                   {"examples": len(examples), "dropped": dropped})
@@ -902,8 +1000,18 @@ def _loss_markdown(run_dir: Path, every: int = 5) -> str:
         "|---:|---:|---:|",
         *[f"| {r['step']} | {r['loss']:.4f} | {r['lr']:.2e} |" for r in rows],
         "",
-        f"Loss curve: `{run_dir / 'loss.png'}`",
     ]
+    if metrics.get("validation"):
+        lines += [
+            f"Validation (held-out paraphrased questions), every evaluated step; the adapter kept is step "
+            f"{metrics['selected_step']}:",
+            "",
+            "| step | validation fact recall | ROUGE-L |",
+            "|---:|---:|---:|",
+            *[f"| {e['step']} | {e['fact_recall']:.3f} | {e['rouge_l']:.3f} |" for e in metrics["validation"]],
+            "",
+        ]
+    lines.append(f"Loss curve: `{run_dir / 'loss.png'}`")
     png = (run_dir / "loss.png").read_bytes()
     if len(png) < 100_000:  # small enough to embed
         lines += ["", f"![loss](data:image/png;base64,{base64.b64encode(png).decode()})"]

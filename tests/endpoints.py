@@ -26,15 +26,17 @@ def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tu
     last = messages[-1]["content"]
     if "Translate" in system:
         return "translate", "这是一个翻译后的句子：" + last
+    # english_only: a model that writes English but echoes junk for Chinese input (like SmolLM2-135M).
+    cannot = behaviour == "garbage" or (behaviour == "english_only" and re.search(r"[\u4e00-\u9fff]", last))
     if "JSON" in system:
         passage = re.search(r'"""\s*(.*?)\s*"""', last, re.DOTALL)
         first = re.split(r"(?<=[.。])\s*", passage.group(1))[0] if passage else last
-        if behaviour == "garbage":
+        if cannot:
             return "qa", "I cannot do that."
         return "qa", "```json\n" + json.dumps([{"question": "What does the section say?", "answer": first}]) + "\n```"
     if last.startswith(("Fact:", "事实：")):
         fact = last.split(":", 1)[-1].split("：", 1)[-1]
-        if behaviour == "garbage":
+        if cannot:
             return "fact", "The answer is yes."
         words = [w for w in re.findall(r"[A-Za-z]{4,}", fact)][:4]
         templates = ["What do we know about {}?", "Tell me about {}?", "Which detail concerns {}?", "What about {}?"]

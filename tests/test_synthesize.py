@@ -11,6 +11,7 @@ from tasks.synthesize import (
     fact_messages,
     groundedness,
     parse_pairs,
+    probe_languages,
     restore_subject,
     synthesize_chunks,
 )
@@ -148,3 +149,31 @@ def test_auto_picks_qa_for_a_capable_endpoint_and_fact_otherwise(scripted):
         weak.close()
     assert choice.mode == "fact" and "unparseable_reply" in choice.reason
     assert choose_mode([chunk()], llm_for(scripted), SynthSettings(mode="fact")).reason == "set by synth.mode='fact'"
+
+
+@pytest.mark.parametrize("mode", ["fact", "qa"])
+def test_a_language_the_endpoint_cannot_write_is_skipped_with_the_fix(mode):
+    english_only = ScriptedEndpoint(behaviour="english_only")
+    zh = chunk(ZH_TEXT, "zh", heading=("星河三号",), cid="d2:0")
+    try:
+        skip = probe_languages([chunk(), zh], llm_for(english_only), SynthSettings(), mode)
+    finally:
+        english_only.close()
+    assert list(skip) == ["zh"]
+    assert "Chinese" in skip["zh"] and "Qwen" in skip["zh"] and "scripted" in skip["zh"]
+    assert sum(english_only.calls.values()) <= 2 * 6  # a few greedy calls per language, no more
+
+
+def test_no_language_is_skipped_when_all_work_or_all_fail(scripted):
+    zh = chunk(ZH_TEXT, "zh", heading=("星河三号",), cid="d2:0")
+    assert probe_languages([chunk(), zh], llm_for(scripted), SynthSettings(), "fact") == {}
+    # One language: nothing to compare with, no probe call at all.
+    calls = sum(scripted.calls.values())
+    assert probe_languages([chunk()], llm_for(scripted), SynthSettings(), "fact") == {}
+    assert sum(scripted.calls.values()) == calls
+    # Everything fails: not skipped here, so the keep-rate gate stops the flow with its message.
+    garbage = ScriptedEndpoint(behaviour="garbage")
+    try:
+        assert probe_languages([chunk(), zh], llm_for(garbage), SynthSettings(), "fact") == {}
+    finally:
+        garbage.close()

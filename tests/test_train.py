@@ -76,9 +76,10 @@ def dataset_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dataset")
     rng = random.Random(0)
     rows = [_row(i, rng) for i in range(16)]
-    DatasetDict({"train": Dataset.from_list(rows[:12]), "test": Dataset.from_list(rows[12:])}).save_to_disk(
-        str(out / "hf")
-    )
+    validation = [{**row, "question": f"How much is item {i}?", "pair_id": f"v{i}"}
+                  for i, row in enumerate(rows[:4])]
+    DatasetDict({"train": Dataset.from_list(rows[:12]), "validation": Dataset.from_list(validation),
+                 "test": Dataset.from_list(rows[12:])}).save_to_disk(str(out / "hf"))
     return out
 
 
@@ -238,6 +239,61 @@ def test_train_loss_falls_adapter_changes_and_outputs(tiny_model, dataset_dir, t
     markdown = tr._loss_markdown(run_dir)
     assert "| 1 |" in markdown and "| 5 |" in markdown and "| 8 |" in markdown and "| 3 |" not in markdown
     assert "data:image/png;base64," in markdown
+
+
+def test_validation_every_n_steps_is_recorded_and_plotted(tiny_model, dataset_dir, tmp_path):
+    settings = tiny_settings(tiny_model, max_steps=4, eval_every_steps=2, cpu_dtype="fp32")
+    run_dir = train(dataset_dir, settings, tmp_path, progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["validation"]] == [2, 4]
+    for e in metrics["validation"]:
+        assert e["questions"] == 4 and e["with_facts"] == 4  # "10", "11", ... are not in the questions
+        assert 0 <= e["fact_recall"] <= 1 and 0 <= e["rouge_l"] <= 1
+    assert metrics["selected_step"] == 4 and json.loads((run_dir / "run.json").read_text())["selected_step"] == 4
+    assert not (run_dir / "best").exists()
+    assert "validation fact recall" in tr._loss_markdown(run_dir)
+
+
+def test_best_checkpoint_is_the_adapter_of_the_best_validation_step(tiny_model, dataset_dir, tmp_path, monkeypatch):
+    """The scorer is scripted (a tiny random model learns no facts); the weights are the real ones."""
+    from peft import get_peft_model_state_dict
+
+    scores = iter([0.25, 0.75, 0.75, 0.5])
+    seen = {}
+
+    def scripted(model, tokenizer, items, settings, plan):
+        seen[len(seen) + 1] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return {"fact_recall": next(scores), "rouge_l": 0.1, "questions": len(items), "with_facts": len(items),
+                "example": {"question": items[0]["question"], "reply": "-"}}
+
+    monkeypatch.setattr(tr, "score_validation", scripted)
+    settings = tiny_settings(tiny_model, max_steps=8, eval_every_steps=2, select_checkpoint="best", cpu_dtype="fp32")
+    run_dir = train(dataset_dir, settings, tmp_path, progress=False)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [(e["step"], e["fact_recall"]) for e in metrics["validation"]] == [(2, 0.25), (4, 0.75), (6, 0.75),
+                                                                                (8, 0.5)]
+    # A tie goes to the later step.
+    assert metrics["selected_step"] == 6 and not (run_dir / "best").exists()
+    saved = adapter_weights(run_dir)
+    # peft saves without the adapter name in the keys.
+    step6 = {k.replace(".default", ""): v for k, v in seen[3].items()}
+    step8 = {k.replace(".default", ""): v for k, v in seen[4].items()}
+    assert set(saved) == set(step6)
+    assert all(torch.equal(saved[k], step6[k]) for k in saved)
+    assert not all(torch.equal(saved[k], step8[k]) for k in saved)
+
+
+def test_best_needs_a_validation_schedule_and_split(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="eval_every_steps > 0"):
+        tiny_settings(tiny_model, select_checkpoint="best")
+    from datasets import Dataset, DatasetDict
+
+    rows = [_row(i, random.Random(i)) for i in range(4)]
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "old" / "hf"))
+    settings = tiny_settings(tiny_model, eval_every_steps=2, select_checkpoint="best")
+    with pytest.raises(ValueError, match="no validation split"):
+        train(tmp_path / "old", settings, tmp_path / "out", progress=False)
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     first_calls = scripted.calls["fact"]
     assert first_calls == 7 * 2  # 7 fact sentences, 2 questions each
     ds = load_from_disk(str(Path(path) / "hf"))
-    rows = list(ds["train"]) + list(ds["test"])
+    rows = list(ds["train"]) + list(ds["validation"]) + list(ds["test"])
     chunk_ids = {c for c in (r["chunk_id"] for r in rows) if c}
     assert {r["source"] for r in rows} == {"faq", "synthesized", "replay"}
     replay = [r for r in rows if r["source"] == "replay"]
@@ -89,7 +89,7 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     assert chunk_ids
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["counts"]["files"] == 3 and (Path(path) / "card.md").exists()
-    for split in ("train", "test"):
+    for split in ("train", "validation", "test"):
         assert (Path(path) / f"{split}.messages.jsonl").exists() and (Path(path) / f"{split}.alpaca.jsonl").exists()
     dropped = read_jsonl(Path(path) / "dropped.jsonl")
     assert all(d["reason"] for d in dropped)
@@ -126,6 +126,36 @@ def test_endpoint_whose_output_all_fails_stops_before_training(tmp_path):
     message = str(err.value)
     assert "stage 'synthesize' kept 0 of" in message and "model='scripted'" in message
     assert "likely fix" in message and "dropped (" in message
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_chinese_documents_are_skipped_loudly_for_an_english_only_endpoint(tmp_path):
+    folder = write_docs(tmp_path / "docs")
+    (folder / "规定.md").write_text("# 停车规定\n\n布雷克车库共有四十个员工车位。在布雷克车库停车每天收费十二克朗。\n",
+                                   encoding="utf-8")
+    english_only = ScriptedEndpoint(behaviour="english_only")
+    try:
+        state = build_dataset(str(folder), settings_for(english_only, tmp_path / "out"), return_state=True)
+        path = state.result()
+        zh_fact_calls = [f for f in english_only.facts if "布雷克" in f]
+    finally:
+        english_only.close()
+    assert len(zh_fact_calls) <= 6  # the probe only; no synthesis calls for the skipped language
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["counts"]["skipped_languages"] == ["zh"] and manifest["counts"]["chunks_not_synthesized"] == 1
+    dropped = [d for d in read_jsonl(Path(path) / "dropped.jsonl")
+               if d["reason"] == "language_not_written_by_endpoint:zh"]
+    assert len(dropped) == 1 and dropped[0]["record"]["path"] == "规定.md"
+    ds = load_from_disk(str(Path(path) / "hf"))
+    assert not any(r["path"] == "规定.md" for split in ds.values() for r in split)
+
+    async def mode_artifact():
+        async with get_client() as client:
+            runs = await client.read_artifacts()
+        return [a.data for a in runs if a.key == "synthesis-mode" and a.flow_run_id == state.state_details.flow_run_id]
+
+    [text] = asyncio.run(mode_artifact())
+    assert "Languages not synthesized" in text and "Chinese" in text and "Qwen" in text
 
 
 @pytest.mark.usefixtures("prefect_server")
