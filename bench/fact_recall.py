@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from doctune.settings import BuildSettings, IngestSettings
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one seed is noisy: compare over several")
     ap.add_argument("--output-dir", default=str(ROOT / "outputs/bench"))
     args = ap.parse_args()
+    for name in ("doctune", "tasks", "flows"):  # the device plan and the validation recall per step
+        logging.getLogger(name).setLevel(logging.INFO)
 
     exclude = IngestSettings().exclude + ["faq/**", "instructions/**"]
     settings = BuildSettings(ingest=IngestSettings(exclude=exclude), output_dir=args.output_dir)

@@ -22,6 +22,7 @@ from rapidfuzz import fuzz
 from tqdm import tqdm
 
 from doctune.llm import EndpointError, chat, make_client
+from doctune.metrics import answer_facts, key_facts
 from doctune.prefect_utils import CACHE, NETWORK_RETRIES
 from doctune.prompts import load_prompt, render
 from doctune.records import CJK_RE, Chunk, Dropped, QAPair, short_hash
@@ -38,6 +39,7 @@ META = re.compile(
 PRONOUN_START = re.compile(r"^(it|its|they|their|this|these|he|she|his|her)\b", re.IGNORECASE)
 ZH_PRONOUN_START = re.compile(r"^(它|其|他们|她们|他|她|这|该)")
 NUMBERISH = re.compile(r"(?<![A-Za-z\d])\d+(?:[.,:]\d+)*")  # not the 2 of "X2"
+YES_NO = re.compile(r"^(is|are|was|were|does|do|did|can|could|will|would|should|has|have|must)\b|吗[？?]$", re.I)
 EN_WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
 EN_STOP = {"what", "which", "when", "where", "does", "have", "that", "this", "with", "from", "there",
            "their", "they", "much", "many", "about", "long", "after", "before", "into", "your", "will"}
@@ -144,6 +146,11 @@ def check_question(question: str, fact: str, language: str) -> str | None:
     q_numbers = set(NUMBERISH.findall(q))
     if q_numbers & set(NUMBERISH.findall(fact)) and not q_numbers.issuperset(NUMBERISH.findall(fact)):
         return "answer_leak"  # a number of the answer inside the question gives it away
+    if not YES_NO.match(q) and key_facts(fact, language) and not answer_facts(q, fact, language):
+        # Every name and number of the answer is already in the question ("What is the internal
+        # extension 4471?"): training on it teaches copying, not recalling. Yes/no questions restate
+        # the fact by nature and stay.
+        return "answer_leak"
     return None
 
 

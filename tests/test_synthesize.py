@@ -56,6 +56,9 @@ def test_restore_subject_possessive_and_chinese():
     ("The Nimbus X2 drone costs 1,490 euros.", "form_not_a_question"),
     ("The Nimbus X2 drone costs 1,490 euros?", "echo_of_fact"),
     ("Is it?", "form_length"),
+    # Every name and number of the answer is in the question: nothing left to recall.
+    ("What is the Nimbus X2 that costs 1,490 euros?", "answer_leak"),
+    ("What does the Nimbus X2 drone cost?", None),
 ])
 def test_check_question(question, reason):
     assert check_question(question, "The Nimbus X2 drone costs 1,490 euros.", "en") == reason
