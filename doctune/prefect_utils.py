@@ -16,20 +16,17 @@ SHARED = [ROOT / "doctune", ROOT / "prompts"]
 
 
 @lru_cache(maxsize=None)
-def _digest(files: tuple[Path, ...]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def code_digest(module_file: str | Path) -> str:
-    """sha256 of the task's module file, every doctune/*.py and every prompt file."""
+    """sha256 of the task's module file, every doctune/*.py and every prompt file; read once per
+    module and process (every task run asks for it)."""
     files = {Path(module_file).resolve()}
     for folder in SHARED:
         files |= {p for p in folder.rglob("*") if p.suffix in (".py", ".yaml", ".md") and p.is_file()}
-    return _digest(tuple(sorted(files)))
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 class ModuleSource(CachePolicy):

@@ -25,11 +25,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from doctune.generation import chat_prompts, generate_greedy
+from doctune.metrics import Language, answer_facts, chrf, detect_language, facts_found, key_facts, rouge_l
 from doctune.prefect_utils import CACHE
 from doctune.prompts import PROMPTS_DIR, render
 from doctune.records import read_jsonl, sha256_bytes, sha256_text, write_jsonl
-from doctune.generation import chat_prompts, generate_greedy
-from doctune.metrics import Language, answer_facts, chrf, detect_language, facts_found, key_facts, rouge_l
 from doctune.settings import DatasetSettings, LLMSettings
 
 log = logging.getLogger(__name__)

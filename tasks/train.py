@@ -787,18 +787,20 @@ def validate_step(run_dir: Path, model, tokenizer, items: list[dict], settings: 
     """Score the validation questions now; keep the adapter aside when it is the best so far."""
     result = {"step": state["step"], **score_validation(model, tokenizer, items, settings, plan)}
     example = result.pop("example")
-    best = state.get("best")
-    # Ties go to the later step: it has seen more of the data, and a small validation set ties often.
-    improved = best is None or result["fact_recall"] >= best["fact_recall"]
-    if improved:
-        state["best"] = {k: result[k] for k in ("step", "fact_recall", "rouge_l")}
-        if settings.select_checkpoint == "best":
-            save_adapter(run_dir, model, tokenizer, name="best")
     state["evals"].append(result)
+    best = best_eval(state["evals"])
+    if best is result and settings.select_checkpoint == "best":
+        save_adapter(run_dir, model, tokenizer, name="best")
     log.info("step %d: validation fact recall %.3f, ROUGE-L %.3f (%d questions)%s; e.g. %r -> %r",
              state["step"], result["fact_recall"], result["rouge_l"], result["questions"],
-             " - best so far" if improved else f" - best is step {state['best']['step']}",
+             " - best so far" if best is result else f" - best is step {best['step']}",
              example["question"], example["reply"][:120])
+
+
+def best_eval(evals: list[dict]) -> dict | None:
+    """The evaluated step with the highest validation fact recall. Ties go to the later step: it has
+    seen more of the data, and a small validation set ties often."""
+    return max(evals, key=lambda e: (e["fact_recall"], e["step"]), default=None)
 
 
 def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: TrainSettings, base: str,
@@ -919,7 +921,6 @@ def train(
         state = load_checkpoint(last, model, optimizer, scheduler)
         log.info("resuming %s from %s", run_dir, last.name)
     state.setdefault("evals", [])
-    state.setdefault("best", None)
     validation = load_validation(dataset_dir, settings.eval_max_questions) if settings.eval_every_steps else []
     if settings.eval_every_steps and not validation:
         if settings.select_checkpoint == "best":
@@ -966,16 +967,18 @@ def train(
     bar.close()
     state["seconds"] += time.perf_counter() - t0
 
-    best = state.get("best")
-    if settings.select_checkpoint == "best" and best and best["step"] != state["step"]:
+    if settings.select_checkpoint == "best":
+        # The last step is always evaluated, so best/ holds the best adapter, the last one included.
+        best = best_eval(state["evals"])
         shutil.rmtree(run_dir / "adapter", ignore_errors=True)
         (run_dir / "best").rename(run_dir / "adapter")
-        log.info("selected the adapter of step %d (validation fact recall %.3f) over the last step %d",
-                 best["step"], best["fact_recall"], state["step"])
+        state["selected_step"] = best["step"]
+        if best["step"] != state["step"]:
+            log.info("selected the adapter of step %d (validation fact recall %.3f) over the last step %d",
+                     best["step"], best["fact_recall"], state["step"])
     else:
         save_adapter(run_dir, model, tokenizer)
-        shutil.rmtree(run_dir / "best", ignore_errors=True)
-    state["selected_step"] = best["step"] if settings.select_checkpoint == "best" and best else state["step"]
+        state["selected_step"] = state["step"]
     del model, optimizer, scheduler  # free the training copy before a merge loads an unquantized one
     write_outputs(run_dir, tokenizer, state, plan, settings, base, dataset_dir,
                   {"examples": len(examples), "dropped": dropped})
