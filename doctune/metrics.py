@@ -19,6 +19,7 @@ Language = Literal["en", "zh"]
 # without spaces, where one character is the unit of meaning.
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af\U00020000-\U0002ffff]")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_PERCENT = re.compile(r"\s*%|\bper cent\b")
 
 
 def _is_cjk(ch: str) -> bool:
@@ -60,13 +61,15 @@ def detect_language(text: str) -> Language:
 
 def normalize(text: str) -> str:
     """NFKC (full-width letters, digits and punctuation become half-width), casefold, "1,200" ->
-    "1200", punctuation -> space (but "%" and the "." or ":" inside "1.5" or "9:30" are kept),
-    whitespace collapsed, and no space next to a CJK character ("30 天" == "30天")."""
+    "1200", "7%" and "7 per cent" -> "7 percent" (one fact, three spellings), punctuation -> space
+    (but the "." or ":" inside "1.5" or "9:30" is kept), whitespace collapsed, and no space next
+    to a CJK character ("30 天" == "30天")."""
     text = _THOUSANDS.sub("", unicodedata.normalize("NFKC", text).casefold())
+    text = _PERCENT.sub(" percent ", text)
     chars = []
     for i, ch in enumerate(text):
         inside_number = ch in ".:" and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()
-        if unicodedata.category(ch).startswith("P") and ch != "%" and not inside_number:
+        if unicodedata.category(ch).startswith("P") and not inside_number:
             chars.append(" ")
         else:
             chars.append(ch)
@@ -205,6 +208,63 @@ def key_facts(answer: str, language: Language | None = None) -> list[str]:
     # Keep each once, in the order it appears in the answer.
     unique = list(dict.fromkeys(f for f in found if f))
     return sorted(unique, key=answer.find)
+
+
+# Words that belong to the number before them: "27 days", "12 metres per second", "7 percent".
+_UNITS = {
+    "percent", "per", "cent", "%", "euro", "euros", "eur", "dollar", "dollars", "usd", "kroner", "nok",
+    "gram", "grams", "g", "kilogram", "kilograms", "kg", "tonnes", "second", "seconds", "minute", "minutes",
+    "hour", "hours", "day", "days", "working", "business", "week", "weeks", "month", "months", "year", "years",
+    "metre", "metres", "meter", "meters", "m", "kilometre", "kilometres", "km", "litre", "litres", "mah", "wh",
+    "kwh", "mb", "gb", "tb", "people", "employees", "staff", "times",
+}
+_PLAIN_NUMBER = re.compile(r"\+?\d+(?:[.,:]\d+)*")
+_RANGE_WORDS = {"to", "and", "-", "–", "through", "until"}
+_ZH_UNIT = re.compile(r"\d+(?:[.,:]\d+)*\s?(?:个工作日|工作日|个月|分钟|小时|公斤|千克|欧元|美元|人民币|[元天周月年次台架人%％个])?")
+
+
+def answer_spans(sentence: str, language: Language | None = None) -> list[str]:
+    """The values a question about this sentence can ask for, in sentence order: names, numbers
+    with their unit ("9 working days"), dates ("31 March 2026") and ranges ("10:00 to 15:00").
+    Fact mode anchors each question on one of them, so the model asks for the value instead of
+    about the sentence in general ("Where is Kestrel?" for a price)."""
+    sentence = unicodedata.normalize("NFKC", sentence).strip()
+    language = language or detect_language(sentence)
+    if language == "zh":
+        spans = [m.group(0) for m in _ZH_UNIT.finditer(sentence)]
+        spans += [m.group(1).strip() for m in _QUOTED.finditer(sentence)]
+        spans += [m.group(0) for m in _LATIN_IN_CHINESE.finditer(sentence)]
+        return sorted(dict.fromkeys(spans), key=sentence.find)
+    names = {w for name in _english_names(sentence) for w in name.split()}
+    words = sentence.split()
+    runs: list[list[str]] = []
+    run: list[str] = []
+    for raw in words:
+        word = raw.strip(_EDGE_PUNCT) if raw not in ("-", "–") else raw
+        has_digit = any(c.isdigit() for c in word)
+        is_key = bool(word) and (
+            has_digit or word in names
+            or (run and word.lower() in _UNITS and (_PLAIN_NUMBER.fullmatch(run[-1]) or run[-1].lower() in _UNITS))
+        )
+        if is_key:
+            run.append(word)
+        elif run and word.lower() in _RANGE_WORDS and any(c.isdigit() for c in run[-1]):
+            run.append(word)  # "10:00 to 15:00": keep going, drop it again if no value follows
+        else:
+            run = _close(run, runs)
+        if run and raw.rstrip(_EDGE_PUNCT) != raw and raw not in ("-", "–"):  # "Paris, France"
+            run = _close(run, runs)
+    _close(run, runs)
+    return list(dict.fromkeys(" ".join(r) for r in runs))
+
+
+def _close(run: list[str], runs: list[list[str]]) -> list[str]:
+    """End a span: a range word or "per" with nothing after it is not part of the value."""
+    while run and run[-1].lower() in _RANGE_WORDS | {"per"}:
+        run.pop()
+    if run:
+        runs.append(run)
+    return []
 
 
 def answer_facts(question: str, answer: str, language: Language) -> list[str]:

@@ -21,6 +21,11 @@ FIXES = {
     "echo_of_fact": "the model repeats the fact; lower synth.temperature or use a more capable model",
     "near_duplicate": "questions repeat each other; raise synth.temperature or dedup.near_threshold",
     "exact_duplicate": "the same pairs appear repeatedly; check for duplicated files",
+    "conflicting_answers": "one question is asked of several different facts; a more capable model writes "
+                           "more specific questions",
+    "answer_leak": "questions already contain their answer; use a more capable model or fewer questions_per_fact",
+    "wrong_question_type": "questions ask for something the fact does not say (how many people for a number "
+                           "of days); use a more capable model",
 }
 
 

@@ -69,6 +69,17 @@ class SynthSettings(_Settings):
         "qa: the LLM writes both (capable endpoints); auto: decided by a probe.",
     )
     questions_per_fact: int = Field(4, ge=1, le=20, description="Differently worded questions per fact (fact mode).")
+    anchor_questions: bool = Field(
+        False,
+        description="fact mode: show the value the question must ask for (\"Answer: 8,950 euros\") in the prompt. "
+        "Off by default: SmolLM2-135M then copies the value into the question more often (bench/README.md).",
+    )
+    min_questions_per_fact: int = Field(
+        0, ge=0, le=20,
+        description="fact mode: a fact with fewer kept questions gets questions_per_fact more sampled tries, without "
+        "the answer in the prompt; 0 (default) turns the second round off. With SmolLM2-135M it covered more facts "
+        "but its extra questions were worse and gold recall fell (bench/README.md).",
+    )
     pairs_per_100_tokens: float = Field(
         1.5, gt=0, description="qa mode: pairs asked for per 100 chunk tokens (at least 1, at most 10 per chunk)."
     )

@@ -35,7 +35,7 @@ from doctune.records import Dropped, QAPair
 from doctune.settings import DedupSettings, LLMSettings
 
 STAGE = "dedup"
-REASONS = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
+REASONS = ("exact_duplicate", "conflicting_answers", "near_duplicate", "semantic_duplicate")
 
 Embedder = Callable[[list[str]], np.ndarray]
 
@@ -122,6 +122,25 @@ def _exact(pairs: list[QAPair], ngram: int, dropped: list[Dropped]) -> _Pairs:
     return _Pairs(keep, questions, answers, ngram)
 
 
+def _conflicts(items: _Pairs, settings: DedupSettings, dropped: list[Dropped]) -> _Pairs:
+    """The same question with answers that state different facts ("Who is in charge of Tessarine?"
+    written once for the founder and once for the chief executive): a model trained on both learns
+    to mix them up, and neither can be called the right one, so every such pair is dropped."""
+    by_question: dict[str, list[int]] = {}
+    for i, q in enumerate(items.questions):
+        by_question.setdefault(q, []).append(i)
+    conflicting: dict[int, int] = {}
+    for group in by_question.values():
+        for a in group:
+            other = next((b for b in group if b != a and items.answer_match(a, b) < settings.near_threshold), None)
+            if other is not None:
+                conflicting[a] = other
+    for i, j in conflicting.items():
+        dropped.append(_drop(items.pairs[i], "conflicting_answers", items.pairs[j].pair_id,
+                             f"the same question is answered differently by pair {items.pairs[j].pair_id}"))
+    return items.subset([i for i in range(len(items.pairs)) if i not in conflicting])
+
+
 def _near(items: _Pairs, settings: DedupSettings, dropped: list[Dropped]) -> _Pairs:
     t = settings.near_threshold
     q_shingles = [shingles(q, settings.ngram) for q in items.questions]
@@ -202,7 +221,8 @@ def _semantic(items: _Pairs, settings: DedupSettings, embed: Embedder, dropped: 
 
 
 def dedup_pairs(pairs: list[QAPair], settings: DedupSettings, embed: Embedder | None = None) -> DedupResult:
-    """Keep the first of each group of duplicates; every other one is dropped with its reason."""
+    """Keep the first of each group of duplicates; every other one is dropped with its reason. A
+    question asked twice with different answers is dropped on both sides."""
     if settings.semantic and embed is None:
         raise ValueError(
             "dedup.semantic is true but no embedder was given: pass embed= (see make_openai_embedder) "
@@ -210,6 +230,7 @@ def dedup_pairs(pairs: list[QAPair], settings: DedupSettings, embed: Embedder | 
         )
     dropped: list[Dropped] = []
     items = _exact(pairs, settings.ngram, dropped)
+    items = _conflicts(items, settings, dropped)
     items = _near(items, settings, dropped)
     if settings.semantic:
         items = _semantic(items, settings, embed, dropped)

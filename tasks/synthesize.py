@@ -22,7 +22,7 @@ from rapidfuzz import fuzz
 from tqdm import tqdm
 
 from doctune.llm import EndpointError, chat, make_client
-from doctune.metrics import answer_facts, key_facts
+from doctune.metrics import answer_facts, answer_spans, key_facts, normalize
 from doctune.prefect_utils import CACHE, NETWORK_RETRIES
 from doctune.prompts import load_prompt, render
 from doctune.records import CJK_RE, Chunk, Dropped, QAPair, short_hash
@@ -39,6 +39,9 @@ META = re.compile(
 PRONOUN_START = re.compile(r"^(it|its|they|their|this|these|he|she|his|her)\b", re.IGNORECASE)
 ZH_PRONOUN_START = re.compile(r"^(它|其|他们|她们|他|她|这|该)")
 NUMBERISH = re.compile(r"(?<![A-Za-z\d])\d+(?:[.,:]\d+)*")  # not the 2 of "X2"
+# A number right after a capitalised word is part of a name ("SkyLedger 3.2", "Tessarine 2025"):
+# a question may name it without giving the answer away.
+NAME_NUMBER = re.compile(r"\b[A-Z][\w-]* (\d+(?:[.,:]\d+)*)")
 YES_NO = re.compile(r"^(is|are|was|were|does|do|did|can|could|will|would|should|has|have|must)\b|吗[？?]$", re.I)
 EN_WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
 EN_STOP = {"what", "which", "when", "where", "does", "have", "that", "this", "with", "from", "there",
@@ -124,8 +127,67 @@ def _key_words(text: str, language: str) -> set[str]:
     return {w.lower() for w in EN_WORD.findall(text)} - EN_STOP
 
 
-def check_question(question: str, fact: str, language: str) -> str | None:
-    """The reason to drop a fact-mode question, or None to keep it."""
+def question_targets(fact: str, chunk: Chunk) -> list[str]:
+    """The values of a fact a question may ask for (`answer_spans`), less the ones that only
+    repeat the document title or heading ("Tessarine" in the Tessarine handbook)."""
+    context = set(normalize(" ".join([chunk.title, *chunk.heading_path])).split())
+    if chunk.language == "zh":
+        context_text = normalize(chunk.title + "".join(chunk.heading_path))
+        return [s for s in answer_spans(fact, "zh") if normalize(s) not in context_text]
+    return [s for s in answer_spans(fact, "en") if not set(normalize(s).split()) <= context]
+
+
+def target_for(targets: list[str], variant: int) -> str | None:
+    """The value the variant-th question asks for: mostly the fact's last value (English and
+    Chinese state the value at the end: "... costs 8,950 euros"), every fourth question the one
+    before it ("... founded in 2011 in Skarvhamn")."""
+    if not targets:
+        return None
+    return targets[-2] if variant % 4 == 2 and len(targets) > 1 else targets[-1]
+
+
+def _contains_span(question: str, span: str) -> bool:
+    q, s = f" {normalize(question)} ", normalize(span)
+    return f" {s} " in q if not CJK.search(s) else s in q
+
+
+_MONTHS = "january|february|march|april|may|june|july|august|september|october|november|december"
+_WEEKDAYS = "monday|tuesday|wednesday|thursday|friday|saturday|sunday|weekday|weekdays"
+_WHEN = re.compile(rf"\b({_MONTHS}|{_WEEKDAYS})\b|\d:\d\d|\b(1[89]|20)\d\d\b", re.I)
+_DURATION = re.compile(r"\b(second|minute|hour|day|week|month|year)s?\b|\b(metre|meter|kilometre|km)s?\b", re.I)
+_HOW_MANY = re.compile(r"\bhow many ([a-z]+)", re.I)
+
+
+def _stem(word: str) -> str:
+    word = word.lower()
+    return word[:-1] if word.endswith("s") and len(word) > 3 else word
+
+
+def asks_for(question: str, target: str, fact: str) -> bool:
+    """Can `target` answer the question, going by its question word? who -> a name, when -> a date
+    or time, how long -> a duration, how much -> a number, how many X -> a count of something the
+    fact counts. Question words that say nothing about the type (what, which, where) pass."""
+    q = question.lower()
+    has_number = any(c.isdigit() for c in target)
+    if m := _HOW_MANY.search(q):
+        thing = _stem(m.group(1))
+        unit = [_stem(w) for w in target.split()[1:]] if has_number else []
+        place = unit or [_stem(w) for w in EN_WORD.findall(fact)]
+        return has_number and (thing in place or thing in ("time",))
+    if re.search(r"\bhow (much|expensive)\b", q):
+        return has_number
+    if re.search(r"\bhow long\b", q):
+        return bool(_DURATION.search(target)) or bool(_WHEN.search(target))
+    if re.match(r"(when|what time|what date|on what (date|day))\b", q) or re.search(r"\b(what|which) (year|date|day|time)\b", q):
+        return bool(_WHEN.search(target))
+    if re.match(r"who(m|se)?\b", q):
+        return not has_number
+    return True
+
+
+def check_question(question: str, fact: str, language: str, targets: list[str] | None = None) -> str | None:
+    """The reason to drop a fact-mode question, or None to keep it. `targets` are the values of the
+    fact a question may ask for (`question_targets`); without them, its names and numbers."""
     q = question.strip()
     if not q:
         return "empty"
@@ -143,13 +205,24 @@ def check_question(question: str, fact: str, language: str) -> str | None:
         return "off_topic"  # shares no content word with its fact: about something else
     if fuzz.ratio(q.rstrip("?？").lower(), fact.rstrip(".。").lower()) > 85:
         return "echo_of_fact"
+    values = set(NUMBERISH.findall(fact)) - set(NAME_NUMBER.findall(fact))
     q_numbers = set(NUMBERISH.findall(q))
-    if q_numbers & set(NUMBERISH.findall(fact)) and not q_numbers.issuperset(NUMBERISH.findall(fact)):
+    if q_numbers & values and not q_numbers.issuperset(values):
         return "answer_leak"  # a number of the answer inside the question gives it away
-    if not YES_NO.match(q) and key_facts(fact, language) and not answer_facts(q, fact, language):
-        # Every name and number of the answer is already in the question ("What is the internal
-        # extension 4471?"): training on it teaches copying, not recalling. Yes/no questions restate
-        # the fact by nature and stay.
+    if YES_NO.match(q):
+        return None  # a yes/no question restates the fact by nature
+    # A question that already holds the answer teaches copying, not recalling.
+    if targets:
+        if _contains_span(q, targets[-1]):
+            # The fact's value (English and Chinese state it last: "... costs 8,950 euros") is in
+            # the question already ("What is the internal extension 4471?"): nothing to recall.
+            return "answer_leak"
+        if language == "en" and not any(asks_for(q, t, fact) for t in targets):
+            # "How many people work at Tessarine?" for 27 days of leave: the question asks for
+            # something the fact does not say, and training on it teaches a wrong answer.
+            return "wrong_question_type"
+        return None
+    if key_facts(fact, language) and not answer_facts(q, fact, language):
         return "answer_leak"
     return None
 
@@ -162,15 +235,19 @@ def clean_question(text: str) -> str:
     return text[: m.end()].strip() if m else text.splitlines()[0].strip() if text else ""
 
 
-def fact_messages(fact: str, language: str, variant: int) -> tuple[list[dict], str]:
+def fact_messages(fact: str, language: str, variant: int, target: str | None = None) -> tuple[list[dict], str]:
+    """Few-shot turns asking for one question about `fact`; with a `target`, the question must ask
+    for that value (the examples then show theirs), without one the prompt shows no answers."""
     prompt = load_prompt(f"fact_questions.{language}")
     examples = prompt["examples"]
-    messages = [{"role": "system", "content": prompt["system"]}]
+    system = prompt["system"] if target else prompt.get("system_unanchored", prompt["system"])
+    messages = [{"role": "system", "content": system}]
     for i in range(min(3, len(examples))):
         ex = examples[(variant * 3 + i) % len(examples)]
-        messages.append({"role": "user", "content": render(prompt["user"], fact=ex["fact"])})
+        answer = ex.get("answer") if target else None
+        messages.append({"role": "user", "content": render(prompt["user"], fact=ex["fact"], answer=answer)})
         messages.append({"role": "assistant", "content": ex["question"]})
-    messages.append({"role": "user", "content": render(prompt["user"], fact=fact)})
+    messages.append({"role": "user", "content": render(prompt["user"], fact=fact, answer=target)})
     return messages, prompt["version"]
 
 
@@ -264,6 +341,7 @@ class _Call:
     params: dict
     fact: str | None  # fact mode: the answer; qa mode: None
     prompt_version: str
+    targets: list[str] | None = None  # fact mode: the values of the fact a question may ask for
 
 
 def _seed(settings: SynthSettings, *parts) -> int:
@@ -281,13 +359,15 @@ def plan_calls(chunks: list[Chunk], settings: SynthSettings, mode: str, n_pairs:
             calls.append(_Call(chunk, messages, params, None, version))
             continue
         for f, fact in enumerate(extract_facts(chunk)):
+            targets = question_targets(fact, chunk)
             for k in range(settings.questions_per_fact):
-                messages, version = fact_messages(fact, chunk.language, k)
+                target = target_for(targets, k) if settings.anchor_questions else None
+                messages, version = fact_messages(fact, chunk.language, k, target)
                 # The first question is greedy (the model's best guess); the rest sample for variety.
                 temp = 0.0 if k == 0 else settings.temperature
                 params = dict(temperature=temp, top_p=0.95, max_tokens=min(settings.max_tokens, 64),
                               seed=_seed(settings, chunk.chunk_id, f, k), stop=["\n"])
-                calls.append(_Call(chunk, messages, params, fact, version))
+                calls.append(_Call(chunk, messages, params, fact, version, targets))
     return calls
 
 
@@ -307,7 +387,7 @@ def _run_call(client, llm: LLMSettings, settings: SynthSettings, call: _Call) ->
     meta = _pair_meta(call, llm, mode)
     if mode == "fact":
         question = clean_question(reply.text)
-        reason = check_question(question, call.fact, call.chunk.language)
+        reason = check_question(question, call.fact, call.chunk.language, call.targets)
         rows = [(question, call.fact, reason)]
     else:
         parsed = parse_pairs(reply.text)
@@ -325,10 +405,34 @@ def _run_call(client, llm: LLMSettings, settings: SynthSettings, call: _Call) ->
     return out
 
 
+def retry_calls(calls: list[_Call], result: SynthResult, settings: SynthSettings) -> list[_Call]:
+    """Fact mode, second round: a fact with fewer than `min_questions_per_fact` kept questions gets
+    `questions_per_fact` more calls, sampled and without the answer in the prompt. Small models
+    often copy a name they are shown into the question ("Who is Jonas Villemo?"), and a fact
+    without a single question is a fact the model never learns."""
+    kept = Counter((p.chunk_id, p.answer) for p in result.pairs)
+    retry, seen = [], set()
+    for call in calls:
+        key = (call.chunk.chunk_id, call.fact)
+        if call.fact is None or key in seen or kept[key] >= settings.min_questions_per_fact:
+            continue
+        seen.add(key)
+        for k in range(settings.questions_per_fact, 2 * settings.questions_per_fact):
+            messages, version = fact_messages(call.fact, call.chunk.language, k)
+            params = dict(call.params, temperature=settings.temperature,
+                          seed=_seed(settings, call.chunk.chunk_id, call.fact, k))
+            retry.append(_Call(call.chunk, messages, params, call.fact, version, call.targets))
+    return retry
+
+
 def synthesize_chunks(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, mode: str,
                       progress: bool = True, n_pairs: int | None = None) -> SynthResult:
     """All calls for these chunks, `llm.concurrency` at a time; results in a deterministic order."""
-    return run_calls(plan_calls(chunks, settings, mode, n_pairs), llm, settings, mode, progress)
+    calls = plan_calls(chunks, settings, mode, n_pairs)
+    result = run_calls(calls, llm, settings, mode, progress)
+    if mode == "fact" and settings.min_questions_per_fact:
+        result = result.merge(run_calls(retry_calls(calls, result, settings), llm, settings, mode, progress))
+    return result
 
 
 def run_calls(calls: list[_Call], llm: LLMSettings, settings: SynthSettings, mode: str,

@@ -35,7 +35,7 @@ def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tu
             return "qa", "I cannot do that."
         return "qa", "```json\n" + json.dumps([{"question": "What does the section say?", "answer": first}]) + "\n```"
     if last.startswith(("Fact:", "事实：")):
-        fact = last.split(":", 1)[-1].split("：", 1)[-1]
+        fact = re.split(r"\n(?:Answer:|答案：)", last)[0].split(":", 1)[-1].split("：", 1)[-1]
         if cannot:
             return "fact", "The answer is yes."
         words = [w for w in re.findall(r"[A-Za-z]{4,}", fact)][:4]

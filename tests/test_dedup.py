@@ -25,13 +25,14 @@ def check_consistent(pairs: list[QAPair], result) -> None:
     assert len(result.kept) + len(result.dropped) == len(pairs)
     assert result.counts["input"] == len(pairs)
     assert result.counts["kept"] == len(result.kept)
-    assert sum(result.counts[r] for r in ("exact_duplicate", "near_duplicate", "semantic_duplicate")) == len(
-        result.dropped
-    )
+    reasons = ("exact_duplicate", "conflicting_answers", "near_duplicate", "semantic_duplicate")
+    assert sum(result.counts[r] for r in reasons) == len(result.dropped)
+    dropped_ids = {d.record["pair_id"] for d in result.dropped}
     for d in result.dropped:
         assert d.stage == "dedup"
-        assert d.reason in ("exact_duplicate", "near_duplicate", "semantic_duplicate")
-        assert d.duplicate_of in kept_ids
+        assert d.reason in reasons
+        # A conflict drops both sides; a duplicate always points at the pair that was kept.
+        assert d.duplicate_of in (dropped_ids if d.reason == "conflicting_answers" else kept_ids)
         assert d.detail
     # Kept pairs are the input objects, in input order (pair_ids may repeat, object ids do not).
     order = {id(p): i for i, p in enumerate(pairs)}
@@ -69,7 +70,8 @@ def test_exact_duplicates_after_case_space_punctuation_changes_are_dropped():
     assert result.kept[0].source == "faq"  # first occurrence wins
     for d in result.dropped:
         assert (d.reason, d.duplicate_of) == ("exact_duplicate", pairs[0].pair_id)
-    assert result.counts == {"input": 4, "kept": 2, "exact_duplicate": 2, "near_duplicate": 0,
+    assert result.counts == {"input": 4, "kept": 2, "exact_duplicate": 2, "conflicting_answers": 0,
+                             "near_duplicate": 0,
                              "semantic_duplicate": 0}
 
 
@@ -119,7 +121,7 @@ def test_paraphrases_of_one_fact_are_kept():
 PRICE = "The X2 laptop costs {} dollars in the online store, including delivery and a two-year warranty."
 
 
-def test_near_identical_questions_with_different_answers_are_kept():
+def test_near_identical_questions_with_different_answers_are_no_duplicates():
     q = "What is the warranty period for the X2 laptop bought in Europe?"
     pairs = [
         qa(q, "Two years."),
@@ -133,7 +135,10 @@ def test_near_identical_questions_with_different_answers_are_kept():
     assert jaccard(shingles(normalize(PRICE.format(499)), 5), shingles(normalize(PRICE.format(599)), 5)) > 0.85
     result = dedup_pairs(pairs, DedupSettings())
     check_consistent(pairs, result)
-    assert result.kept == pairs
+    # None is a duplicate of another. The very same question with two answers contradicts itself,
+    # though: both sides go, as conflicting_answers; the near-identical "Europa" one stays.
+    assert {d.reason for d in result.dropped} == {"conflicting_answers"}
+    assert result.kept == [pairs[2]]
 
 
 def test_near_identical_question_and_answer_is_dropped_with_scores():
@@ -178,7 +183,7 @@ def semantic_fixture() -> list[QAPair]:
         qa("What is the price of the X2?", answer),
         qa("The X2: what is the price?", answer),  # same words reordered: cosine 0.94
         qa("How much does the X2 cost?", answer),  # a paraphrase: cosine 0.41
-        qa("The X2, what is the price?", "It ships in May with a two-year warranty."),  # different answer
+        qa("The X2, what is the price then?", "It ships in May with a two-year warranty."),  # different answer
     ]
 
 
@@ -330,7 +335,28 @@ def test_20000_pairs_with_planted_near_copies_in_seconds():
     duplicate_of = {d.record["pair_id"]: d.duplicate_of for d in result.dropped}
     found = sum(duplicate_of.get(p.pair_id) == o.pair_id for p, o in planted)
     planted_ids = {p.pair_id for p, _ in planted}
-    false_drops = [i for i in duplicate_of if i not in planted_ids]
+    # A typo that only changes case or punctuation makes a different-answer copy the very same
+    # question: both sides are then dropped as conflicting, which is not a false duplicate.
+    conflicts = {d.record["pair_id"] for d in result.dropped if d.reason == "conflicting_answers"}
+    assert conflicts <= {p.pair_id for p in other_answer} | {p.pair_id for p in originals}
+    false_drops = [i for i in duplicate_of if i not in planted_ids and i not in conflicts]
     assert found >= 0.95 * len(planted), found
     assert len(false_drops) <= 10, len(false_drops)  # includes all 500 different-answer copies
     assert elapsed < 20, f"{elapsed:.1f} s"
+
+
+def test_the_same_question_with_different_answers_is_dropped_on_both_sides():
+    pairs = [qa("Who is in charge of Tessarine?", "The founder of Tessarine is Maren Oksavik."),
+             qa("Who is in charge of Tessarine?", "The chief executive of Tessarine is Jonas Villemo."),
+             qa("Who founded Tessarine?", "The founder of Tessarine is Maren Oksavik."),
+             qa("How much is the K4?", "The K4 costs 8,950 euros."),
+             qa("how much is the K4", "The K4 costs 8,950 euros!")]  # same fact: an exact duplicate
+    result = dedup_pairs(pairs, DedupSettings())
+    check_consistent(pairs, result)
+    assert sorted((d.record["pair_id"], d.reason, d.duplicate_of) for d in result.dropped) == sorted([
+        (pairs[0].pair_id, "conflicting_answers", pairs[1].pair_id),
+        (pairs[1].pair_id, "conflicting_answers", pairs[0].pair_id),
+        (pairs[4].pair_id, "exact_duplicate", pairs[3].pair_id),
+    ])
+    assert [p.question for p in result.kept] == [pairs[2].question, pairs[3].question]
+    assert result.counts["conflicting_answers"] == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from doctune.metrics import answer_facts, chrf, detect_language, fact_recall, key_facts, normalize, rouge_l
+from doctune.metrics import answer_facts, answer_spans, chrf, detect_language, fact_recall, key_facts, normalize, rouge_l
 
 
 # --------------------------------------------------------------------------- metrics
@@ -92,3 +92,26 @@ def test_answer_facts_leave_out_what_the_question_already_says():
     facts = answer_facts("How much does the Heron H2 cost?", "The Heron H2 costs 12,400 euros.", "en")
     assert "12400" in [f.replace(",", "") for f in facts]
     assert not any("Heron" in f for f in facts)
+
+
+def test_percent_spellings_are_one_fact():
+    assert fact_recall("Orders get a 7% discount.", ["7 percent"]) == 1.0
+    assert fact_recall("a 7 per cent discount", ["7%"]) == 1.0
+    assert fact_recall("a 70% discount", ["7 percent"]) == 0.0
+
+
+@pytest.mark.parametrize("sentence, spans", [
+    ("The Kestrel K4 survey drone costs 8,950 euros.", ["Kestrel K4", "8,950 euros"]),
+    ("Drones are usually repaired within 9 working days.", ["9 working days"]),
+    ("Flights stop when the wind exceeds 12 metres per second.", ["12 metres per second"]),
+    ("The prices are valid until 31 March 2026.", ["31 March 2026"]),
+    ("Core hours run from 10:00 to 15:00, Monday to Thursday.", ["10:00 to 15:00", "Monday", "Thursday"]),
+    ("SkyLedger 3.0 dropped support for Android 9.", ["SkyLedger 3.0", "Android 9"]),
+    ("The software costs 39 euros per drone per month.", ["39 euros"]),  # "per" alone is no unit
+    ("The chief executive of Tessarine is Jonas Villemo.", ["Tessarine", "Jonas Villemo"]),
+    ("Visitors must wear safety glasses.", []),
+    ("星河三号无人机的售价为2999元。", ["2999元"]),
+    ("保修期为24个月，详见《用户手册》。", ["24个月", "用户手册"]),
+])
+def test_answer_spans(sentence, spans):
+    assert answer_spans(sentence) == spans

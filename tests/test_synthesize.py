@@ -1,8 +1,9 @@
 import pytest
 
-from doctune.records import Chunk
+from doctune.records import Chunk, QAPair
 from doctune.settings import LLMSettings, SynthSettings
 from tasks.synthesize import (
+    asks_for,
     check_pair,
     check_question,
     choose_mode,
@@ -10,10 +11,15 @@ from tasks.synthesize import (
     extract_facts,
     fact_messages,
     groundedness,
+    SynthResult,
     parse_pairs,
+    plan_calls,
     probe_languages,
+    question_targets,
     restore_subject,
+    retry_calls,
     synthesize_chunks,
+    target_for,
 )
 from tests.endpoints import ScriptedEndpoint
 
@@ -62,6 +68,56 @@ def test_restore_subject_possessive_and_chinese():
 ])
 def test_check_question(question, reason):
     assert check_question(question, "The Nimbus X2 drone costs 1,490 euros.", "en") == reason
+
+
+def test_a_number_inside_a_name_is_no_leak_but_the_asked_value_is():
+    fact = "SkyLedger 3.2 raised the maximum number of drones per fleet account to 250."
+    assert check_question("How many drones can a SkyLedger 3.2 fleet account hold?", fact, "en") is None
+    targets = ["SkyLedger 3.2", "250"]
+    assert check_question("What is the SkyLedger 3.2 limit of 250 drones?", fact, "en", targets) == "answer_leak"
+    # The fact's value (its last one) in the question gives the answer away, whatever else is asked.
+    assert check_question("Which SkyLedger version allows 250 drones per account?", fact, "en", targets) == "answer_leak"
+    assert check_question("Which limit did SkyLedger 3.2 raise?", fact, "en", targets) is None
+    fact = "The chief executive of Tessarine is Jonas Villemo."  # in the Tessarine handbook
+    assert check_question("Who is Jonas Villemo?", fact, "en", ["Jonas Villemo"]) == "answer_leak"
+    assert check_question("Who runs Tessarine as chief executive?", fact, "en", ["Jonas Villemo"]) is None
+
+
+@pytest.mark.parametrize("question, target, ok", [
+    ("How many days of leave do Tessarine employees get?", "27 days", True),
+    ("How many people work at Tessarine?", "27 days", False),  # the fact counts days, not people
+    ("How many drones can one fleet account hold?", "250", True),  # "drones" is what the fact counts
+    ("How many moons does Tessarine have?", "250", False),
+    ("How much does the Kestrel K4 cost?", "8,950 euros", True),
+    ("How much does the Kestrel K4 cost?", "Maren Oksavik", False),
+    ("How long does the Kestrel K4 fly?", "52 minutes", True),
+    ("How long does the FjordCell battery last?", "400 charge cycles", False),
+    ("When was SkyLedger 3.2 released?", "14 May 2025", True),
+    ("When was SkyLedger 3.2 released?", "Android 9", False),
+    ("Who founded Tessarine?", "Maren Oksavik", True),
+    ("Who released SkyLedger 3.2?", "14 May 2025", False),
+    ("What is the price of the Kestrel K4?", "8,950 euros", True),  # "what" says nothing about the type
+])
+def test_asks_for_matches_the_question_word_to_the_value(question, target, ok):
+    fact = "The fleet account holds up to 250 drones and employees get 27 days."
+    assert asks_for(question, target, fact) is ok
+
+
+def test_questions_are_anchored_on_the_values_of_the_fact():
+    c = chunk(heading=("Products", "Nimbus X2"))
+    fact = "The Nimbus X2 drone costs 1,490 euros and weighs 870 grams."
+    # "Nimbus X2" is the heading: asking "which drone ..." for it would only repeat the heading.
+    assert question_targets(fact, c) == ["1,490 euros", "870 grams"]
+    assert [target_for(["1,490 euros", "870 grams"], k) for k in range(4)] == [
+        "870 grams", "870 grams", "1,490 euros", "870 grams"]
+    assert target_for([], 0) is None
+    messages, _ = fact_messages(fact, "en", 0, "870 grams")
+    assert messages[-1]["content"] == f"Fact: {fact}\nAnswer: 870 grams"
+    assert all("Answer: " in m["content"] for m in messages[1:-1:2])  # the examples show the anchor too
+    plain, _ = fact_messages(fact, "en", 0)
+    assert not any("Answer:" in m["content"] for m in plain) and plain[0]["content"] != messages[0]["content"]
+    zh, _ = fact_messages("星河三号无人机的售价为2999元。", "zh", 0, "2999元")
+    assert zh[-1]["content"] == "事实：星河三号无人机的售价为2999元。\n答案：2999元"
 
 
 def test_answer_leak_is_caught():
@@ -180,3 +236,21 @@ def test_no_language_is_skipped_when_all_work_or_all_fail(scripted):
         assert probe_languages([chunk(), zh], llm_for(garbage), SynthSettings(), "fact") == {}
     finally:
         garbage.close()
+
+
+def test_facts_short_of_questions_get_a_second_unanchored_round():
+    settings = SynthSettings(questions_per_fact=3, min_questions_per_fact=2, anchor_questions=True)
+    assert SynthSettings().min_questions_per_fact == 0  # off by default (bench/README.md)
+    calls = plan_calls([chunk()], settings, "fact")
+    facts = extract_facts(chunk())
+    assert len(calls) == 3 * len(facts)
+    assert "\nAnswer: 1,490 euros" in calls[0].messages[-1]["content"]
+    assert "Answer:" not in plan_calls([chunk()], SynthSettings(), "fact")[0].messages[-1]["content"]
+    # The first fact kept two questions, the second one, the third none.
+    kept = [QAPair(question=f"Q{i}?", answer=facts[f], chunk_id="d1:0") for i, f in enumerate([0, 0, 1])]
+    retry = retry_calls(calls, SynthResult(pairs=kept), settings)
+    assert [c.fact for c in retry] == [facts[1]] * 3 + [facts[2]] * 3
+    assert all("Answer:" not in c.messages[-1]["content"] for c in retry)  # the model copies what it sees
+    assert all(c.params["temperature"] == settings.temperature for c in retry)
+    assert len({c.params["seed"] for c in retry} | {c.params["seed"] for c in calls}) == len(retry) + len(calls)
+    assert retry_calls(calls, SynthResult(pairs=kept), settings.model_copy(update={"min_questions_per_fact": 0})) == []

@@ -36,7 +36,8 @@ def write_docs(folder: Path) -> Path:
 def settings_for(server, out: Path, mode="fact") -> BuildSettings:
     return BuildSettings(
         llm=LLMSettings(base_url=server.base_url, model=server.model, concurrency=4, max_retries=1),
-        synth=SynthSettings(mode=mode, questions_per_fact=2, min_pairs=3),
+        # No second round for facts short of questions: the call counts below stay exact.
+        synth=SynthSettings(mode=mode, questions_per_fact=2, min_pairs=3, min_questions_per_fact=0),
         output_dir=str(out),
     )
 
