@@ -218,7 +218,6 @@ _UNITS = {
     "metre", "metres", "meter", "meters", "m", "kilometre", "kilometres", "km", "litre", "litres", "mah", "wh",
     "kwh", "mb", "gb", "tb", "people", "employees", "staff", "times",
 }
-_PLAIN_NUMBER = re.compile(r"\+?\d+(?:[.,:]\d+)*")
 _RANGE_WORDS = {"to", "and", "-", "–", "through", "until"}
 _ZH_UNIT = re.compile(r"\d+(?:[.,:]\d+)*\s?(?:个工作日|工作日|个月|分钟|小时|公斤|千克|欧元|美元|人民币|[元天周月年次台架人%％个])?")
 
@@ -244,7 +243,7 @@ def answer_spans(sentence: str, language: Language | None = None) -> list[str]:
         has_digit = any(c.isdigit() for c in word)
         is_key = bool(word) and (
             has_digit or word in names
-            or (run and word.lower() in _UNITS and (_PLAIN_NUMBER.fullmatch(run[-1]) or run[-1].lower() in _UNITS))
+            or (run and word.lower() in _UNITS and (_NUMBER.fullmatch(run[-1].lstrip("+")) or run[-1].lower() in _UNITS))
         )
         if is_key:
             run.append(word)

@@ -22,7 +22,7 @@ from rapidfuzz import fuzz
 from tqdm import tqdm
 
 from doctune.llm import EndpointError, chat, make_client
-from doctune.metrics import answer_facts, answer_spans, key_facts, normalize
+from doctune.metrics import answer_facts, answer_spans, facts_found, key_facts, normalize
 from doctune.prefect_utils import CACHE, NETWORK_RETRIES
 from doctune.prompts import load_prompt, render
 from doctune.records import CJK_RE, Chunk, Dropped, QAPair, short_hash
@@ -130,10 +130,10 @@ def _key_words(text: str, language: str) -> set[str]:
 def question_targets(fact: str, chunk: Chunk) -> list[str]:
     """The values of a fact a question may ask for (`answer_spans`), less the ones that only
     repeat the document title or heading ("Tessarine" in the Tessarine handbook)."""
-    context = set(normalize(" ".join([chunk.title, *chunk.heading_path])).split())
     if chunk.language == "zh":
         context_text = normalize(chunk.title + "".join(chunk.heading_path))
         return [s for s in answer_spans(fact, "zh") if normalize(s) not in context_text]
+    context = set(normalize(" ".join([chunk.title, *chunk.heading_path])).split())
     return [s for s in answer_spans(fact, "en") if not set(normalize(s).split()) <= context]
 
 
@@ -144,11 +144,6 @@ def target_for(targets: list[str], variant: int) -> str | None:
     if not targets:
         return None
     return targets[-2] if variant % 4 == 2 and len(targets) > 1 else targets[-1]
-
-
-def _contains_span(question: str, span: str) -> bool:
-    q, s = f" {normalize(question)} ", normalize(span)
-    return f" {s} " in q if not CJK.search(s) else s in q
 
 
 _MONTHS = "january|february|march|april|may|june|july|august|september|october|november|december"
@@ -213,7 +208,7 @@ def check_question(question: str, fact: str, language: str, targets: list[str] |
         return None  # a yes/no question restates the fact by nature
     # A question that already holds the answer teaches copying, not recalling.
     if targets:
-        if _contains_span(q, targets[-1]):
+        if facts_found(q, targets[-1:])[0]:
             # The fact's value (English and Chinese state it last: "... costs 8,950 euros") is in
             # the question already ("What is the internal extension 4471?"): nothing to recall.
             return "answer_leak"
