@@ -13,12 +13,12 @@ _env = Environment(undefined=StrictUndefined, keep_trailing_newline=False)
 
 
 @lru_cache(maxsize=None)
-def load_prompt(name: str) -> dict:
+def load_prompt(name: str, required: tuple[str, ...] = ("version", "system", "user")) -> dict:
     path = PROMPTS_DIR / f"{name}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path}: prompt missing; expected one of {sorted(p.stem for p in PROMPTS_DIR.glob('*.yaml'))}")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for key in ("version", "system", "user"):
+    for key in required:
         if key not in data:
             raise ValueError(f"{path}: missing key {key!r}")
     data.setdefault("examples", [])

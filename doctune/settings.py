@@ -80,6 +80,17 @@ class SynthSettings(_Settings):
         "the answer in the prompt; 0 (default) turns the second round off. With SmolLM2-135M it covered more facts "
         "but its extra questions were worse and gold recall fell (bench/README.md).",
     )
+    faq_questions: bool = Field(
+        True,
+        description="Write questions_per_fact more questions (fact mode) for every answer of a FAQ export, so an "
+        "export with one question per answer teaches the fact in several wordings; the original pairs are kept.",
+    )
+    passage_questions: int = Field(
+        3, ge=0, le=3,
+        description="Passage pairs per chunk: \"What does <document> say about <section>?\" answered with the chunk's "
+        "text (prompts/passages.yaml). No LLM call; they stay in training and teach every fact in its context. "
+        "With SmolLM2-135M they raised gold fact recall (bench/README.md). 0 turns them off.",
+    )
     pairs_per_100_tokens: float = Field(
         1.5, gt=0, description="qa mode: pairs asked for per 100 chunk tokens (at least 1, at most 10 per chunk)."
     )

@@ -18,7 +18,8 @@ from tasks.chunk import chunk_document_task
 from tasks.dataset import write_dataset_task
 from tasks.dedup import dedup_task
 from tasks.ingest import discover, ingest_file_task
-from tasks.synthesize import SynthResult, choose_mode_task, synthesize_document_task
+from tasks.synthesize import SynthResult, choose_mode_task, faq_chunks, synthesize_document_task
+from tasks.passages import passage_task
 from tasks.replay import replay_task
 from tasks.translate import translate_task
 
@@ -52,9 +53,11 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     chunks = {doc.path: chunk_document_task(doc, settings.chunk) for doc in docs}
     all_chunks = [c for cs in chunks.values() for c in cs]
 
-    # 3. Synthesize, one cached task per document; the flow goes on when one fails.
+    # 3. Synthesize, one cached task per document; the flow goes on when one fails. A FAQ export's
+    #    answers get more questions too (fact mode): one wording per answer teaches the wording only.
     log.info(preflight_task(settings.llm))
-    choice = choose_mode_task(all_chunks, settings.llm, settings.synth)
+    faq = faq_chunks(given) if settings.synth.faq_questions else []
+    choice = choose_mode_task(all_chunks + faq, settings.llm, settings.synth)
     artifacts.synthesis_mode(choice.mode, choice.reason, choice.skip_languages)
     log.info("synthesis mode %s: %s", choice.mode, choice.reason)
     for language, why in choice.skip_languages.items():
@@ -63,19 +66,21 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     not_synthesized = [Dropped(stage="synthesize", reason=f"language_not_written_by_endpoint:{c.language}",
                                record={"path": c.path, "chunk_id": c.chunk_id, "language": c.language,
                                        "text": c.text[:300]})
-                       for c in all_chunks if c.language in choice.skip_languages]
+                       for c in all_chunks + faq if c.language in choice.skip_languages]
+    jobs = [(path, cs, choice.mode) for path, cs in chunks.items()]
+    jobs += [(path, [c for c in faq if c.path == path], "fact") for path in dict.fromkeys(c.path for c in faq)]
     progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
     synth, failures = SynthResult(), []
-    for i, (path, doc_chunks) in enumerate(chunks.items(), start=1):
+    for i, (path, doc_chunks, mode) in enumerate(jobs, start=1):
         doc_chunks = [c for c in doc_chunks if c.language not in choice.skip_languages]
         if doc_chunks:
-            state = synthesize_document_task(path, doc_chunks, settings.llm, settings.synth, choice.mode,
+            state = synthesize_document_task(path, doc_chunks, settings.llm, settings.synth, mode,
                                              return_state=True)
             if state.is_completed():
                 synth = synth.merge(state.result())
             else:
                 failures.append({"document": path, "error": str(state.message)[:500]})
-        update_progress_artifact(progress, 100.0 * i / max(1, len(chunks)))
+        update_progress_artifact(progress, 100.0 * i / max(1, len(jobs)))
     artifacts.failures(failures)
     n_returned = len(synth.pairs) + len(synth.dropped)
     rates = keep_rate_rows("synthesize", n_returned, synth.dropped)
@@ -104,7 +109,13 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
         usage.append({"stage": "replay", "calls": rp.calls, "failed_calls": 0, "prompt_tokens": rp.prompt_tokens,
                       "completion_tokens": rp.completion_tokens})
 
-    # 6. Deduplicate: human-written sources come first, so they win over synthesized copies.
+    # 6. Passage pairs: each chunk's text, asked for by document and section (no LLM; any language).
+    passages = passage_task(all_chunks, settings.synth.passage_questions)
+    pairs += passages
+    if passages:
+        log.info("%d passage pairs from %d chunks", len(passages), len(all_chunks))
+
+    # 7. Deduplicate: human-written sources come first, so they win over synthesized copies.
     dd = dedup_task(pairs, settings.dedup, settings.llm if settings.dedup.semantic else None)
     dropped += dd.dropped
     rates += keep_rate_rows("dedup", len(pairs), dd.dropped)
@@ -115,9 +126,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     artifacts.usage(usage)
     artifacts.sample_pairs(dd.kept)
 
-    # 7. Dataset folder, named after its content.
+    # 8. Dataset folder, named after its content.
     counts = {"files": len(refs), "skipped_files": len(skipped), "documents": len(docs), "chunks": len(all_chunks),
-              "given_pairs": len(given), "synthesized_pairs": len(synth.pairs), "after_dedup": len(dd.kept),
+              "given_pairs": len(given), "synthesized_pairs": len(synth.pairs), "passage_pairs": len(passages),
+              "after_dedup": len(dd.kept),
               "failed_documents": len(failures), "mode": choice.mode,
               "skipped_languages": sorted(choice.skip_languages), "chunks_not_synthesized": len(not_synthesized), **{f"dedup_{k}": v for k, v in dd.counts.items()}}
     path = write_dataset_task(dd.kept, dropped, counts, settings.dataset, str(out))

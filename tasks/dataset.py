@@ -18,6 +18,8 @@ from prefect import task
 from doctune.records import Dropped, QAPair, sha256_text, write_jsonl
 from doctune.settings import DatasetSettings
 
+TRAIN_ONLY = {"replay", "passage"}  # sources never held out: they are no questions a user asks
+
 
 def to_row(pair: QAPair, system_prompt: str) -> dict:
     system = pair.system or system_prompt
@@ -38,13 +40,14 @@ def held_out_split(rows: list[dict], test_size: float, validation_size: float, s
                    ) -> dict[str, list[int]]:
     """Row indices per split. Questions are held out one per answer per round, and only from
     answers that keep at least one training question; when that runs short (an FAQ export has one
-    question per answer), other rows fill the quota. Replay rows (general manners) stay in training."""
+    question per answer), other rows fill the quota. Replay rows (general manners) and passage rows
+    (a section's text) stay in training; the shares are of the other rows."""
     rng = random.Random(seed)
-    quota = {"test": round(test_size * len(rows)), "validation": round(validation_size * len(rows))}
+    candidates = [i for i, row in enumerate(rows) if row["source"] not in TRAIN_ONLY]
+    quota = {"test": round(test_size * len(candidates)), "validation": round(validation_size * len(candidates))}
     groups: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        if row["source"] != "replay":
-            groups[" ".join(row["answer"].split()).casefold()].append(i)
+    for i in candidates:
+        groups[" ".join(rows[i]["answer"].split()).casefold()].append(i)
     for members in groups.values():
         rng.shuffle(members)
     order = list(groups.values())

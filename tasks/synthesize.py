@@ -120,6 +120,19 @@ def extract_facts(chunk: Chunk) -> list[str]:
     return facts
 
 
+def faq_chunks(pairs: list[QAPair]) -> list[Chunk]:
+    """The answers of a FAQ export as one-answer chunks, for fact-mode questions. An export has one
+    question per answer; a model trained on that one wording learns the wording, not the fact.
+    No title or heading: a pronoun in an answer is not restored from the original question."""
+    chunks = []
+    for i, p in enumerate(pair for pair in pairs if pair.source == "faq"):
+        doc_id = p.doc_id or short_hash(p.path or "", n=12)
+        chunks.append(Chunk(chunk_id=f"{doc_id}:faq{i}", doc_id=doc_id, path=p.path or "", index=i, text=p.answer,
+                            heading_path=[], start=0, end=len(p.answer), n_tokens=max(1, len(p.answer) // 4),
+                            language=p.language, title=""))
+    return chunks
+
+
 def _key_words(text: str, language: str) -> set[str]:
     if language == "zh":
         chars = "".join(CJK.findall(text))

@@ -19,15 +19,17 @@ def test_held_out_questions_are_paraphrases_of_trained_answers():
     rows = [_row(f"question {q} about fact {a}?", f"Fact {a} is true.") for a in range(10) for q in range(3)]
     rows += [_row(f"faq {i}?", f"FAQ answer {i}.", "faq") for i in range(5)]
     rows += [_row(f"general {i}?", f"General reply {i}.", "replay") for i in range(3)]
+    rows += [_row(f"What does the handbook say about section {i}?", f"Section {i} text.", "passage") for i in range(9)]
     split = held_out_split(rows, test_size=0.1, validation_size=0.1, seed=1)
 
-    assert len(split["test"]) == len(split["validation"]) == round(0.1 * len(rows)) == 4
+    # Shares are of the rows that may be held out: replay and passage rows stay in training.
+    assert len(split["test"]) == len(split["validation"]) == round(0.1 * 35) == 4
     assert sorted(split["train"] + split["validation"] + split["test"]) == list(range(len(rows)))
     assert not set(split["test"]) & set(split["validation"])
     trained = {rows[i]["answer"] for i in split["train"]}
     for i in split["test"] + split["validation"]:
         assert rows[i]["source"] == "synthesized" and rows[i]["answer"] in trained
-    assert all(rows[i]["source"] != "replay" for i in split["test"] + split["validation"])
+    assert all(rows[i]["source"] not in ("replay", "passage") for i in split["test"] + split["validation"])
     assert held_out_split(rows, 0.1, 0.1, seed=1) == split
     assert held_out_split(rows, 0.1, 0.1, seed=2) != split
 

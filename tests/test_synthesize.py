@@ -10,6 +10,7 @@ from tasks.synthesize import (
     clean_question,
     extract_facts,
     fact_messages,
+    faq_chunks,
     groundedness,
     SynthResult,
     parse_pairs,
@@ -188,6 +189,24 @@ def test_fact_mode_against_scripted_endpoint(scripted):
     for params in by_fact.values():
         assert sorted(t for t, _ in params) == [0.0, 0.9, 0.9] and len({s for _, s in params}) == 3
     assert len({p.question for p in result.pairs}) > 3
+
+
+def test_faq_answers_become_fact_chunks_for_more_question_wordings(scripted):
+    given = [QAPair(question="Can the Heron H2 fly in the rain?", answer="Yes. The Heron H2 is rated IP54.",
+                    source="faq", doc_id="faq1", path="faq/export.xlsx"),
+             QAPair(question="Write a haiku", answer="Sea.", source="instruction", path="alpaca.json"),
+             QAPair(question="保修多久？", answer="红隼K4无人机自交货之日起保修24个月。", source="faq", doc_id="faq2",
+                    path="faq/导出.csv", language="zh")]
+    chunks = faq_chunks(given)
+    assert [(c.chunk_id, c.path, c.language, c.text) for c in chunks] == [
+        ("faq1:faq0", "faq/export.xlsx", "en", "Yes. The Heron H2 is rated IP54."),
+        ("faq2:faq1", "faq/导出.csv", "zh", "红隼K4无人机自交货之日起保修24个月。")]
+    # The answer's sentences are the facts ("Yes." is too short to ask about).
+    assert extract_facts(chunks[0]) == ["The Heron H2 is rated IP54."]
+    result = synthesize_chunks(chunks[:1], llm_for(scripted), SynthSettings(questions_per_fact=2), "fact",
+                               progress=False)
+    assert result.calls == 2 and {p.answer for p in result.pairs} == {"The Heron H2 is rated IP54."}
+    assert all(p.path == "faq/export.xlsx" and p.source == "synthesized" for p in result.pairs)
 
 
 def test_qa_mode_and_chinese_prompts(scripted):

@@ -72,11 +72,17 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
 
     path, _ = run(folder, settings)
     first_calls = scripted.calls["fact"]
-    assert first_calls == 7 * 2  # 7 fact sentences, 2 questions each
+    assert first_calls == (7 + 2) * 2  # 7 fact sentences and 2 FAQ answers, 2 questions each
     ds = load_from_disk(str(Path(path) / "hf"))
     rows = list(ds["train"]) + list(ds["validation"]) + list(ds["test"])
     chunk_ids = {c for c in (r["chunk_id"] for r in rows) if c}
-    assert {r["source"] for r in rows} == {"faq", "synthesized", "replay"}
+    assert {r["source"] for r in rows} == {"faq", "synthesized", "replay", "passage"}
+    faq_answers = {r["answer"] for r in rows if r["source"] == "faq"}
+    assert faq_answers & {r["answer"] for r in rows if r["source"] == "synthesized" and r["path"] == "faq.csv"}
+    passages = [r for r in rows if r["source"] == "passage"]
+    doc_chunks = {r["chunk_id"] for r in rows if r["chunk_id"] and r["path"] != "faq.csv"}
+    assert {r["chunk_id"] for r in passages} == doc_chunks  # every chunk taught as a passage too ...
+    assert all(r["pair_id"] in set(ds["train"]["pair_id"]) for r in passages)  # ... in training only
     replay = [r for r in rows if r["source"] == "replay"]
     assert 0 < len(replay) <= 0.15 * len(rows) and all(r["path"] == "prompts/replay.yaml" for r in replay)
     for r in rows:
@@ -148,7 +154,8 @@ def test_chinese_documents_are_skipped_loudly_for_an_english_only_endpoint(tmp_p
                if d["reason"] == "language_not_written_by_endpoint:zh"]
     assert len(dropped) == 1 and dropped[0]["record"]["path"] == "规定.md"
     ds = load_from_disk(str(Path(path) / "hf"))
-    assert not any(r["path"] == "规定.md" for split in ds.values() for r in split)
+    # No question was synthesized for it; its text is still taught as a passage (no LLM needed).
+    assert {r["source"] for split in ds.values() for r in split if r["path"] == "规定.md"} == {"passage"}
 
     async def mode_artifact():
         async with get_client() as client:
