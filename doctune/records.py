@@ -66,7 +66,7 @@ class Chunk(BaseModel):
     title: str = ""
 
 
-PairSource = Literal["synthesized", "faq", "instruction", "translated", "replay", "passage"]
+PairSource = Literal["synthesized", "faq", "instruction", "translated", "replay", "passage", "cloze"]
 
 
 class QAPair(BaseModel):
@@ -77,7 +77,7 @@ class QAPair(BaseModel):
     doc_id: str | None = None
     path: str | None = Field(default=None, description="Source file, relative to the folder.")
     chunk_id: str | None = None
-    mode: str | None = Field(default=None, description="Synthesis mode: 'fact', 'qa' or 'passage'.")
+    mode: str | None = Field(default=None, description="Synthesis mode: 'fact', 'qa', 'passage' or 'cloze'.")
     model: str | None = None
     prompt_version: str | None = None
     language: Literal["en", "zh"] = "en"

@@ -91,6 +91,12 @@ class SynthSettings(_Settings):
         "text (prompts/passages.yaml). No LLM call; they stay in training and teach every fact in its context. "
         "With SmolLM2-135M they raised gold fact recall (bench/README.md). 0 turns them off.",
     )
+    cloze_questions: bool = Field(
+        True,
+        description="Rule-written questions for every fact sentence: a value replaced by a question word (\"The "
+        "Kestrel K4 costs how much?\", \"How many days of leave do employees receive?\", Chinese \"…共有员工多少人？\"; "
+        "prompts/cloze.yaml). No LLM call; they stay in training and give every fact questions that ask for its value.",
+    )
     pairs_per_100_tokens: float = Field(
         1.5, gt=0, description="qa mode: pairs asked for per 100 chunk tokens (at least 1, at most 10 per chunk)."
     )

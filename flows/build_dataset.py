@@ -19,6 +19,7 @@ from tasks.dataset import write_dataset_task
 from tasks.dedup import dedup_task
 from tasks.ingest import discover, ingest_file_task
 from tasks.synthesize import SynthResult, choose_mode_task, faq_chunks, synthesize_document_task
+from tasks.cloze import cloze_task
 from tasks.passages import passage_task
 from tasks.replay import replay_task
 from tasks.translate import translate_task
@@ -115,7 +116,13 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     if passages:
         log.info("%d passage pairs from %d chunks", len(passages), len(all_chunks))
 
-    # 7. Deduplicate: human-written sources come first, so they win over synthesized copies.
+    # 7. Cloze questions: a value of each fact sentence replaced by a question word (no LLM; any mode).
+    cloze = cloze_task(all_chunks + faq) if settings.synth.cloze_questions else []
+    pairs += cloze
+    if cloze:
+        log.info("%d cloze questions from %d chunks", len(cloze), len(all_chunks + faq))
+
+    # 8. Deduplicate: human-written sources come first, so they win over synthesized copies.
     dd = dedup_task(pairs, settings.dedup, settings.llm if settings.dedup.semantic else None)
     dropped += dd.dropped
     rates += keep_rate_rows("dedup", len(pairs), dd.dropped)
@@ -126,9 +133,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     artifacts.usage(usage)
     artifacts.sample_pairs(dd.kept)
 
-    # 8. Dataset folder, named after its content.
+    # 9. Dataset folder, named after its content.
     counts = {"files": len(refs), "skipped_files": len(skipped), "documents": len(docs), "chunks": len(all_chunks),
               "given_pairs": len(given), "synthesized_pairs": len(synth.pairs), "passage_pairs": len(passages),
+              "cloze_pairs": len(cloze),
               "after_dedup": len(dd.kept),
               "failed_documents": len(failures), "mode": choice.mode,
               "skipped_languages": sorted(choice.skip_languages), "chunks_not_synthesized": len(not_synthesized), **{f"dedup_{k}": v for k, v in dd.counts.items()}}

@@ -18,7 +18,7 @@ from prefect import task
 from doctune.records import Dropped, QAPair, sha256_text, write_jsonl
 from doctune.settings import DatasetSettings
 
-TRAIN_ONLY = {"replay", "passage"}  # sources never held out: they are no questions a user asks
+TRAIN_ONLY = {"replay", "passage", "cloze"}  # never held out: no question a user asks, or written by rule
 
 
 def to_row(pair: QAPair, system_prompt: str) -> dict:

@@ -76,13 +76,16 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     ds = load_from_disk(str(Path(path) / "hf"))
     rows = list(ds["train"]) + list(ds["validation"]) + list(ds["test"])
     chunk_ids = {c for c in (r["chunk_id"] for r in rows) if c}
-    assert {r["source"] for r in rows} == {"faq", "synthesized", "replay", "passage"}
+    assert {r["source"] for r in rows} == {"faq", "synthesized", "replay", "passage", "cloze"}
     faq_answers = {r["answer"] for r in rows if r["source"] == "faq"}
     assert faq_answers & {r["answer"] for r in rows if r["source"] == "synthesized" and r["path"] == "faq.csv"}
     passages = [r for r in rows if r["source"] == "passage"]
     doc_chunks = {r["chunk_id"] for r in rows if r["chunk_id"] and r["path"] != "faq.csv"}
     assert {r["chunk_id"] for r in passages} == doc_chunks  # every chunk taught as a passage too ...
     assert all(r["pair_id"] in set(ds["train"]["pair_id"]) for r in passages)  # ... in training only
+    cloze = {r["question"]: r for r in rows if r["source"] == "cloze"}
+    assert cloze["How many crowns does the Vindel lamp cost?"]["answer"] == "The Vindel lamp costs 349 crowns."
+    assert all(r["pair_id"] in set(ds["train"]["pair_id"]) for r in cloze.values())
     replay = [r for r in rows if r["source"] == "replay"]
     assert 0 < len(replay) <= 0.15 * len(rows) and all(r["path"] == "prompts/replay.yaml" for r in replay)
     for r in rows:

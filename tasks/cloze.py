@@ -1,0 +1,205 @@
+"""Cloze questions: a fact sentence with one value replaced by a question word.
+
+The SmolLM2-135M default writes a usable question for about half of the facts, and many of the
+rest ask about something the fact does not say ("Where is the Kestrel K4?" for its price). A
+model trained on those learns each fact under one or two wordings, and a differently worded
+question then gets the right sentence with a neighbouring fact's value. Cloze questions give every
+fact questions that ask for its value, written by rules, not by the model:
+
+    The Kestrel K4 survey drone costs 8,950 euros.
+      -> How much does the Kestrel K4 survey drone cost?
+      -> The Kestrel K4 survey drone costs how much?
+    特萨林深圳办事处共有员工37人。 -> 特萨林深圳办事处共有员工多少人？
+
+They cost no LLM call, so they work offline and in Chinese (where the value stays in place in a
+question anyway). The answer is the fact sentence, as in fact mode. They stay in the training
+split: the held-out questions stay the ones the LLM wrote."""
+
+from __future__ import annotations
+
+import re
+
+from prefect import task
+
+from doctune.metrics import facts_found
+from doctune.prefect_utils import CACHE
+from doctune.prompts import load_prompt, render
+from doctune.records import Chunk, QAPair
+from tasks.synthesize import extract_facts, question_targets
+
+PROMPT = "cloze"
+
+_MONTH = r"(january|february|march|april|may|june|july|august|september|october|november|december)"
+_WEEKDAY = r"(monday|tuesday|wednesday|thursday|friday|saturday|sunday)s?"
+_CURRENCY = {"euro", "euros", "eur", "dollar", "dollars", "usd", "kroner", "nok", "yuan", "rmb"}
+_NOT_A_VERB = {
+    "at", "in", "on", "of", "to", "for", "from", "by", "with", "than", "until", "within", "the", "a", "an",
+    "per", "about", "above", "below", "least", "over", "under", "and", "or", "is", "are", "was", "were",
+    "has", "have", "does", "do", "its", "their", "this", "that", "extension", "number",
+}
+_ROLE = re.compile(r"\b(founder|chief|ceo|head|manager|director|controller|owner|contact|chair|president|lead)\b", re.I)
+_ENGLISH_LEAD = re.compile(r"^(The|A|An|Every|All|Each) ")
+
+_ZH_VALUES = [  # (pattern, kind): the first match from the end of the sentence is asked for
+    (re.compile(r"\d{3,4}-\d{3,4}-\d{3,4}(?:\s*转\s*\d+)?"), "number"),
+    (re.compile(r"(?:人民币)?\d+(?:[.,]\d+)*\s?(?:元|欧元|美元)"), "money"),
+    (re.compile(r"\d+(?:\.\d+)?\s?(个工作日|工作日|个月|分钟|小时|公斤|千克|天|周|年|次|台|架|人|个)"), "count"),
+    (re.compile(r"\d{1,2}:\d\d"), "time"),
+]
+_ZH_PERSON = re.compile(r"(负责人|创始人|首席执行官|总经理|经理|主管|总监|联系人)(是|为)[\u4e00-\u9fff]{2,4}$")
+
+
+def _kind(target: str) -> str | None:
+    """What a value is, for its question word."""
+    words = target.split()
+    low = target.lower()
+    if re.fullmatch(_WEEKDAY, low):
+        return None  # "Monday to Thursday": a day rarely is what a question asks for
+    if re.search(rf"\b\d{{1,2}} {_MONTH}\b", low):
+        return "date"
+    if re.fullmatch(rf"{_MONTH} (19|20)\d\d", low):
+        return "month"
+    if not any(c.isdigit() for c in target) or words[0][0].isalpha():
+        return "name"  # "Nordbris Travel", "Android 9", "SkyLedger 3.2"
+    if re.fullmatch(r"\d{1,2}:\d\d\s+(to|and|-|–)\s+\d{1,2}:\d\d(\s+[A-Z]{2,4})?", target):
+        return "time_range"
+    if re.fullmatch(r"\d{1,2}:\d\d", target):
+        return "time"
+    if re.fullmatch(r"(19|20)\d\d", target):
+        return "year"
+    if len(words) > 1 and words[1].lower() in ("percent", "per", "%") and "cent" in low or low.endswith("%"):
+        return "percent"
+    if len(words) > 1 and words[1].lower() in _CURRENCY:
+        return "money"
+    if len(words) > 1 and not any(c.isdigit() for c in words[-1]):
+        return "count"
+    return "number"
+
+
+def _counted(after: str) -> str:
+    """The one or two plain words after a bare number ("400 charge cycles for ..." -> "charge cycles")."""
+    words = []
+    for word in after.split()[:2]:
+        if not re.fullmatch(r"[a-z][a-z-]+", word) or word in _NOT_A_VERB:
+            break
+        words.append(word)
+    return " ".join(words) if after.startswith(" ") else ""
+
+
+def _lower_lead(subject: str) -> str:
+    return _ENGLISH_LEAD.sub(lambda m: m.group(1).lower() + " ", subject)
+
+
+def _verb_base(verb: str) -> str:
+    if verb.endswith(("ches", "shes", "sses", "xes", "zzes")):
+        return verb[:-2]
+    return verb[:-3] + "y" if verb.endswith("ies") else verb[:-1]
+
+
+def english_questions(fact: str, targets: list[str], prompt: dict) -> list[str]:
+    """Questions asking for the fact's last two values: the value in place ("… costs how much?")
+    and, for the sentence shapes below, moved to the front ("How much does … cost?")."""
+    sentence = fact.strip().rstrip(".!")
+    t = prompt["en"]
+    questions = []
+    for target in [v for v in targets if _kind(v)][-2:]:
+        questions += [q for q in _questions_for(sentence, target, t) if not facts_found(q, [target])[0]]
+    return list(dict.fromkeys(questions))
+
+
+def _name_question(before: str, t: dict) -> str:
+    """A question for a name that ends the sentence; `before` is the sentence up to the name."""
+    if m := re.fullmatch(r"(.+) (is|are|was|were) called ", before):
+        return render(t["front_called"], be=m.group(2), subject=_lower_lead(m.group(1)))
+    if m := re.fullmatch(r"(.+) (is|are|was|were) ", before):
+        wh = "Who" if _ROLE.search(m.group(1)) else "What"
+        return render(t["front_copula"], wh=wh, be=m.group(2), subject=_lower_lead(m.group(1)), rest="")
+    m = re.search(r"\bthe ((?:[a-z][a-z-]* ){0,2}[a-z][a-z-]*),? $", before)
+    if m and m.group(1).split()[-1] not in _NOT_A_VERB:
+        # "through the travel agency Nordbris Travel" -> "through which travel agency"
+        return before[: m.start()] + render(t["which"], np=m.group(1)) + "?"
+    return before + render(t["name"]) + "?"
+
+
+def _questions_for(sentence: str, target: str, t: dict) -> list[str]:
+    i = sentence.rfind(target)
+    if i <= 0:
+        return []  # not found, or the subject itself
+    before, after = sentence[:i].rstrip("+"), sentence[i + len(target):]
+    kind = _kind(target)
+    unit = " ".join(target.split()[1:])
+    if kind == "name":
+        # A name inside the sentence is usually its subject or the object of its verb: skipped.
+        return [] if after.strip() else [_name_question(before, t)]
+    if kind == "number" and (counted := _counted(after)):
+        # "400 charge cycles": the words after a bare number say what it counts
+        kind, unit, after = "count", counted, after[len(" " + counted):]
+    if kind == "percent":
+        before = re.sub(r"\ban? $", "", before)
+    wh = render(t[kind], unit=unit)
+    if kind == "money" and " per " in f" {unit} ":
+        wh += " per " + unit.split(" per ", 1)[1]  # "48 euros per day" -> "how much per day"
+    if kind == "time_range" and target.split()[-1].isalpha():
+        wh += " " + target.split()[-1]  # "08:00 to 17:00 CET"
+    questions = [before + wh + after + "?"]
+    if kind == "money":  # also ask for the unit: "how many euros per night"
+        questions.append(before + render(t["count"], unit=unit) + after + "?")
+    # The value moved to the front, for a counted or priced value after the verb.
+    if kind not in ("count", "money", "percent", "number"):
+        return questions
+    wh_front = {"money": render(t["count"], unit=unit), "number": "What"}.get(kind, wh)
+    if after.startswith((" of ", " per ")):
+        wh_front, after = wh_front + after, ""  # "How many days of paid annual leave per year"
+    wh_front = wh_front[0].upper() + wh_front[1:]
+    if m := re.fullmatch(r"(.+) (has|have) an? ([a-z][a-z -]*) of ", before):
+        questions.append(render(t["front_has"], np=m.group(3), subject=_lower_lead(m.group(1))))
+    elif m := re.fullmatch(r"(.+) (is|are|was|were) ", before):
+        questions.append(render(t["front_copula"], wh=wh_front, be=m.group(2), subject=_lower_lead(m.group(1)), rest=after))
+    elif (m := re.fullmatch(r"([A-Z][^,]*?) ([a-z]+) ", before)) and m.group(2) not in _NOT_A_VERB \
+            and len(m.group(1).split()) <= 7:
+        verb = m.group(2)
+        singular = verb.endswith("s") and not verb.endswith("ss")
+        questions.append(render(t["front_verb"], wh=wh_front, do="does" if singular else "do",
+                                subject=_lower_lead(m.group(1)), verb=_verb_base(verb) if singular else verb,
+                                rest=after))
+    elif m := re.fullmatch(r"([A-Z][^,]*?) (has|have) ", before):  # "The garage has 40 spaces"
+        questions.append(render(t["front_verb"], wh=wh_front, do="does" if m.group(2) == "has" else "do",
+                                subject=_lower_lead(m.group(1)), verb="have", rest=after))
+    return questions
+
+
+def chinese_questions(fact: str, prompt: dict) -> list[str]:
+    """The last value of a Chinese fact replaced in place: Chinese asks that way anyway."""
+    sentence = fact.strip().rstrip("。！!.")
+    t = prompt["zh"]
+    if m := _ZH_PERSON.search(sentence):
+        return [sentence[: m.start()] + m.group(1) + m.group(2) + render(t["person"]) + "？"]
+    for pattern, kind in _ZH_VALUES:
+        matches = list(pattern.finditer(sentence))
+        if matches:
+            m = matches[-1]
+            unit = m.group(1) if kind == "count" else ""
+            return [sentence[: m.start()].rstrip() + render(t[kind], unit=unit) + sentence[m.end():].lstrip() + "？"]
+    return []
+
+
+def cloze_pairs(chunks: list[Chunk]) -> list[QAPair]:
+    """Cloze questions for every fact sentence of the chunks (English and Chinese), answered with
+    the sentence (its subject restored from the heading, as fact mode does)."""
+    prompt = load_prompt(PROMPT, required=("version", "en", "zh"))
+    pairs = []
+    for chunk in chunks:
+        for fact in extract_facts(chunk):
+            if chunk.language == "zh":
+                questions = chinese_questions(fact, prompt)
+            else:
+                questions = english_questions(fact, question_targets(fact, chunk), prompt)
+            pairs += [QAPair(question=q, answer=fact, source="cloze", doc_id=chunk.doc_id, path=chunk.path,
+                             chunk_id=chunk.chunk_id, mode="cloze", prompt_version=prompt["version"],
+                             language=chunk.language) for q in questions]
+    return pairs
+
+
+@task(cache_policy=CACHE, persist_result=True)
+def cloze_task(chunks: list[Chunk]) -> list[QAPair]:
+    return cloze_pairs(chunks)

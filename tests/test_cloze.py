@@ -1,0 +1,112 @@
+"""Cloze questions: a fact's value replaced by a question word, in English and Chinese."""
+
+from __future__ import annotations
+
+import pytest
+
+from doctune.metrics import answer_spans
+from doctune.prompts import load_prompt
+from doctune.records import Chunk
+from tasks.cloze import chinese_questions, cloze_pairs, english_questions
+
+
+def chunk(text, language="en", path="docs/price_sheet.md", title="Price Sheet", heading=("Price Sheet",)):
+    return Chunk(chunk_id=f"{path}:0", doc_id=path, path=path, index=0, text=text, heading_path=list(heading),
+                 start=0, end=len(text), n_tokens=len(text) // 4, language=language, title=title)
+
+
+def en(sentence):
+    return english_questions(sentence, answer_spans(sentence, "en"), load_prompt("cloze", required=("en",)))
+
+
+def zh(sentence):
+    return chinese_questions(sentence, load_prompt("cloze", required=("zh",)))
+
+
+@pytest.mark.parametrize("sentence, questions", [
+    ("The Kestrel K4 survey drone costs 8,950 euros.", [
+        "The Kestrel K4 survey drone costs how much?",
+        "The Kestrel K4 survey drone costs how many euros?",
+        "How many euros does the Kestrel K4 survey drone cost?"]),
+    ("Tessarine employees receive 27 days of paid annual leave per year.", [
+        "Tessarine employees receive how many days of paid annual leave per year?",
+        "How many days of paid annual leave per year do Tessarine employees receive?"]),
+    ("The Tessarine hotel limit in Europe is 165 euros per night.", [
+        "The Tessarine hotel limit in Europe is how much per night?",
+        "The Tessarine hotel limit in Europe is how many euros per night?",
+        "How many euros per night is the Tessarine hotel limit in Europe?"]),
+    ("The Kestrel K4 survey drone has a flight time of 52 minutes.", [
+        "The Kestrel K4 survey drone has a flight time of how many minutes?",
+        "What is the flight time of the Kestrel K4 survey drone?"]),
+    ("The Brekke garage has 40 spaces for staff cars.", [
+        "The Brekke garage has how many spaces for staff cars?",
+        "How many spaces does the Brekke garage have for staff cars?"]),
+    ("The founder of Tessarine Aerial Robotics is Maren Oksavik.", ["Who is the founder of Tessarine Aerial Robotics?"]),
+    ("The Tessarine support portal is called HangarDesk.", ["What is the Tessarine support portal called?"]),
+    ("Tessarine business trips must be booked through the travel agency Nordbris Travel.",
+     ["Tessarine business trips must be booked through which travel agency?"]),
+    ("SkyLedger 3.2 was released on 14 May 2025.", ["SkyLedger 3.2 was released on what date?"]),
+    ("SkyLedger 3.3 is planned for release in October 2025.", ["SkyLedger 3.3 is planned for release in what month?"]),
+    ("Tessarine Aerial Robotics was founded in 2011 in Skarvhamn.",
+     ["Tessarine Aerial Robotics was founded in what year in Skarvhamn?",
+      "Tessarine Aerial Robotics was founded in 2011 in what?"]),
+    ("The Hangar Hour starts every Friday at 14:30.", ["The Hangar Hour starts every Friday at what time?"]),
+    ("The support hotline is open from 08:00 to 17:00 CET on weekdays.",
+     ["The support hotline is open from what time to what time CET on weekdays?"]),
+    ("The FjordCell battery is rated for 400 charge cycles.", ["The FjordCell battery is rated for how many charge cycles?"]),
+])
+def test_english_questions_ask_for_the_value_in_place_and_in_front(sentence, questions):
+    assert en(sentence) == questions
+
+
+def test_a_question_never_holds_its_value_and_a_day_of_the_week_is_not_asked_for():
+    for sentence in ["Orders of five or more Kestrel K4 drones receive a 7 percent volume discount.",
+                     "The Tessarine support hotline number is +47 38 21 90 40.",
+                     "Core hours run from 10:00 to 15:00, Monday to Thursday."]:
+        for question in en(sentence):
+            assert not any(v in question for v in ("7 percent", "38 21", "10:00", "15:00")), question
+    assert en("Core hours run from 10:00 to 15:00, Monday to Thursday.") == [
+        "Core hours run from what time to what time, Monday to Thursday?"]
+    assert en("The Tessarine support hotline number is +47 38 21 90 40.")[-1] == "What is the Tessarine support hotline number?"
+
+
+def test_a_name_inside_the_sentence_or_a_sentence_without_values_gets_no_question():
+    assert en("The Vindel lamp is made of recycled oak.") == []
+    assert en("SkyLedger 3.2 imports no-fly zones automatically from the NOTAM feed.") == []
+
+
+@pytest.mark.parametrize("sentence, question", [
+    ("特萨林深圳办事处共有员工37人。", "特萨林深圳办事处共有员工多少人？"),
+    ("特萨林深圳办事处每月为每位员工发放餐补人民币800元。", "特萨林深圳办事处每月为每位员工发放餐补多少钱？"),
+    ("特萨林深圳维修中心的标准维修周期为7个工作日。", "特萨林深圳维修中心的标准维修周期为多少个工作日？"),
+    ("特萨林深圳办事处的负责人是周雅岚。", "特萨林深圳办事处的负责人是谁？"),
+    ("特萨林中文售后热线为 400-820-7316 转 2。", "特萨林中文售后热线为多少？"),
+])
+def test_chinese_questions_replace_the_value_where_it_stands(sentence, question):
+    assert zh(sentence) == [question]
+
+
+def test_chinese_fact_without_a_value_gets_no_question():
+    assert zh("特萨林员工在生日当月可额外休假一天。") == []
+
+
+def test_pairs_answer_with_the_fact_and_keep_their_chunk():
+    text = "The Wren W1 training drone costs 690 euros. It has a flight time of 25 minutes."
+    chunks = [chunk(text, heading=("Price Sheet", "Wren W1")),
+              chunk("红隼K4每台售价人民币9000元。", language="zh", path="docs/zh.md", title="价目表", heading=())]
+    pairs = cloze_pairs(chunks)
+    by_answer = {}
+    for p in pairs:
+        by_answer.setdefault(p.answer, []).append(p.question)
+    assert by_answer == {
+        "The Wren W1 training drone costs 690 euros.": [
+            "The Wren W1 training drone costs how much?", "The Wren W1 training drone costs how many euros?",
+            "How many euros does the Wren W1 training drone cost?"],
+        # The pronoun is restored from the heading, as in fact mode: the answer stands on its own.
+        "Wren W1 has a flight time of 25 minutes.": [
+            "Wren W1 has a flight time of how many minutes?", "What is the flight time of Wren W1?"],
+        "红隼K4每台售价人民币9000元。": ["红隼K4每台售价多少钱？"],
+    }
+    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-1")}
+    assert {p.chunk_id for p in pairs} == {"docs/price_sheet.md:0", "docs/zh.md:0"}
+    assert {p.language for p in pairs if p.path == "docs/zh.md"} == {"zh"}
