@@ -42,6 +42,9 @@ NUMBERISH = re.compile(r"(?<![A-Za-z\d])\d+(?:[.,:]\d+)*")  # not the 2 of "X2"
 # A number right after a capitalised word is part of a name ("SkyLedger 3.2", "Tessarine 2025"):
 # a question may name it without giving the answer away.
 NAME_NUMBER = re.compile(r"\b[A-Z][\w-]* (\d+(?:[.,:]\d+)*)")
+# "What is the Kestrel K4?" / "Where is X?" / "What about X?": names the fact's subject and asks nothing of it.
+BARE_WHAT = re.compile(r"^(what|where|who)(?:'s| is| are| was| were)\s+(?:the |a |an )?([^?]{2,80})\?$", re.I)
+VAGUE = re.compile(r"^what about\b|^(can|could) you tell me (a bit )?more about\b|^tell me about\b", re.I)
 YES_NO = re.compile(r"^(is|are|was|were|does|do|did|can|could|will|would|should|has|have|must)\b|吗[？?]$", re.I)
 EN_WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
 EN_STOP = {"what", "which", "when", "where", "does", "have", "that", "this", "with", "from", "there",
@@ -193,6 +196,31 @@ def asks_for(question: str, target: str, fact: str) -> bool:
     return True
 
 
+def is_vague(question: str, fact: str) -> bool:
+    """A question a fact answers only by chance: "What is the Kestrel K4 survey drone?" for its
+    flight time, "Where is the Kestrel K4?" for its price. Trained on, such questions pull every
+    question about the subject to this one fact. A bare "What is X?" is kept when the fact defines
+    or gives X ("X is ..."), a "where" question when the fact says where."""
+    q = question.strip()
+    if VAGUE.search(q):
+        return True
+    m = BARE_WHAT.match(q)
+    if not m:
+        return False
+    subject = normalize(m.group(2))
+    text = normalize(fact)
+    if subject not in text:
+        return False  # asks for something named differently; the other checks judge it
+    follows = text.split(subject, 1)[1].split()
+    if not follows:
+        return False  # "Who is Jonas Villemo?" for "... is Jonas Villemo.": the answer leak check's case
+    if m.group(1).lower() == "where":
+        return not re.search(r"\b(located|based|situated|held)\b|\b(is|are|was|were) (at|in)\b", fact)
+    # "X is 48 euros" / "X is the flight-log software": X is given; "X is located ..." is no definition.
+    return not (follows[:1] and follows[0] in ("is", "are", "was", "were")
+                and not (len(follows) > 1 and follows[1].endswith("ed")))
+
+
 def check_question(question: str, fact: str, language: str, targets: list[str] | None = None) -> str | None:
     """The reason to drop a fact-mode question, or None to keep it. `targets` are the values of the
     fact a question may ask for (`question_targets`); without them, its names and numbers."""
@@ -219,6 +247,8 @@ def check_question(question: str, fact: str, language: str, targets: list[str] |
         return "answer_leak"  # a number of the answer inside the question gives it away
     if YES_NO.match(q):
         return None  # a yes/no question restates the fact by nature
+    if language == "en" and is_vague(q, fact):
+        return "vague_question"
     # A question that already holds the answer teaches copying, not recalling.
     if targets:
         if facts_found(q, targets[-1:])[0]:

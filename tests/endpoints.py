@@ -39,7 +39,8 @@ def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tu
         if cannot:
             return "fact", "The answer is yes."
         words = [w for w in re.findall(r"[A-Za-z]{4,}", fact)][:4]
-        templates = ["What do we know about {}?", "Tell me about {}?", "Which detail concerns {}?", "What about {}?"]
+        templates = ["What do we know about {}?", "What is said about {}?", "Which detail concerns {}?",
+                     "Which figure concerns {}?"]
         if re.search(r"[\u4e00-\u9fff]", fact):
             return "fact", f"{fact[:6]}是什么？"
         return "fact", templates[(seed or 0) % len(templates)].format(" ".join(words))

@@ -9,6 +9,7 @@ from tasks.synthesize import (
     choose_mode,
     clean_question,
     extract_facts,
+    is_vague,
     fact_messages,
     faq_chunks,
     groundedness,
@@ -82,6 +83,23 @@ def test_a_number_inside_a_name_is_no_leak_but_the_asked_value_is():
     fact = "The chief executive of Tessarine is Jonas Villemo."  # in the Tessarine handbook
     assert check_question("Who is Jonas Villemo?", fact, "en", ["Jonas Villemo"]) == "answer_leak"
     assert check_question("Who runs Tessarine as chief executive?", fact, "en", ["Jonas Villemo"]) is None
+
+
+@pytest.mark.parametrize("question, fact, vague", [
+    ("What is the Kestrel K4 survey drone?", "The Kestrel K4 survey drone has a flight time of 52 minutes.", True),
+    ("What's the Heron H2?", "The Heron H2 inspection drone costs 12,400 euros.", True),
+    ("Where is the Kestrel K4?", "The Kestrel K4 survey drone costs 8,950 euros.", True),
+    ("What about Tessarine's regular staff?", "Tessarine staff fly economy class on flights shorter than 6 hours.", True),
+    ("What is the Tessarine repair centre?", "The Tessarine repair centre is located at Verkstedgata 5.", True),
+    # The fact gives X ("X is ..."), or says where: the question is answered by it.
+    ("What's the meal allowance for domestic trips?", "The meal allowance for domestic trips is 48 euros per day.", False),
+    ("What is SkyLedger?", "SkyLedger is the flight-log software of Tessarine.", False),
+    ("Where is the Tessarine repair centre?", "The Tessarine repair centre is located at Verkstedgata 5.", False),
+    ("What is the flight time of the Kestrel K4?", "The Kestrel K4 survey drone has a flight time of 52 minutes.", False),
+])
+def test_vague_questions_name_the_subject_and_ask_nothing_of_it(question, fact, vague):
+    assert is_vague(question, fact) is vague
+    assert (check_question(question, fact, "en") == "vague_question") is vague
 
 
 @pytest.mark.parametrize("question, target, ok", [
