@@ -151,21 +151,37 @@ def _questions_for(sentence: str, target: str, t: dict) -> list[str]:
     if after.startswith((" of ", " per ")):
         wh_front, after = wh_front + after, ""  # "How many days of paid annual leave per year"
     wh_front = wh_front[0].upper() + wh_front[1:]
+    front, subject = [], ""
     if m := re.fullmatch(r"(.+) (has|have) an? ([a-z][a-z -]*) of ", before):
-        questions.append(render(t["front_has"], np=m.group(3), subject=_lower_lead(m.group(1))))
+        subject = _lower_lead(m.group(1))
+        front.append(render(t["front_has"], np=m.group(3), subject=subject))
     elif m := re.fullmatch(r"(.+) (is|are|was|were) ", before):
-        questions.append(render(t["front_copula"], wh=wh_front, be=m.group(2), subject=_lower_lead(m.group(1)), rest=after))
+        subject = _lower_lead(m.group(1))
+        front.append(render(t["front_copula"], wh=wh_front, be=m.group(2), subject=subject, rest=after))
     elif (m := re.fullmatch(r"([A-Z][^,]*?) ([a-z]+) ", before)) and m.group(2) not in _NOT_A_VERB \
             and len(m.group(1).split()) <= 7:
-        verb = m.group(2)
+        verb, subject = m.group(2), _lower_lead(m.group(1))
         singular = verb.endswith("s") and not verb.endswith("ss")
-        questions.append(render(t["front_verb"], wh=wh_front, do="does" if singular else "do",
-                                subject=_lower_lead(m.group(1)), verb=_verb_base(verb) if singular else verb,
-                                rest=after))
+        base = _verb_base(verb) if singular else verb
+        front.append(render(t["front_verb"], wh=wh_front, do="does" if singular else "do", subject=subject,
+                            verb=base, rest=after))
+        if kind == "money" and base == "cost" and not after.strip():
+            front.append(render(t["front_price"], subject=subject))
     elif m := re.fullmatch(r"([A-Z][^,]*?) (has|have) ", before):  # "The garage has 40 spaces"
-        questions.append(render(t["front_verb"], wh=wh_front, do="does" if m.group(2) == "has" else "do",
-                                subject=_lower_lead(m.group(1)), verb="have", rest=after))
-    return questions
+        subject = _lower_lead(m.group(1))
+        front.append(render(t["front_verb"], wh=wh_front, do="does" if m.group(2) == "has" else "do",
+                            subject=subject, verb="have", rest=after))
+    # A product is asked for by its name alone as often as by its full description.
+    if (alias := _short_name(subject)) != subject:
+        front += [q.replace(subject, alias) for q in front]
+    return questions + front
+
+
+def _short_name(subject: str) -> str:
+    """"the Kestrel K4 survey drone" -> "the Kestrel K4": a model-like name (with a digit) followed
+    by one or two plain words. Anything else is kept whole ("the Tessarine meal allowance ...")."""
+    m = re.fullmatch(r"(the )?([A-Z][\w-]*(?: [A-Z0-9][\w.-]*)*) ([a-z][a-z-]*(?: [a-z][a-z-]*)?)", subject)
+    return (m.group(1) or "") + m.group(2) if m and any(c.isdigit() for c in m.group(2)) else subject
 
 
 def chinese_questions(fact: str, prompt: dict) -> list[str]:

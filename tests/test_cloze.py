@@ -27,7 +27,10 @@ def zh(sentence):
     ("The Kestrel K4 survey drone costs 8,950 euros.", [
         "The Kestrel K4 survey drone costs how much?",
         "The Kestrel K4 survey drone costs how many euros?",
-        "How many euros does the Kestrel K4 survey drone cost?"]),
+        "How many euros does the Kestrel K4 survey drone cost?",
+        "What is the price of the Kestrel K4 survey drone?",
+        # a model-like name is also asked for without its description
+        "How many euros does the Kestrel K4 cost?", "What is the price of the Kestrel K4?"]),
     ("Tessarine employees receive 27 days of paid annual leave per year.", [
         "Tessarine employees receive how many days of paid annual leave per year?",
         "How many days of paid annual leave per year do Tessarine employees receive?"]),
@@ -37,7 +40,7 @@ def zh(sentence):
         "How many euros per night is the Tessarine hotel limit in Europe?"]),
     ("The Kestrel K4 survey drone has a flight time of 52 minutes.", [
         "The Kestrel K4 survey drone has a flight time of how many minutes?",
-        "What is the flight time of the Kestrel K4 survey drone?"]),
+        "What is the flight time of the Kestrel K4 survey drone?", "What is the flight time of the Kestrel K4?"]),
     ("The Brekke garage has 40 spaces for staff cars.", [
         "The Brekke garage has how many spaces for staff cars?",
         "How many spaces does the Brekke garage have for staff cars?"]),
@@ -101,7 +104,8 @@ def test_pairs_answer_with_the_fact_and_keep_their_chunk():
     assert by_answer == {
         "The Wren W1 training drone costs 690 euros.": [
             "The Wren W1 training drone costs how much?", "The Wren W1 training drone costs how many euros?",
-            "How many euros does the Wren W1 training drone cost?"],
+            "How many euros does the Wren W1 training drone cost?", "What is the price of the Wren W1 training drone?",
+            "How many euros does the Wren W1 cost?", "What is the price of the Wren W1?"],
         # The pronoun is restored from the heading, as in fact mode: the answer stands on its own.
         "Wren W1 has a flight time of 25 minutes.": [
             "Wren W1 has a flight time of how many minutes?", "What is the flight time of Wren W1?"],
