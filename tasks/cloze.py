@@ -25,12 +25,12 @@ from doctune.metrics import facts_found
 from doctune.prefect_utils import CACHE
 from doctune.prompts import load_prompt, render
 from doctune.records import Chunk, QAPair
-from tasks.synthesize import extract_facts, question_targets
+from tasks.synthesize import MONTHS, WEEKDAYS, extract_facts, question_targets
 
 PROMPT = "cloze"
 
-_MONTH = r"(january|february|march|april|may|june|july|august|september|october|november|december)"
-_WEEKDAY = r"(monday|tuesday|wednesday|thursday|friday|saturday|sunday)s?"
+_MONTH = rf"({MONTHS})"
+_WEEKDAY = rf"({WEEKDAYS})s?"
 _CURRENCY = {"euro", "euros", "eur", "dollar", "dollars", "usd", "kroner", "nok", "yuan", "rmb"}
 _NOT_A_VERB = {
     "at", "in", "on", "of", "to", "for", "from", "by", "with", "than", "until", "within", "the", "a", "an",
@@ -102,8 +102,9 @@ def english_questions(fact: str, targets: list[str], prompt: dict) -> list[str]:
     sentence = fact.strip().rstrip(".!")
     t = prompt["en"]
     questions = []
-    for target in [v for v in targets if _kind(v)][-2:]:
-        questions += [q for q in _questions_for(sentence, target, t) if not facts_found(q, [target])[0]]
+    kinds = [(v, kind) for v in targets if (kind := _kind(v))]
+    for target, kind in kinds[-2:]:
+        questions += [q for q in _questions_for(sentence, target, kind, t) if not facts_found(q, [target])[0]]
     return list(dict.fromkeys(questions))
 
 
@@ -121,12 +122,11 @@ def _name_question(before: str, t: dict) -> str:
     return before + render(t["name"]) + "?"
 
 
-def _questions_for(sentence: str, target: str, t: dict) -> list[str]:
+def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
     i = sentence.rfind(target)
     if i <= 0:
         return []  # not found, or the subject itself
     before, after = sentence[:i].rstrip("+"), sentence[i + len(target):]
-    kind = _kind(target)
     unit = " ".join(target.split()[1:])
     if kind == "name":
         # A name inside the sentence is usually its subject or the object of its verb: skipped.

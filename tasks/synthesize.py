@@ -162,9 +162,9 @@ def target_for(targets: list[str], variant: int) -> str | None:
     return targets[-2] if variant % 4 == 2 and len(targets) > 1 else targets[-1]
 
 
-_MONTHS = "january|february|march|april|may|june|july|august|september|october|november|december"
-_WEEKDAYS = "monday|tuesday|wednesday|thursday|friday|saturday|sunday|weekday|weekdays"
-_WHEN = re.compile(rf"\b({_MONTHS}|{_WEEKDAYS})\b|\d:\d\d|\b(1[89]|20)\d\d\b", re.I)
+MONTHS = "january|february|march|april|may|june|july|august|september|october|november|december"
+WEEKDAYS = "monday|tuesday|wednesday|thursday|friday|saturday|sunday"
+_WHEN = re.compile(rf"\b({MONTHS}|{WEEKDAYS}|weekdays?)\b|\d:\d\d|\b(1[89]|20)\d\d\b", re.I)
 _DURATION = re.compile(r"\b(second|minute|hour|day|week|month|year)s?\b|\b(metre|meter|kilometre|km)s?\b", re.I)
 _HOW_MANY = re.compile(r"\bhow many ([a-z]+)", re.I)
 
