@@ -69,7 +69,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
                                        "text": c.text[:300]})
                        for c in all_chunks + faq if c.language in choice.skip_languages]
     jobs = [(path, cs, choice.mode) for path, cs in chunks.items()]
-    jobs += [(path, [c for c in faq if c.path == path], "fact") for path in dict.fromkeys(c.path for c in faq)]
+    faq_by_path: dict[str, list] = {}
+    for c in faq:
+        faq_by_path.setdefault(c.path, []).append(c)
+    jobs += [(path, cs, "fact") for path, cs in faq_by_path.items()]
     progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
     synth, failures = SynthResult(), []
     for i, (path, doc_chunks, mode) in enumerate(jobs, start=1):

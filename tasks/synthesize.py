@@ -27,7 +27,7 @@ from doctune.prefect_utils import CACHE, NETWORK_RETRIES
 from doctune.prompts import load_prompt, render
 from doctune.records import CJK_RE, Chunk, Dropped, QAPair, short_hash
 from doctune.settings import LLMSettings, SynthSettings
-from tasks.chunk import split_sentences
+from tasks.chunk import count_tokens, split_sentences
 
 STAGE = "synthesize"
 CJK = CJK_RE
@@ -131,7 +131,7 @@ def faq_chunks(pairs: list[QAPair]) -> list[Chunk]:
     for i, p in enumerate(pair for pair in pairs if pair.source == "faq"):
         doc_id = p.doc_id or short_hash(p.path or "", n=12)
         chunks.append(Chunk(chunk_id=f"{doc_id}:faq{i}", doc_id=doc_id, path=p.path or "", index=i, text=p.answer,
-                            heading_path=[], start=0, end=len(p.answer), n_tokens=max(1, len(p.answer) // 4),
+                            heading_path=[], start=0, end=len(p.answer), n_tokens=count_tokens(p.answer),
                             language=p.language, title=""))
     return chunks
 
