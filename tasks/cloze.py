@@ -32,13 +32,19 @@ PROMPT = "cloze"
 _MONTH = rf"({MONTHS})"
 _WEEKDAY = rf"({WEEKDAYS})s?"
 _CURRENCY = {"euro", "euros", "eur", "dollar", "dollars", "usd", "kroner", "nok", "yuan", "rmb"}
-_NOT_A_VERB = {
+# Words that are neither the verb after a subject nor a counted noun after a bare number.
+_NOT_A_COUNT_OR_VERB = {
     "at", "in", "on", "of", "to", "for", "from", "by", "with", "than", "until", "within", "the", "a", "an",
     "per", "about", "above", "below", "least", "over", "under", "and", "or", "is", "are", "was", "were",
     "has", "have", "does", "do", "its", "their", "this", "that", "extension", "number",
 }
 _ROLE = re.compile(r"\b(founder|chief|ceo|head|manager|director|controller|owner|contact|chair|president|lead)\b", re.I)
 _ENGLISH_LEAD = re.compile(r"^(The|A|An|Every|All|Each) ")
+# Nouns that name the number after them ("extension 4471", "room 12"), with up to one word before.
+_LABEL_BEFORE = re.compile(
+    r"\b((?:[a-z][a-z-]* )?(?:extension|room|floor|gate|line|channel|code|desk|building|hall|platform|bay)) $")
+# A second clause: "and" followed by a verb ("and needs ...", "and can fly ...").
+_AND_CLAUSE = re.compile(r",? and (?=(?:can|must|may|will|is|are|has|have|[a-z]+[^s\W]s)\b)")
 
 _ZH_VALUES = [  # (pattern, kind): the first match from the end of the sentence is asked for
     (re.compile(r"\d{3,4}-\d{3,4}-\d{3,4}(?:\s*转\s*\d+)?"), "number"),
@@ -80,7 +86,7 @@ def _counted(after: str) -> str:
     """The one or two plain words after a bare number ("400 charge cycles for ..." -> "charge cycles")."""
     words = []
     for word in after.split()[:2]:
-        if not re.fullmatch(r"[a-z][a-z-]+", word) or word in _NOT_A_VERB:
+        if not re.fullmatch(r"[a-z][a-z-]+", word) or word in _NOT_A_COUNT_OR_VERB:
             break
         words.append(word)
     return " ".join(words) if after.startswith(" ") else ""
@@ -116,7 +122,7 @@ def _name_question(before: str, t: dict) -> str:
         wh = "Who" if _ROLE.search(m.group(1)) else "What"
         return render(t["front_copula"], wh=wh, be=m.group(2), subject=_lower_lead(m.group(1)), rest="")
     m = re.search(r"\bthe ((?:[a-z][a-z-]* ){0,2}[a-z][a-z-]*),? $", before)
-    if m and m.group(1).split()[-1] not in _NOT_A_VERB:
+    if m and m.group(1).split()[-1] not in _NOT_A_COUNT_OR_VERB:
         # "through the travel agency Nordbris Travel" -> "through which travel agency"
         return before[: m.start()] + render(t["which"], np=m.group(1)) + "?"
     return before + render(t["name"]) + "?"
@@ -129,6 +135,12 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
     before, after = sentence[:i].rstrip("+"), sentence[i + len(target):]
     unit = " ".join(target.split()[1:])
     if kind == "name":
+        if m := re.fullmatch(r"(.+) (is|are) rated ", before):  # "The Heron H2 is rated IP54 and ..."
+            subject = _lower_lead(m.group(1))
+            front = [render(t["front_rated"], be=m.group(2), subject=subject),
+                     render(t["front_rating"], do="does" if m.group(2) == "is" else "do", subject=subject)]
+            alias = _short_name(subject)
+            return front + ([q.replace(subject, alias) for q in front] if alias != subject else [])
         # A name inside the sentence is usually its subject or the object of its verb: skipped.
         return [] if after.strip() else [_name_question(before, t)]
     if kind == "number" and (counted := _counted(after)):
@@ -136,6 +148,12 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
         kind, unit, after = "count", counted, after[len(" " + counted):]
     if kind == "percent":
         before = re.sub(r"\ban? $", "", before)
+    if kind == "number" and not after.strip() and (m := _LABEL_BEFORE.search(before)):
+        # "reached on internal extension 4471" -> "reached on which internal extension?"
+        start, np = m.start(), m.group(1)
+        if (first := np.split()[0]) in _NOT_A_COUNT_OR_VERB:  # "on extension": the preposition stays
+            start, np = start + len(first) + 1, np[len(first) + 1:]
+        return [before + render(t["number"]) + "?", before[:start] + render(t["which"], np=np) + "?"]
     wh = render(t[kind], unit=unit)
     if kind == "money" and " per " in f" {unit} ":
         wh += " per " + unit.split(" per ", 1)[1]  # "48 euros per day" -> "how much per day"
@@ -148,6 +166,8 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
     if kind not in ("count", "money", "percent", "number"):
         return questions
     wh_front = {"money": render(t["count"], unit=unit), "number": "What"}.get(kind, wh)
+    # "lasts 21 days and needs no credit card": the front form asks of the first clause only
+    after = _AND_CLAUSE.split(after, maxsplit=1)[0]
     if after.startswith((" of ", " per ")):
         wh_front, after = wh_front + after, ""  # "How many days of paid annual leave per year"
     wh_front = wh_front[0].upper() + wh_front[1:]
@@ -158,7 +178,7 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
     elif m := re.fullmatch(r"(.+) (is|are|was|were) ", before):
         subject = _lower_lead(m.group(1))
         front.append(render(t["front_copula"], wh=wh_front, be=m.group(2), subject=subject, rest=after))
-    elif (m := re.fullmatch(r"([A-Z][^,]*?) ([a-z]+) ", before)) and m.group(2) not in _NOT_A_VERB \
+    elif (m := re.fullmatch(r"([A-Z][^,]*?) ([a-z]+) ", before)) and m.group(2) not in _NOT_A_COUNT_OR_VERB \
             and len(m.group(1).split()) <= 7:
         verb, subject = m.group(2), _lower_lead(m.group(1))
         singular = verb.endswith("s") and not verb.endswith("ss")

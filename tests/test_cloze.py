@@ -57,6 +57,21 @@ def zh(sentence):
     ("The support hotline is open from 08:00 to 17:00 CET on weekdays.",
      ["The support hotline is open from what time to what time CET on weekdays?"]),
     ("The FjordCell battery is rated for 400 charge cycles.", ["The FjordCell battery is rated for how many charge cycles?"]),
+    # a rating inside the sentence is asked for as a rating
+    ("The Heron H2 inspection drone is rated IP54 and can fly in light rain.", [
+        "What is the Heron H2 inspection drone rated?", "What rating does the Heron H2 inspection drone have?",
+        "What is the Heron H2 rated?", "What rating does the Heron H2 have?"]),
+    # a number named by the noun before it: "which extension"; a preposition before the noun stays
+    ("The Tessarine IT helpdesk can be reached on internal extension 4471.", [
+        "The Tessarine IT helpdesk can be reached on internal extension what number?",
+        "The Tessarine IT helpdesk can be reached on which internal extension?"]),
+    ("Urgent problems are handled by the on-call engineer on extension 4470.", [
+        "Urgent problems are handled by the on-call engineer on extension what number?",
+        "Urgent problems are handled by the on-call engineer on which extension?"]),
+    # the front form leaves out a second clause joined by "and"
+    ("The SkyLedger free trial lasts 21 days and needs no credit card.", [
+        "The SkyLedger free trial lasts how many days and needs no credit card?",
+        "How many days does the SkyLedger free trial last?"]),
 ])
 def test_english_questions_ask_for_the_value_in_place_and_in_front(sentence, questions):
     assert en(sentence) == questions
@@ -111,6 +126,6 @@ def test_pairs_answer_with_the_fact_and_keep_their_chunk():
             "Wren W1 has a flight time of how many minutes?", "What is the flight time of Wren W1?"],
         "红隼K4每台售价人民币9000元。": ["红隼K4每台售价多少钱？"],
     }
-    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-1")}
+    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-2")}
     assert {p.chunk_id for p in pairs} == {"docs/price_sheet.md:0", "docs/zh.md:0"}
     assert {p.language for p in pairs if p.path == "docs/zh.md"} == {"zh"}
