@@ -139,8 +139,7 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
             subject = _lower_lead(m.group(1))
             front = [render(t["front_rated"], be=m.group(2), subject=subject),
                      render(t["front_rating"], do="does" if m.group(2) == "is" else "do", subject=subject)]
-            alias = _short_name(subject)
-            return front + ([q.replace(subject, alias) for q in front] if alias != subject else [])
+            return _with_short_name(front, subject)
         # A name inside the sentence is usually its subject or the object of its verb: skipped.
         return [] if after.strip() else [_name_question(before, t)]
     if kind == "number" and (counted := _counted(after)):
@@ -191,10 +190,14 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
         subject = _lower_lead(m.group(1))
         front.append(render(t["front_verb"], wh=wh_front, do="does" if m.group(2) == "has" else "do",
                             subject=subject, verb="have", rest=after))
-    # A product is asked for by its name alone as often as by its full description.
-    if (alias := _short_name(subject)) != subject:
-        front += [q.replace(subject, alias) for q in front]
-    return questions + front
+    return questions + _with_short_name(front, subject)
+
+
+def _with_short_name(front: list[str], subject: str) -> list[str]:
+    """The front forms again with the subject's short name: a product is asked for by its name alone
+    as often as by its full description."""
+    alias = _short_name(subject)
+    return front + [q.replace(subject, alias) for q in front] if alias != subject else front
 
 
 def _short_name(subject: str) -> str:
