@@ -9,6 +9,10 @@ fact questions that ask for its value, written by rules, not by the model:
     The Kestrel K4 survey drone costs 8,950 euros.
       -> How much does the Kestrel K4 survey drone cost?
       -> The Kestrel K4 survey drone costs how much?
+    SkyLedger 3.2 was released on 14 May 2025.
+      -> On what date was SkyLedger 3.2 released?
+    Hold the power button for 8 seconds.
+      -> For how many seconds do I hold the power button?
     特萨林深圳办事处共有员工37人。 -> 特萨林深圳办事处共有员工多少人？
 
 They cost no LLM call, so they work offline and in Chinese (where the value stays in place in a
@@ -38,6 +42,14 @@ _NOT_A_COUNT_OR_VERB = {
     "per", "about", "above", "below", "least", "over", "under", "and", "or", "is", "are", "was", "were",
     "has", "have", "does", "do", "its", "their", "this", "that", "extension", "number",
 }
+# Kinds of value a front form is written for (a name is asked for in place, or by "which").
+_MOVABLE = {"count", "money", "percent", "number", "year", "date", "month", "time", "time_range"}
+# Prepositions that move to the front with the value ("On what date was …", "Within how many days …").
+_PREPOSITIONS = "in|on|at|within|until|by|for|after|before|from"
+_AUXILIARY = "is|are|was|were|must|can|could|should|will|would|may|might"
+_DETERMINER = "the|a|an|every|all|each|its|their|your|our|both"
+_SUBJECT = r"[A-Z][^,]*?"  # from the capital that starts the sentence, as short as the rest allows
+_VERB_S = r"[a-z]+[^s\W]s"  # "costs", "reimburses" (not "class"): a singular verb, or a plural noun
 _ROLE = re.compile(r"\b(founder|chief|ceo|head|manager|director|controller|owner|contact|chair|president|lead)\b", re.I)
 _ENGLISH_LEAD = re.compile(r"^(The|A|An|Every|All|Each) ")
 # Nouns that name the number after them ("extension 4471", "room 12"), with up to one word before.
@@ -129,11 +141,14 @@ def _name_question(before: str, t: dict) -> str:
 
 
 def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
+    sentence, new_target = _unit_after_noun(sentence, target)
+    if new_target != target:
+        target, kind = new_target, _kind(new_target)
     i = sentence.rfind(target)
-    if i <= 0:
-        return []  # not found, or the subject itself
+    if i <= 0 or sentence[i - 1] == "-":
+        return []  # not found, the subject itself, or a negative value ("-20 °C": "how many" loses the sign)
     before, after = sentence[:i].rstrip("+"), sentence[i + len(target):]
-    unit = " ".join(target.split()[1:])
+    unit = re.sub(r"^(?:to|and|-|–) [\d.,]+ ", "", " ".join(target.split()[1:]))  # "3 to 5 working days"
     if kind == "name":
         if m := re.fullmatch(r"(.+) (is|are) rated ", before):  # "The Heron H2 is rated IP54 and ..."
             subject = _lower_lead(m.group(1))
@@ -161,36 +176,86 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
     questions = [before + wh + after + "?"]
     if kind == "money":  # also ask for the unit: "how many euros per night"
         questions.append(before + render(t["count"], unit=unit) + after + "?")
-    # The value moved to the front, for a counted or priced value after the verb.
-    if kind not in ("count", "money", "percent", "number"):
-        return questions
-    wh_front = {"money": render(t["count"], unit=unit), "number": "What"}.get(kind, wh)
+    return questions + _front_questions(before, after, kind, wh, unit, t)
+
+
+def _unit_after_noun(sentence: str, target: str) -> tuple[str, str]:
+    """"comes with a 24-month warranty" -> "comes with a warranty of 24 months": the same fact in
+    the shape the rules below know how to ask about."""
+    if m := re.fullmatch(r"(\d+)-([a-z]+)", target):
+        if noun := re.search(rf"\ban? {re.escape(target)} ([a-z]+)", sentence):
+            value = f"{m.group(1)} {m.group(2)}s"
+            return sentence[: noun.start()] + f"a {noun.group(1)} of {value}" + sentence[noun.end():], value
+    return sentence, target
+
+
+def _front_questions(before: str, after: str, kind: str, wh: str, unit: str, t: dict) -> list[str]:
+    """The value moved to the front: "How many euros does the Kestrel K4 cost?", "On what date was
+    SkyLedger 3.2 released?"."""
+    if kind not in _MOVABLE:
+        return []
+    wh_front = {"money": render(t["count"], unit=unit), "number": "what"}.get(kind, wh)
     # "lasts 21 days and needs no credit card": the front form asks of the first clause only
     after = _AND_CLAUSE.split(after, maxsplit=1)[0]
     if after.startswith((" of ", " per ")):
         wh_front, after = wh_front + after, ""  # "How many days of paid annual leave per year"
-    wh_front = wh_front[0].upper() + wh_front[1:]
-    front, subject = [], ""
+    front, subject = _after_preposition(before, after, wh_front, t)
+    if kind in ("count", "money", "percent", "number") and not front:
+        front, subject = _after_verb(before, after, kind, wh_front, t)
+    return _with_short_name(front, subject)
+
+
+def _after_verb(before: str, after: str, kind: str, wh: str, t: dict) -> tuple[list[str], str]:
+    """A value right after the verb (or after "has a … of"); returns the questions and the subject."""
+    wh = wh[0].upper() + wh[1:] if kind != "number" else "What"
     if m := re.fullmatch(r"(.+) (has|have) an? ([a-z][a-z -]*) of ", before):
         subject = _lower_lead(m.group(1))
-        front.append(render(t["front_has"], np=m.group(3), subject=subject))
-    elif m := re.fullmatch(r"(.+) (is|are|was|were) ", before):
+        return [render(t["front_has"], np=m.group(3), subject=subject)], subject
+    if m := re.fullmatch(rf"({_SUBJECT}) ({_VERB_S})((?: with| to| for)?) an? ([a-z][a-z -]*) of ", before):
+        # "Every new engineer receives a laptop budget of 2,400 euros" -> "What laptop budget does …"
         subject = _lower_lead(m.group(1))
-        front.append(render(t["front_copula"], wh=wh_front, be=m.group(2), subject=subject, rest=after))
-    elif (m := re.fullmatch(r"([A-Z][^,]*?) ([a-z]+) ", before)) and m.group(2) not in _NOT_A_COUNT_OR_VERB \
+        verb = _verb_base(m.group(2)) + m.group(3)
+        return [render(t["front_np_verb"], np=m.group(4), do="does", subject=subject, verb=verb)], subject
+    if m := re.fullmatch(r"(.+) (is|are|was|were) ", before):
+        subject = _lower_lead(m.group(1))
+        return [render(t["front_copula"], wh=wh, be=m.group(2), subject=subject, rest=after)], subject
+    if (m := re.fullmatch(r"([A-Z][^,]*?) ([a-z]+) ", before)) and m.group(2) not in _NOT_A_COUNT_OR_VERB \
             and len(m.group(1).split()) <= 7:
         verb, subject = m.group(2), _lower_lead(m.group(1))
         singular = verb.endswith("s") and not verb.endswith("ss")
         base = _verb_base(verb) if singular else verb
-        front.append(render(t["front_verb"], wh=wh_front, do="does" if singular else "do", subject=subject,
-                            verb=base, rest=after))
+        front = [render(t["front_verb"], wh=wh, do="does" if singular else "do", subject=subject, verb=base,
+                        rest=after)]
         if kind == "money" and base == "cost" and not after.strip():
             front.append(render(t["front_price"], subject=subject))
-    elif m := re.fullmatch(r"([A-Z][^,]*?) (has|have) ", before):  # "The garage has 40 spaces"
+        return front, subject
+    if m := re.fullmatch(r"([A-Z][^,]*?) (has|have) ", before):  # "The garage has 40 spaces"
         subject = _lower_lead(m.group(1))
-        front.append(render(t["front_verb"], wh=wh_front, do="does" if m.group(2) == "has" else "do",
-                            subject=subject, verb="have", rest=after))
-    return questions + _with_short_name(front, subject)
+        return [render(t["front_verb"], wh=wh, do="does" if m.group(2) == "has" else "do", subject=subject,
+                       verb="have", rest=after)], subject
+    return [], ""
+
+
+def _after_preposition(before: str, after: str, wh: str, t: dict) -> tuple[list[str], str]:
+    """A value after a preposition, moved to the front with it: "was released on 14 May 2025" ->
+    "On what date was … released?", "Hold … for 8 seconds" -> "For how many seconds do I hold …?"."""
+    if not (m := re.fullmatch(rf"(.+) ({_PREPOSITIONS}) ", before)):
+        return [], ""
+    head = re.sub(r", [^,]+, ", " ", m.group(1))  # "The Hangar Hour, a demo session, starts …"
+    if v := re.fullmatch(rf"({_SUBJECT}) ({_AUXILIARY})( .+)?", head):
+        subject, do, rest = _lower_lead(v.group(1)), v.group(2), v.group(3) or ""
+    elif (v := re.fullmatch(rf"({_SUBJECT}) ({_VERB_S}) ((?:(?:{_DETERMINER})\b|[A-Z]).*)", head)) \
+            and v.group(2) not in _NOT_A_COUNT_OR_VERB:
+        subject, do, rest = _lower_lead(v.group(1)), "does", f" {_verb_base(v.group(2))} {v.group(3)}"
+    elif (v := re.fullmatch(rf"([A-Z][a-z]+) ((?:{_DETERMINER}) .+)", head)) and not v.group(1).endswith("s") \
+            and v.group(1).lower() not in _DETERMINER.split("|"):
+        subject, do, rest = "I", "do", f" {v.group(1).lower()} {v.group(2)}"  # an instruction: "Hold the …"
+    else:
+        return [], ""
+    if len(subject.split()) > 8 or " and " in subject:
+        return [], ""
+    return [render(t["front_prep"], prep=m.group(2).capitalize(), wh=wh, do=do, subject=subject,
+                   rest=rest + after)], subject
 
 
 def _with_short_name(front: list[str], subject: str) -> list[str]:

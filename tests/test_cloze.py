@@ -48,15 +48,43 @@ def zh(sentence):
     ("The Tessarine support portal is called HangarDesk.", ["What is the Tessarine support portal called?"]),
     ("Tessarine business trips must be booked through the travel agency Nordbris Travel.",
      ["Tessarine business trips must be booked through which travel agency?"]),
-    ("SkyLedger 3.2 was released on 14 May 2025.", ["SkyLedger 3.2 was released on what date?"]),
-    ("SkyLedger 3.3 is planned for release in October 2025.", ["SkyLedger 3.3 is planned for release in what month?"]),
+    # a value after a preposition moves to the front with it
+    ("SkyLedger 3.2 was released on 14 May 2025.",
+     ["SkyLedger 3.2 was released on what date?", "On what date was SkyLedger 3.2 released?"]),
+    ("SkyLedger 3.3 is planned for release in October 2025.",
+     ["SkyLedger 3.3 is planned for release in what month?", "In what month is SkyLedger 3.3 planned for release?"]),
     ("Tessarine Aerial Robotics was founded in 2011 in Skarvhamn.",
      ["Tessarine Aerial Robotics was founded in what year in Skarvhamn?",
+      "In what year was Tessarine Aerial Robotics founded in Skarvhamn?",
       "Tessarine Aerial Robotics was founded in 2011 in what?"]),
-    ("The Hangar Hour starts every Friday at 14:30.", ["The Hangar Hour starts every Friday at what time?"]),
+    # a plain verb gets "does"; an aside between commas is left out of the front form
+    ("The Hangar Hour, a demo session for all staff, starts every Friday at 14:30.",
+     ["The Hangar Hour, a demo session for all staff, starts every Friday at what time?",
+      "At what time does the Hangar Hour start every Friday?"]),
     ("The support hotline is open from 08:00 to 17:00 CET on weekdays.",
-     ["The support hotline is open from what time to what time CET on weekdays?"]),
-    ("The FjordCell battery is rated for 400 charge cycles.", ["The FjordCell battery is rated for how many charge cycles?"]),
+     ["The support hotline is open from what time to what time CET on weekdays?",
+      "From what time to what time CET is the support hotline open on weekdays?"]),
+    ("The FjordCell battery is rated for 400 charge cycles.",
+     ["The FjordCell battery is rated for how many charge cycles?", "For how many charge cycles is the FjordCell battery rated?"]),
+    ("Tessarine expense claims must be submitted within 30 days of returning from the trip.",
+     ["Tessarine expense claims must be submitted within how many days of returning from the trip?",
+      "Within how many days of returning from the trip must Tessarine expense claims be submitted?"]),
+    # an instruction is asked in the first person
+    ("Hold the power button for 8 seconds until the LED blinks blue.",
+     ["Hold the power button for how many seconds until the LED blinks blue?",
+      "For how many seconds do I hold the power button until the LED blinks blue?"]),
+    # "receives a laptop budget of": the noun is asked for; "a 24-month warranty" is read as "a warranty of 24 months"
+    ("Every new engineer receives a laptop budget of 2,400 euros.",
+     ["Every new engineer receives a laptop budget of how much?", "Every new engineer receives a laptop budget of how many euros?",
+      "What laptop budget does every new engineer receive?"]),
+    ("Every Tessarine drone comes with a 24-month warranty from the date of delivery.",
+     ["Every Tessarine drone comes with a warranty of how many months from the date of delivery?",
+      "What warranty does every Tessarine drone come with?"]),
+    # a range is asked for as one count; a negative value is not asked for ("how many" would lose its sign)
+    ("Standard shipping within Europe takes 3 to 5 working days.",
+     ["Standard shipping within Europe takes how many working days?",
+      "How many working days does Standard shipping within Europe take?"]),
+    ("The Kestrel K4 operates between -20 °C and 45 °C.", ["The Kestrel K4 operates between -20 °C and how many °C?"]),
     # a rating inside the sentence is asked for as a rating
     ("The Heron H2 inspection drone is rated IP54 and can fly in light rain.", [
         "What is the Heron H2 inspection drone rated?", "What rating does the Heron H2 inspection drone have?",
@@ -126,6 +154,6 @@ def test_pairs_answer_with_the_fact_and_keep_their_chunk():
             "Wren W1 has a flight time of how many minutes?", "What is the flight time of Wren W1?"],
         "红隼K4每台售价人民币9000元。": ["红隼K4每台售价多少钱？"],
     }
-    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-2")}
+    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-3")}
     assert {p.chunk_id for p in pairs} == {"docs/price_sheet.md:0", "docs/zh.md:0"}
     assert {p.language for p in pairs if p.path == "docs/zh.md"} == {"zh"}
