@@ -208,6 +208,24 @@ def test_packed_batches_attend_within_their_own_sequence(tiny_model, tokenizer):
     assert (batch["labels"] != IGNORE).sum() == (padded["labels"] != IGNORE).sum()
 
 
+def test_neftune_noises_the_embeddings_only_while_training(tiny_model):
+    settings = tiny_settings(tiny_model, neftune_alpha=5)
+    model = tr.load_model(tiny_model, tr.initial_plan(settings), settings)
+    embed = model.get_input_embeddings()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    model.eval()
+    clean = embed(ids)
+    model.train()
+    first, second = embed(ids), embed(ids)
+    bound = 5 / (6 * 64) ** 0.5  # alpha / sqrt(length x hidden size)
+    assert 0 < (first - clean).abs().max() <= bound and not torch.equal(first, second)
+    model.eval()
+    assert torch.equal(embed(ids), clean)
+    off = tiny_settings(tiny_model)
+    plain = tr.load_model(tiny_model, tr.initial_plan(off), off).train().get_input_embeddings()
+    assert torch.equal(plain(ids), plain(ids))
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -298,8 +316,10 @@ def test_best_needs_a_validation_schedule_and_split(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_model, dataset_dir, tmp_path):
+    # NEFTune on: its noise, too, must continue from the checkpoint's random state
     settings = tiny_settings(tiny_model, max_steps=6, save_every_steps=2, batching="length_grouped",
-                             gradient_accumulation_steps=2, per_device_batch_size=3, cpu_dtype="fp32")
+                             gradient_accumulation_steps=2, per_device_batch_size=3, cpu_dtype="fp32",
+                             neftune_alpha=5)
     straight = train(dataset_dir, settings, tmp_path / "a", progress=False)
 
     with pytest.raises(TrainingInterrupted):
