@@ -207,7 +207,7 @@ def _front_questions(before: str, after: str, kind: str, wh: str, unit: str, t: 
 
 def _after_verb(before: str, after: str, kind: str, wh: str, t: dict) -> tuple[list[str], str]:
     """A value right after the verb (or after "has a … of"); returns the questions and the subject."""
-    wh = wh[0].upper() + wh[1:] if kind != "number" else "What"
+    wh = wh[0].upper() + wh[1:]
     if m := re.fullmatch(r"(.+) (has|have) an? ([a-z][a-z -]*) of ", before):
         subject = _lower_lead(m.group(1))
         return [render(t["front_has"], np=m.group(3), subject=subject)], subject
