@@ -29,8 +29,10 @@ test: install
 test-fast: install
 	$(ENV) pytest -q -m "not slow"
 
+# The Prefect server, the cpu and gpu pools with a worker each, and the deployments of prefect.yaml.
 up: install
-	$(ENV) scripts/services.sh up prefect llm worker
+	$(ENV) scripts/services.sh up prefect workers deploy
 
 down:
 	scripts/services.sh down
+

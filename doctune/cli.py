@@ -113,5 +113,67 @@ def evaluate(
     typer.echo(f"report: {result['eval_dir']}/report.md")
 
 
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@app.command()
+def nightly(
+    folder: Optional[str] = typer.Argument(None, help="Document folder (default: the deployment's)."),
+    settings: Optional[Path] = typer.Option(None, help="YAML of NightlySettings fields to override."),
+    train_config: Optional[Path] = typer.Option(None, help="Training settings YAML, e.g. configs/demo.yaml."),
+    deployment: str = typer.Option("nightly/nightly", help="The nightly deployment to start."),
+    wait: bool = typer.Option(True, help="Wait for the run and print its outcome."),
+):
+    """Start a run of the nightly deployment (run by the workers of `make up`), wait, print the outcome."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from doctune.nightly import NightlySettings
+    from tasks.train import load_train_settings
+
+    async def defaults() -> dict:
+        async with get_client() as client:
+            return (await client.read_deployment_by_name(deployment)).parameters
+
+    params = asyncio.run(defaults())
+    extra = yaml.safe_load(settings.read_text(encoding="utf-8")) or {} if settings else {}
+    if train_config:
+        try:
+            extra = _deep_merge(extra, {"train": load_train_settings(train_config).model_dump(mode="json",
+                                                                                               exclude_defaults=True)})
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    merged = _deep_merge(params.get("settings", {}), extra)
+    try:
+        NightlySettings.model_validate(merged)  # fail here, not in the worker
+    except ValueError as exc:
+        raise typer.BadParameter(f"{settings or deployment}: {exc}") from None
+    params["settings"] = merged
+    if folder:
+        params["folder"] = folder
+    run = run_deployment(deployment, parameters=params, timeout=None if wait else 0)
+    typer.echo(f"flow run {run.name} ({run.id}): {run.state.name if run.state else 'scheduled'}")
+    if not wait:
+        return
+    if not run.state.is_completed():
+        typer.echo(f"the nightly run ended {run.state.name}: {run.state.message}", err=True)
+        raise typer.Exit(1)
+    result = run.state.result()
+    typer.echo(f"\n{result['status'].upper()}: {result['reason']}")
+    typer.echo(f"dataset: {result['dataset_dir']}")
+    if result.get("metrics"):
+        typer.echo(f"\n{'metric':<12} {'set':<5} {'lang':<4} {'n':>3} {'base':>7} {'tuned':>7} {'delta':>7}")
+        for r in result["metrics"]:
+            typer.echo(f"{r['metric']:<12} {r['set']:<5} {r['language']:<4} {r['n']:>3} {r['base']:>7.3f} "
+                       f"{r['fine-tuned']:>7.3f} {r['delta']:>7}")
+        typer.echo(f"\nmodel run: {result['run_dir']}\nreport: {result['eval_dir']}/report.md")
+
+
 if __name__ == "__main__":
     app()

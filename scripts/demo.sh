@@ -1,27 +1,20 @@
 #!/usr/bin/env bash
-# The demo on embedded defaults: local Prefect server, local model server, sample docs in data/:
-# build the dataset, fine-tune SmolLM2-135M on it, evaluate base vs fine-tuned on the gold set.
+# The demo on embedded defaults, through the real deployment machinery: a local Prefect server, the
+# `cpu` and `gpu` process pools with a worker each, the deployments of prefect.yaml, then one run of
+# the `nightly` deployment over data/docs (sample documents of a fictional company): the cpu worker
+# builds the dataset (starting the local model server for synthesis and stopping it after), the gpu
+# worker trains SmolLM2-135M (configs/demo.yaml) and evaluates base vs fine-tuned; the better model
+# is promoted. Running it again stops early: the documents did not change.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
 t0=$(date +%s)
-scripts/services.sh up prefect llm
+scripts/services.sh up prefect workers deploy
 
-echo "== 1/3 build_dataset on data/docs (first run synthesizes; later runs are cached)"
-doctune build-dataset data/docs | tee .run/build_dataset.log
-dataset=$(tail -n 1 .run/build_dataset.log)
-# The local model server is not needed for training: give its memory and cores back.
-scripts/services.sh down-llm
-
-echo "== 2/3 train on $dataset"
-doctune train "$dataset" --config configs/demo.yaml | tee .run/train.log
-run=$(tail -n 1 .run/train.log)
-
-echo "== 3/3 evaluate base vs fine-tuned"
-doctune evaluate "$run" --dataset-dir "$dataset" | tee .run/evaluate.log
+echo "== nightly deployment run on data/docs (build on the cpu pool, train and evaluate on the gpu pool)"
+doctune nightly data/docs --train-config configs/demo.yaml | tee .run/nightly.log
 
 echo
-echo "Dataset:    $dataset   (card: $dataset/card.md)"
-echo "Model run:  $run   (loss curve: $run/loss.png)"
-echo "Prefect UI: http://127.0.0.1:$PREFECT_SERVER_API_PORT  (flow runs and their artifacts)"
-echo "Took $(( $(date +%s) - t0 )) s. The Prefect server keeps running for the UI; stop it with: make down"
+echo "Prefect UI: http://127.0.0.1:$PREFECT_SERVER_API_PORT  (deployments, the nightly run, its child runs and artifacts)"
+echo "Registry:   outputs/registry/current.json and decisions.jsonl"
+echo "Took $(( $(date +%s) - t0 )) s. The server and workers keep running (the nightly schedule is on); stop them with: make down"

@@ -13,3 +13,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS="doctune,tasks,flows" PREFECT_LOGGING_TO_AP
 export PREFECT_LOCAL_STORAGE_PATH="${PREFECT_LOCAL_STORAGE_PATH:-$PREFECT_HOME/storage}"
 export DOCTUNE_LLM_PORT="${DOCTUNE_LLM_PORT:-8765}"
 export PATH="$ROOT/.venv/bin:$PATH"
+# Deployment runs send a heartbeat every 30 s (Prefect's minimum); scripts/zombie_automation.py
+# marks a run Crashed when they stop. Workers look for new runs every 5 s instead of 10.
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
+export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}"

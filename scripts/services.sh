@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Start/stop the local services the demo needs: the Prefect server (SQLite), the local LLM server
-# and a worker on the `gpu` process pool. Each runs in the foreground of its own session, detached
-# with setsid and logging to a file: `prefect server start --background` dies offline when its
-# first log line hits a closed pipe (measured), so we never use it.
-#   scripts/services.sh up [prefect|llm|worker]...   scripts/services.sh down
+# Start/stop the local services: the Prefect server (SQLite, PREFECT_HOME in this folder), the two
+# process work pools with a worker each (`cpu`: the nightly parent and dataset builds; `gpu`:
+# training and evaluation, concurrency 1), the deployments of prefect.yaml and, when asked, the
+# local LLM server (the nightly flow starts its own for synthesis and stops it before training).
+# Each runs in the foreground of its own session, detached with setsid and logging to a file:
+# `prefect server start --background` dies offline when its first log line hits a closed pipe
+# (measured), so we never use it.
+#   scripts/services.sh up [prefect|workers|deploy|llm]...   scripts/services.sh down
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-RUN="$ROOT/.run"; mkdir -p "$RUN" "$PREFECT_HOME"
+RUN="${DOCTUNE_RUN_DIR:-$ROOT/.run}"; mkdir -p "$RUN" "$PREFECT_HOME"  # pid files and logs
 
 wait_http() {  # url seconds name
   for _ in $(seq "$2"); do
@@ -37,15 +40,29 @@ up_llm() {
   echo "LLM endpoint: http://127.0.0.1:$DOCTUNE_LLM_PORT/v1"
 }
 
-up_worker() {
-  prefect work-pool inspect gpu >/dev/null 2>&1 || prefect work-pool create gpu --type process >/dev/null
-  prefect work-pool set-concurrency-limit gpu 1 >/dev/null
-  start worker prefect worker start --pool gpu --type process
-  echo "worker on pool gpu: log $RUN/worker.log"
+up_workers() {
+  for pool in cpu gpu; do
+    prefect work-pool inspect "$pool" >/dev/null 2>&1 || prefect work-pool create "$pool" --type process >/dev/null
+  done
+  prefect work-pool set-concurrency-limit gpu 1 >/dev/null  # one job owns the GPU (or the 2 cores) at a time
+  # A worker killed with its machine leaves its run "Running"; runs send heartbeats and this
+  # automation marks a run Crashed when they stop, so the pool's slot frees and a re-run resumes.
+  prefect automation inspect "crash-silent-runs" >/dev/null 2>&1 ||
+    python "$ROOT/scripts/zombie_automation.py" >/dev/null
+  for pool in cpu gpu; do
+    start "worker-$pool" prefect worker start --pool "$pool" --type process --name "doctune-$pool"
+    echo "worker on pool $pool: log $RUN/worker-$pool.log"
+  done
+}
+
+up_deploy() {
+  (cd "$ROOT" && prefect --no-prompt deploy --all >"$RUN/deploy.log" 2>&1) ||
+    { echo "deploy failed; see $RUN/deploy.log" >&2; tail -20 "$RUN/deploy.log" >&2; return 1; }
+  echo "deployments: $(prefect deployment ls 2>/dev/null | grep -c '/') registered from prefect.yaml"
 }
 
 down() {
-  for name in ${@:-worker llm prefect}; do
+  for name in ${@:-worker-cpu worker-gpu llm prefect}; do
     if running "$name"; then
       pid=$(cat "$RUN/$name.pid")
       kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
@@ -59,8 +76,8 @@ down() {
 
 cmd=${1:-}; shift || true
 case "$cmd" in
-  up) for s in "${@:-prefect llm}"; do for t in $s; do "up_$t"; done; done ;;
+  up) for s in "${@:-prefect workers deploy}"; do for t in $s; do "up_$t"; done; done ;;
   down) down ;;
   down-llm) down llm ;;
-  *) echo "usage: $0 up [prefect|llm|worker]... | down" >&2; exit 2 ;;
+  *) echo "usage: $0 up [prefect|workers|deploy|llm]... | down" >&2; exit 2 ;;
 esac

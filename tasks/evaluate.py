@@ -29,6 +29,7 @@ from doctune.generation import chat_prompts, generate_greedy
 from doctune.metrics import Language, answer_facts, chrf, detect_language, facts_found, key_facts, rouge_l
 from doctune.prefect_utils import CACHE
 from doctune.prompts import PROMPTS_DIR, render
+from doctune.registry import read_current
 from doctune.records import read_jsonl, sha256_bytes, sha256_text, write_jsonl
 from doctune.settings import DatasetSettings, LLMSettings
 
@@ -533,11 +534,11 @@ class Decision(BaseModel):
     margin: float
     eval_dir: str
     decided_at: str
-
-
-def read_current(registry_dir: str | Path) -> dict | None:
-    path = Path(registry_dir) / "current.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    # What the candidate was trained on and how (from its run.json), so the registry can tell
+    # "documents unchanged" apart from "new data", and its scores on every set and language.
+    dataset_sha256: str | None = None
+    settings_sha256: str | None = None
+    scores: dict[str, float | None] = Field(default_factory=dict)
 
 
 def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float | None = None) -> Decision:
@@ -579,10 +580,14 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
         promoted = gain >= margin
         reason = (f"gold {metric}: candidate {candidate_score:.3f} vs {compared_to.split(':')[0]} "
                   f"{reference_score:.3f} ({gain:+.3f}); promotion needs at least +{margin:.3f}")
+    run_json = Path(report.candidate) / "run.json"
+    trained = json.loads(run_json.read_text(encoding="utf-8")) if run_json.exists() else {}
     decision = Decision(
         promoted=promoted, reason=reason, compared_to=compared_to, candidate=report.candidate, metric=metric,
         candidate_score=candidate_score, reference_score=reference_score, margin=margin, eval_dir=report.eval_dir,
         decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dataset_sha256=trained.get("dataset_sha256"), settings_sha256=trained.get("settings_sha256"),
+        scores={f"{m.set}/{m.language}/{m.metric}": m.tuned for m in report.metrics},
     )
     registry.mkdir(parents=True, exist_ok=True)
     with (registry / "decisions.jsonl").open("a", encoding="utf-8") as f:
@@ -592,9 +597,10 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
         record = {
             "run_dir": report.candidate, "base_model": report.base_model, "metric": metric, "score": candidate_score,
             "gold_sha256": report.gold_sha256, "eval_dir": report.eval_dir,
+            "dataset_sha256": decision.dataset_sha256, "settings_sha256": decision.settings_sha256,
             "promoted_at": decision.decided_at if promoted else current["promoted_at"],
             "previous": current["previous"] if rescored else (current["run_dir"] if current else None),
-            "scores": {f"{m.set}/{m.language}/{m.metric}": m.tuned for m in report.metrics},
+            "scores": decision.scores,
         }
         tmp = registry / "current.json.tmp"
         tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -107,6 +107,11 @@ class TrainSettings(BaseModel):
         "auto", description="CPU compute dtype; auto: bf16 only if the CPU has bf16 units and a timed probe says faster."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    init_adapter: str | None = Field(
+        None,
+        description="A LoRA adapter folder to continue from instead of fresh LoRA weights (the nightly flow's "
+        "init_from: promoted puts the promoted model's adapter here); its rank and target modules are used.",
+    )
     merge: bool = Field(False, description="Also write merged/: the adapter folded into a full model.")
     logging_steps: int = Field(5, ge=1, description="Log the loss every this many steps.")
     eval_every_steps: int = Field(
@@ -503,7 +508,17 @@ def load_model(base: str, plan: Plan, settings: TrainSettings):
         target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    if settings.init_adapter:
+        from peft import PeftModel
+
+        adapter = Path(settings.init_adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"init_adapter={settings.init_adapter!r}: no adapter_config.json there; name "
+                                    f"the adapter/ folder of a finished run (outputs/models/<run>/adapter)")
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        log.info("continuing from the adapter %s (r=%s)", adapter, model.peft_config["default"].r)
+    else:
+        model = get_peft_model(model, lora)
     if settings.neftune_alpha:
         add_neftune(model, settings.neftune_alpha)
     return model
@@ -864,6 +879,9 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
         {
             "base_model": base,
             "dataset_dir": str(dataset_dir),
+            "dataset_sha256": dataset_hash(dataset_dir),
+            "settings_sha256": settings_hash(settings),
+            "init_adapter": settings.init_adapter,
             "method": plan.name,
             "device": plan.device,
             "optimizer": plan.optimizer,

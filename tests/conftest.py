@@ -29,3 +29,30 @@ def scripted():
     server = ScriptedEndpoint()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from doctune.base_model import prepare_base_model
+    from tasks import train as tr
+
+    return tr.load_tokenizer(str(prepare_base_model()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer) -> str:
+    """A random Llama (hidden 64, 2 layers) with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

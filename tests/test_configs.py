@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import typing
+
 import pytest
 import yaml
 
@@ -22,16 +24,20 @@ def test_prefect_yaml_deployments_point_at_flows_with_valid_parameters():
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert {"nightly", "train", "evaluate"} <= names
+    assert names == {"nightly", "build-dataset", "train", "evaluate"}
     for d in spec["deployments"]:
         path, func = d["entrypoint"].split(":")
         module = path.removesuffix(".py").replace("/", ".")
         flow = getattr(importlib.import_module(module), func)
         params = d.get("parameters", {})
         assert set(params) <= set(flow.parameters.properties), (d["name"], params)
-        if "settings" in params:
-            {"nightly": BuildSettings}[d["name"]].model_validate(params["settings"])
+        if "settings" in params:  # validated against the flow's own settings model
+            typing.get_type_hints(flow.fn)["settings"].model_validate(params["settings"])
         assert d["work_pool"]["name"] in {"cpu", "gpu"}
+    pools = {d["name"]: d["work_pool"]["name"] for d in spec["deployments"]}
+    assert pools["train"] == pools["evaluate"] == "gpu"
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+    assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
 
 
 def test_settings_reject_unknown_keys_naming_them():

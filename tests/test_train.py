@@ -35,30 +35,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
-    from doctune.base_model import prepare_base_model
-
-    return tr.load_tokenizer(str(prepare_base_model()))
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, tokenizer) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def _row(i: int, rng: random.Random) -> dict:
     q = f"What is the price of item {i}?" + " Please be precise." * rng.randint(0, 5)
     a = f"Item {i} costs {10 + i} euros." + " It ships in two days." * rng.randint(0, 6)
@@ -257,6 +233,19 @@ def test_train_loss_falls_adapter_changes_and_outputs(tiny_model, dataset_dir, t
     markdown = tr._loss_markdown(run_dir)
     assert "| 1 |" in markdown and "| 5 |" in markdown and "| 8 |" in markdown and "| 3 |" not in markdown
     assert "data:image/png;base64," in markdown
+
+    # init_adapter (nightly init_from: promoted): the next run starts from these weights, not from zero.
+    again = tiny_settings(tiny_model, init_adapter=str(run_dir / "adapter"))
+    model = tr.load_model(tiny_model, tr.initial_plan(again), again)
+    start = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    saved = adapter_weights(run_dir)
+    assert saved and all(torch.equal(start[k], w) for k, w in saved.items())
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_B" in n)
+    assert tr.run_dir_for(dataset_dir, again, tmp_path) != run_dir  # another candidate, another folder
+    assert run["dataset_sha256"] == tr.dataset_hash(dataset_dir) and run["settings_sha256"] == tr.settings_hash(settings)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        bad = tiny_settings(tiny_model, init_adapter=str(tmp_path))
+        tr.load_model(tiny_model, tr.initial_plan(bad), bad)
 
 
 def test_validation_every_n_steps_is_recorded_and_plotted(tiny_model, dataset_dir, tmp_path):

@@ -1,0 +1,115 @@
+"""Settings and the small decisions of the nightly flow (flows/nightly.py only orchestrates).
+
+One Pydantic model nests the build, train and eval settings, so a nightly deployment's run form in
+the Prefect UI is one form with every field described."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from doctune.registry import earlier_decision, read_current
+from doctune.settings import BuildSettings
+from tasks.evaluate import EvalSettings
+from tasks.train import TrainSettings, run_dir_for, settings_hash
+
+
+class NightlySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    build: BuildSettings = Field(default_factory=BuildSettings, description="Ingest, chunk, synthesize, dedup.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Fine-tuning (see configs/train.yaml).")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="Base vs fine-tuned, and promotion.")
+    output_dir: str = Field(
+        "outputs",
+        description="Root of datasets/, models/, evals/ and registry/ (build.output_dir is set to it); the workers "
+        "of both pools must see the same folder.",
+    )
+    gold_path: str | None = Field(
+        "data/gold/gold.jsonl",
+        description="Hand-written gold questions about the documents; promotion is decided on them.",
+    )
+    init_from: Literal["base", "promoted"] = Field(
+        "base",
+        description="base: train fresh LoRA weights on the base model; promoted: continue from the promoted model's "
+        "adapter on the new dataset (cheaper for a folder that grows; the base is used while none is promoted).",
+    )
+    train_deployment: str = Field(
+        "train/train", description="Deployment ('flow/deployment') that trains; it runs on the gpu work pool."
+    )
+    evaluate_on: Literal["deployment", "in_process"] = Field(
+        "deployment",
+        description="deployment: evaluation is a run of evaluate_deployment (on the gpu pool, next to the model); "
+        "in_process: the nightly run evaluates itself.",
+    )
+    evaluate_deployment: str = Field("evaluate/evaluate", description="Deployment that evaluates and promotes.")
+    local_llm: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: when build.llm.base_url is this machine's and nothing answers there, start `doctune serve` "
+        "for synthesis and stop it before training (two torch processes on one small machine stall each other); "
+        "off: never start one.",
+    )
+    child_timeout_s: float | None = Field(
+        None, gt=0, description="Give up waiting for a training or evaluation run after this long; None: wait."
+    )
+
+
+def build_settings(settings: NightlySettings) -> BuildSettings:
+    return settings.build.model_copy(update={"output_dir": settings.output_dir})
+
+
+def registry_dir(settings: NightlySettings) -> Path:
+    return Path(settings.output_dir) / "registry"
+
+
+def train_settings(settings: NightlySettings) -> TrainSettings:
+    """The training settings of tonight's candidate: init_from=promoted continues the promoted adapter."""
+    current = read_current(registry_dir(settings))
+    if settings.init_from == "promoted" and current:
+        return settings.train.model_copy(update={"init_adapter": str(Path(current["run_dir"]) / "adapter")})
+    return settings.train
+
+
+def nothing_new(settings: NightlySettings, dataset_sha256: str, train: TrainSettings) -> str | None:
+    """Why tonight needs no training, or None. The dataset is named after the documents' content, so the
+    same hash means unchanged documents (and unchanged build settings and code)."""
+    registry = registry_dir(settings)
+    current = read_current(registry)
+    if current and current.get("dataset_sha256") == dataset_sha256:
+        return (f"documents unchanged since {current['promoted_at']}: the dataset is the one the promoted model "
+                f"`{current['run_dir']}` was trained on, so it stays; no training, no evaluation")
+    earlier = earlier_decision(registry, dataset_sha256, settings_hash(train))
+    if earlier:
+        verdict = "promoted" if earlier["promoted"] else "not promoted"
+        return (f"a candidate with this dataset and these training settings was already evaluated on "
+                f"{earlier['decided_at']} ({verdict}: {earlier['reason']}); no training, no evaluation")
+    return None
+
+
+def expected_run_dir(dataset_dir: str, train: TrainSettings, settings: NightlySettings) -> str:
+    return str(run_dir_for(dataset_dir, train, settings.output_dir))
+
+
+def child_failure(kind: str, child, ui_url: str | None) -> str:
+    link = f"{ui_url.rstrip('/')}/runs/flow-run/{child.id}" if ui_url else f"flow run id {child.id}"
+    state = child.state
+    return (f"the {kind} run {child.name!r} ended {state.name if state else 'without a state'}: "
+            f"{(state.message if state else '') or 'no message'} ({link}). The promoted model is unchanged; run "
+            f"nightly again to retry (the dataset is cached and training resumes from its last checkpoint).")
+
+
+def summary_markdown(folder: str, result: dict) -> str:
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lines = [f"## Nightly {when}: `{folder}`", "", f"**{result['status']}**: {result['reason']}", "",
+             f"- dataset: `{result['dataset_dir']}`"]
+    if result.get("run_dir"):
+        lines.append(f"- candidate: `{result['run_dir']}`")
+    if result.get("eval_dir"):
+        lines.append(f"- evaluation: `{result['eval_dir']}/report.md`")
+    for r in result.get("metrics", []):
+        if r["set"] in ("gold", "test") and r["language"] == "all" and None not in (r["base"], r["fine-tuned"]):
+            lines.append(f"- {r['set']} {r['metric']}: base {r['base']:.3f}, fine-tuned {r['fine-tuned']:.3f}")
+    return "\n".join(lines) + "\n"

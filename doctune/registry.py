@@ -1,0 +1,79 @@
+"""The model registry a person can read: `outputs/registry/`.
+
+- `current.json`: the promoted model (run folder, dataset and settings hashes, scores, when, the one before);
+  rewritten atomically by a promotion only.
+- `decisions.jsonl`: every evaluated candidate, one line each, appended and never rewritten: its dataset
+  hash, settings digest, scores on every set and language, and the promotion decision with its reason.
+
+The nightly flow publishes both as one markdown artifact with a stable key, so the Prefect UI shows
+the registry's history night after night."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REGISTRY_KEY = "model-registry"
+
+
+def read_current(registry_dir: str | Path) -> dict | None:
+    path = Path(registry_dir) / "current.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def read_decisions(registry_dir: str | Path) -> list[dict]:
+    path = Path(registry_dir) / "decisions.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def earlier_decision(registry_dir: str | Path, dataset_sha256: str, settings_sha256: str) -> dict | None:
+    """The latest decision about a candidate trained on this dataset with these settings."""
+    same = [d for d in read_decisions(registry_dir)
+            if d.get("dataset_sha256") == dataset_sha256 and d.get("settings_sha256") == settings_sha256]
+    return same[-1] if same else None
+
+
+def _score(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def registry_markdown(registry_dir: str | Path, limit: int = 30) -> str:
+    registry = Path(registry_dir)
+    current = read_current(registry)
+    lines = ["## Model registry", ""]
+    if current:
+        lines += [
+            f"**Current model:** `{current['run_dir']}`, promoted {current['promoted_at']} "
+            f"(gold {current['metric']} {_score(current.get('score'))}; dataset "
+            f"`{str(current.get('dataset_sha256'))[:12]}`; before it: `{current.get('previous') or 'the base model'}`)",
+            "",
+        ]
+    else:
+        lines += ["**Current model:** none promoted yet; the base model serves.", ""]
+    decisions = read_decisions(registry)
+    if not decisions:
+        return "\n".join(lines + ["No candidate evaluated yet."]) + "\n"
+    lines += [
+        f"Candidates, newest first ({min(limit, len(decisions))} of {len(decisions)}; all in "
+        f"`{registry / 'decisions.jsonl'}`):",
+        "",
+        "| decided | candidate | dataset | settings | gold fact recall | test fact recall | promoted | reason |",
+        "|---|---|---|---|---:|---:|---|---|",
+    ]
+    for d in reversed(decisions[-limit:]):
+        scores = d.get("scores") or {}
+        lines.append(
+            f"| {d['decided_at']} | `{Path(d['candidate']).name}` | `{str(d.get('dataset_sha256'))[:12]}` | "
+            f"`{str(d.get('settings_sha256'))[:8]}` | {_score(scores.get('gold/all/fact_recall'))} | "
+            f"{_score(scores.get('test/all/fact_recall'))} | {'✅' if d['promoted'] else '⛔'} | "
+            f"{d['reason'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_registry(registry_dir: str | Path) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(registry_markdown(registry_dir), key=REGISTRY_KEY,
+                             description="The promoted model and every candidate with its decision")

@@ -1,0 +1,79 @@
+"""nightly: document folder → dataset → (training on the gpu pool → evaluation → promotion), or an early
+stop when the documents did not change. Only orchestration lives here: every stage is its own flow or task.
+
+Training runs as a run of the `train` deployment, so the GPU part can live on another machine; this run
+waits for it. A failed, crashed or cancelled child leaves the promoted model untouched, and running
+nightly again resumes: the dataset is cached and training continues from its last checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_UI_URL
+
+from doctune import local_llm
+from doctune.nightly import (NightlySettings, build_settings, child_failure, expected_run_dir, nothing_new,
+                             registry_dir, summary_markdown, train_settings)
+from doctune.registry import publish_registry, read_decisions
+from flows.build_dataset import build_dataset
+from flows.evaluate import evaluate
+from tasks.evaluate import EvalReport, metrics_table
+from tasks.train import dataset_hash
+
+
+def _run_child(kind: str, name: str, parameters: dict, settings: NightlySettings):
+    child = run_deployment(name, parameters=parameters, timeout=settings.child_timeout_s)
+    if child.state is None or not child.state.is_completed():
+        raise RuntimeError(child_failure(kind, child, PREFECT_UI_URL.value()))
+    return child
+
+
+@flow(name="nightly", log_prints=True)
+def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettings()) -> dict:
+    """Retrain from a document folder and promote tonight's model only if it is better."""
+    log = get_run_logger()
+    out, registry = settings.output_dir, registry_dir(settings)
+
+    # 1. Dataset (cached per document). The local model server, if we start it, is gone before training.
+    build = build_settings(settings)
+    with local_llm.serving(build.llm, start=settings.local_llm == "auto", log_dir=Path(out) / "logs") as how:
+        log.info("synthesis endpoint: %s", how)
+        dataset_dir = build_dataset(folder, build)
+    ds_sha = dataset_hash(dataset_dir)
+
+    # 2. Nothing new: stop before any training.
+    train = train_settings(settings)
+    why = nothing_new(settings, ds_sha, train)
+    if why:
+        result = {"status": "unchanged", "reason": why, "dataset_dir": dataset_dir, "promoted": False}
+    else:
+        # 3. Train on the gpu pool and wait.
+        run_dir = expected_run_dir(dataset_dir, train, settings)
+        log.info("training %s on %s (%s)", dataset_dir, settings.train_deployment,
+                 f"from {train.init_adapter}" if train.init_adapter else "from the base model")
+        _run_child("training", settings.train_deployment,
+                   {"dataset_dir": dataset_dir, "settings": train.model_dump(mode="json"), "output_dir": out,
+                    "resume": True}, settings)
+
+        # 4. Evaluate base vs candidate and apply the promotion rule.
+        args = {"run_dir": run_dir, "dataset_dir": dataset_dir, "gold_path": settings.gold_path,
+                "settings": settings.eval.model_dump(mode="json"), "output_dir": out}
+        if settings.evaluate_on == "deployment":
+            _run_child("evaluation", settings.evaluate_deployment, args, settings)
+        else:
+            evaluate(**{**args, "settings": settings.eval})
+        decision = [d for d in read_decisions(registry) if d["candidate"] == run_dir][-1]
+        report = EvalReport.model_validate_json((Path(decision["eval_dir"]) / "report.json").read_text("utf-8"))
+        result = {"status": "promoted" if decision["promoted"] else "not promoted", "reason": decision["reason"],
+                  "dataset_dir": dataset_dir, "run_dir": run_dir, "eval_dir": decision["eval_dir"],
+                  "promoted": decision["promoted"], "metrics": metrics_table(report)}
+
+    # 5. What a person reads in the UI, under keys that stay the same night after night.
+    create_markdown_artifact(summary_markdown(folder, result), key="nightly-summary",
+                             description="Tonight's outcome: unchanged, promoted or not promoted, and why")
+    publish_registry(registry)
+    print(f"nightly: {result['status']}: {result['reason']}")
+    return result

@@ -1,0 +1,65 @@
+"""The registry a person reads, and the nightly flow's decision to stop early."""
+
+import json
+
+from doctune.nightly import NightlySettings, nothing_new, train_settings
+from doctune.registry import earlier_decision, read_decisions, registry_markdown
+from tasks.train import settings_hash
+
+
+def write_registry(root, current: dict | None, decisions: list[dict]):
+    reg = root / "registry"
+    reg.mkdir(parents=True)
+    if current:
+        (reg / "current.json").write_text(json.dumps(current))
+    (reg / "decisions.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
+    return reg
+
+
+def decision(candidate, ds, st, promoted, when="2026-12-01T02:10:00+00:00"):
+    return {"candidate": candidate, "dataset_sha256": ds, "settings_sha256": st, "promoted": promoted,
+            "reason": "gold fact_recall: candidate 0.5 vs base 0.1 (+0.4) | margin", "decided_at": when,
+            "scores": {"gold/all/fact_recall": 0.5, "test/all/fact_recall": 0.7}}
+
+
+def test_unchanged_documents_stop_early_and_say_since_when(tmp_path):
+    settings = NightlySettings(output_dir=str(tmp_path))
+    st = settings_hash(settings.train)
+    write_registry(tmp_path, {"run_dir": "/o/models/a", "promoted_at": "2026-12-01T02:10:00+00:00",
+                              "dataset_sha256": "d1", "metric": "fact_recall", "score": 0.5},
+                   [decision("/o/models/a", "d1", st, True)])
+    assert "documents unchanged since 2026-12-01T02:10:00+00:00" in nothing_new(settings, "d1", settings.train)
+    assert nothing_new(settings, "d2", settings.train) is None
+
+
+def test_a_candidate_already_evaluated_on_this_dataset_is_not_trained_again(tmp_path):
+    settings = NightlySettings(output_dir=str(tmp_path))
+    st = settings_hash(settings.train)
+    write_registry(tmp_path, None, [decision("/o/models/b", "d2", st, False)])
+    assert "already evaluated on 2026-12-01" in nothing_new(settings, "d2", settings.train)
+    other = settings.train.model_copy(update={"max_steps": 7})
+    assert nothing_new(settings, "d2", other) is None  # other settings: a new candidate
+    assert earlier_decision(tmp_path / "registry", "d2", st)["candidate"] == "/o/models/b"
+
+
+def test_init_from_promoted_continues_the_promoted_adapter(tmp_path):
+    base = NightlySettings(output_dir=str(tmp_path), init_from="promoted")
+    assert train_settings(base).init_adapter is None  # nothing promoted yet: the base model
+    write_registry(tmp_path, {"run_dir": "/o/models/a", "promoted_at": "x"}, [])
+    assert train_settings(base).init_adapter == "/o/models/a/adapter"
+    assert train_settings(base.model_copy(update={"init_from": "base"})).init_adapter is None
+
+
+def test_registry_markdown_lists_the_current_model_and_every_candidate_newest_first(tmp_path):
+    reg = write_registry(tmp_path, {"run_dir": "/o/models/a", "promoted_at": "2026-12-01", "dataset_sha256": "d1" * 8,
+                                    "metric": "fact_recall", "score": 0.5, "previous": None},
+                         [decision("/o/models/a", "d1" * 8, "s1" * 8, True, "2026-12-01"),
+                          decision("/o/models/b", "d2" * 8, "s1" * 8, False, "2026-12-02")])
+    text = registry_markdown(reg)
+    assert "**Current model:** `/o/models/a`" in text and "the base model" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 2026")]
+    assert [r.split("|")[2].strip() for r in rows] == ["`b`", "`a`"]
+    assert "⛔" in rows[0] and "✅" in rows[1] and "0.500" in rows[0] and "0.700" in rows[0]
+    assert "/ margin" in rows[0]  # a '|' in a reason would break the table
+    assert len(read_decisions(reg)) == 2
+    assert "none promoted yet" in registry_markdown(write_registry(tmp_path / "empty", None, []))
