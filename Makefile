@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 ENV   := . scripts/env.sh &&
 
-.PHONY: install demo test test-fast up down clean-outputs
+.PHONY: install demo test test-fast up down clean-outputs screenshots
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,8 @@ up: install
 down:
 	scripts/services.sh down
 
+# PNGs of the Prefect UI (deployments, the newest nightly run, artifacts) in
+# outputs/screenshots/<UTC time>; needs `make up` running and `apt-get install -y chromium chromium-driver`.
+# Extra options: make screenshots ARGS="--ui http://127.0.0.1:4311 --out DIR"
+screenshots: install
+	$(ENV) python scripts/ui_screenshots.py $(ARGS)

@@ -45,3 +45,13 @@ def test_settings_reject_unknown_keys_naming_them():
         BuildSettings.model_validate({"chunk": {"chunk_size": 100}})
     with pytest.raises(ValueError, match="promotion_margn"):
         EvalSettings.model_validate({"promotion_margn": 0.1})
+
+
+def test_kubernetes_and_docker_variants_match_the_root_deployments():
+    """deploy/: the same four deployments with the gpu pool swapped (structure only: no cluster here)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "deploy" / "check_variants.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "variants: OK" in done.stdout, done.stdout + done.stderr
