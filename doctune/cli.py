@@ -15,10 +15,9 @@ app = typer.Typer(help="doctune: from a document folder to a fine-tuned, evaluat
 
 @app.callback()
 def _main() -> None:
-    # Our modules log with the standard logger at INFO (the device plan, batch sizes, progress);
-    # PREFECT_LOGGING_EXTRA_LOGGERS (scripts/env.sh) forwards them to the Prefect UI.
-    for name in ("doctune", "tasks", "flows"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    from doctune.logs import our_loggers_at_info
+
+    our_loggers_at_info()
 
 
 def load_settings(path: Optional[Path], cls):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 from functools import lru_cache
 from pathlib import Path
@@ -38,7 +39,19 @@ class ModuleSource(CachePolicy):
                     **kwargs: Any) -> Optional[str]:
         if not task_ctx:
             return None
-        return code_digest(inspect.getsourcefile(task_ctx.task.fn))
+        return code_digest(module_file(task_ctx.task.fn))
+
+
+def module_file(fn) -> str:
+    """The file of the module `fn` is defined in. By module name, not inspect.getsourcefile: a task
+    shipped to a Dask worker is unpickled from code objects whose file reads '<dynamic-code>'."""
+    try:
+        spec = importlib.util.find_spec(fn.__module__)
+    except (ValueError, ImportError):  # __main__, or a module that is not importable by name
+        spec = None
+    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+        return inspect.getsourcefile(fn)
+    return spec.origin
 
 
 # Inputs are records or content hashes, never a bare path, so a changed file misses the cache;
@@ -47,3 +60,18 @@ CACHE = INPUTS + ModuleSource()
 
 # Tasks that talk to a network endpoint retry a bounded number of times.
 NETWORK_RETRIES = dict(retries=2, retry_delay_seconds=[5, 30])
+
+
+def synthesis_runner(runner: str, workers: int, dask_address: str | None = None):
+    """The task runner documents are synthesized on (a context manager): a thread pool, or Dask
+    (prefect-dask), either a running scheduler or a local in-process cluster of `workers` threads."""
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": workers, "processes": False,
+                                              "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=workers)

@@ -160,3 +160,17 @@ class BuildSettings(_Settings):
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     output_dir: str = Field("outputs", description="Where datasets and intermediate files are written.")
+    runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="How documents are synthesized side by side: threads of this process, or a Dask cluster "
+        "(dask_address, or a local one). Results are cached per document either way.",
+    )
+    documents_at_once: int = Field(
+        1, ge=1, le=256,
+        description="Documents synthesized at the same time, each with llm.concurrency calls in flight. 1 keeps the "
+        "local model's batches as they were measured (a batch's make-up changes greedy outputs slightly).",
+    )
+    dask_address: str | None = Field(
+        None, description="runner: dask: address of a running Dask scheduler (tcp://host:8786); None starts a "
+        "local cluster with documents_at_once threads for the run.",
+    )

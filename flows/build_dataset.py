@@ -8,9 +8,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
 
+from doctune.logs import our_loggers_at_info
 from doctune import artifacts
 from doctune.llm import preflight
+from doctune.prefect_utils import synthesis_runner
 from doctune.records import Dropped
 from doctune.quality import check_stage, keep_rate_rows
 from doctune.settings import BuildSettings
@@ -35,6 +38,7 @@ def preflight_task(llm) -> str:
 @flow(name="build_dataset", log_prints=True)
 def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSettings()) -> str:
     """Build a deduplicated, split Q&A dataset from a document folder; returns the dataset folder."""
+    our_loggers_at_info()
     log = get_run_logger()
     root = Path(folder).resolve()
     if not root.is_dir():
@@ -73,18 +77,25 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     for c in faq:
         faq_by_path.setdefault(c.path, []).append(c)
     jobs += [(path, cs, "fact") for path, cs in faq_by_path.items()]
+    jobs = [(path, [c for c in cs if c.language not in choice.skip_languages], mode) for path, cs, mode in jobs]
+    jobs = [job for job in jobs if job[1]]
     progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
     synth, failures = SynthResult(), []
-    for i, (path, doc_chunks, mode) in enumerate(jobs, start=1):
-        doc_chunks = [c for c in doc_chunks if c.language not in choice.skip_languages]
-        if doc_chunks:
-            state = synthesize_document_task(path, doc_chunks, settings.llm, settings.synth, mode,
-                                             return_state=True)
-            if state.is_completed():
-                synth = synth.merge(state.result())
+    # documents_at_once documents at a time, on threads or Dask; merged in document order, so the
+    # dataset does not depend on which finished first.
+    with synthesis_runner(settings.runner, settings.documents_at_once, settings.dask_address) as runner:
+        futures = [runner.submit(synthesize_document_task, {"path": path, "chunks": cs, "llm": settings.llm,
+                                                            "settings": settings.synth, "mode": mode})
+                   for path, cs, mode in jobs]
+        for i, _ in enumerate(as_completed(futures), start=1):
+            update_progress_artifact(progress, 100.0 * i / len(futures))
+        for (path, _, _), future in zip(jobs, futures):
+            future.wait()  # sets the final state; before it, .state may still read Pending
+            if future.state.is_completed():
+                synth = synth.merge(future.result())
             else:
-                failures.append({"document": path, "error": str(state.message)[:500]})
-        update_progress_artifact(progress, 100.0 * i / max(1, len(jobs)))
+                failures.append({"document": path, "error": str(future.state.message)[:500]})
+    update_progress_artifact(progress, 100.0)
     artifacts.failures(failures)
     n_returned = len(synth.pairs) + len(synth.dropped)
     rates = keep_rate_rows("synthesize", n_returned, synth.dropped)

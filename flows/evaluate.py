@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from doctune.logs import our_loggers_at_info
 from tasks.evaluate import EvalSettings, evaluate_task, metrics_table, promote_task
 
 
@@ -14,6 +15,7 @@ from tasks.evaluate import EvalSettings, evaluate_task, metrics_table, promote_t
 def evaluate(run_dir: str, dataset_dir: str | None = None, gold_path: str | None = "data/gold/gold.jsonl",
              settings: EvalSettings = EvalSettings(), output_dir: str = "outputs") -> dict:
     """Returns the metrics table and the promotion decision."""
+    our_loggers_at_info()
     base_model = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))["base_model"]
     report = evaluate_task(base_model, run_dir, dataset_dir, gold_path, settings, output_dir)
     decision = promote_task(report, str(Path(output_dir) / "registry"), settings.promotion_margin)

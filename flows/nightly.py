@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_UI_URL
 
+from doctune.logs import our_loggers_at_info
 from doctune import local_llm
 from doctune.nightly import (NightlySettings, build_settings, child_failure, expected_run_dir, nothing_new,
                              registry_dir, summary_markdown, train_settings)
@@ -34,6 +35,7 @@ def _run_child(kind: str, name: str, parameters: dict, settings: NightlySettings
 @flow(name="nightly", log_prints=True)
 def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettings()) -> dict:
     """Retrain from a document folder and promote tonight's model only if it is better."""
+    our_loggers_at_info()
     log = get_run_logger()
     out, registry = settings.output_dir, registry_dir(settings)
 

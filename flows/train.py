@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from doctune.logs import our_loggers_at_info
 from tasks.train import TrainSettings, dataset_hash, train_task
 
 
@@ -13,6 +14,7 @@ from tasks.train import TrainSettings, dataset_hash, train_task
 def train(dataset_dir: str, settings: TrainSettings = TrainSettings(), output_dir: str = "outputs",
           resume: bool = True) -> str:
     """Returns the run folder (adapter/, metrics.json, loss.png, run.json)."""
+    our_loggers_at_info()
     run_dir = train_task(dataset_dir, dataset_hash(dataset_dir), settings, output_dir, resume)
     print(f"model run: {run_dir}")
     return run_dir

@@ -200,3 +200,27 @@ def test_bad_files_are_listed_and_nothing_else_is_lost(tmp_path, scripted):
     skipped = {row["file"]: row["reason"] for row in asyncio.run(latest_table("skipped-files"))}
     assert set(skipped) == {"broken.pdf", "empty.md", "junk.txt", "huge.txt"}
     assert "max_file_mb" in skipped["huge.txt"] and "empty" in skipped["empty.md"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_documents_fanned_out_on_a_local_dask_cluster_give_the_same_dataset(tmp_path, scripted):
+    """runner: dask (prefect-dask, an in-process local cluster): documents are synthesized side by side
+    and the dataset is the one the thread runner writes, pair for pair."""
+    folder = write_docs(tmp_path / "docs")
+    threads = settings_for(scripted, tmp_path / "threads")
+    dask = threads.model_copy(update={"runner": "dask", "documents_at_once": 3, "output_dir": str(tmp_path / "dask")})
+    # Another seed, so the dask run cannot take the thread run's cached results.
+    dask.synth = dask.synth.model_copy(update={"seed": 1})
+    threads.synth = threads.synth.model_copy(update={"seed": 1})
+    path_dask, run_id = run(folder, dask)
+    states = asyncio.run(task_states(run_id))
+    synth = {n: s for n, s in states.items() if n.startswith("synthesize ")}
+    assert synth == {"synthesize handbook.md": "Completed", "synthesize products.md": "Completed",
+                     "synthesize faq.csv": "Completed"}, states
+    calls = scripted.calls["fact"]
+    path_threads, _ = run(folder, threads)
+    assert scripted.calls["fact"] == calls  # same inputs: the thread run is served from the cache
+    assert Path(path_dask).name == Path(path_threads).name  # named after content: the same dataset
+    for split in ("train", "validation", "test"):
+        assert (Path(path_dask) / f"{split}.messages.jsonl").read_text() == \
+               (Path(path_threads) / f"{split}.messages.jsonl").read_text()

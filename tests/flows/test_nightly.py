@@ -48,7 +48,7 @@ def workers(tmp_path_factory):
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(home),
            "PREFECT_LOCAL_STORAGE_PATH": str(PREFECT_LOCAL_STORAGE_PATH.value()),
            "DOCTUNE_RUN_DIR": str(home / "run"), "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "OMP_NUM_THREADS": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "DOCTUNE_ZOMBIE_AFTER_S": "45"}
+           "OMP_NUM_THREADS": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "DOCTUNE_ZOMBIE_AFTER_S": "75"}
     print(services(env, "up", "workers", "deploy"))
     yield env
     services(env, "down")
