@@ -46,7 +46,7 @@ def registry_markdown(registry_dir: str | Path, limit: int = 30) -> str:
     if current:
         lines += [
             f"**Current model:** `{current['run_dir']}`, promoted {current['promoted_at']} "
-            f"(gold {current['metric']} {_score(current.get('score'))}; dataset "
+            f"(gold {current['metric']} {_score(current.get('score'))}; trained on the dataset with content hash "
             f"`{str(current.get('dataset_sha256'))[:12]}`; before it: `{current.get('previous') or 'the base model'}`)",
             "",
         ]
@@ -64,10 +64,12 @@ def registry_markdown(registry_dir: str | Path, limit: int = 30) -> str:
     ]
     for d in reversed(decisions[-limit:]):
         scores = d.get("scores") or {}
+        # The dataset by its folder name (what a person finds in outputs/datasets/), else its hash.
+        dataset = Path(d["dataset_dir"]).name if d.get("dataset_dir") else str(d.get("dataset_sha256"))[:12]
         lines.append(
-            f"| {d['decided_at']} | `{Path(d['candidate']).name}` | `{str(d.get('dataset_sha256'))[:12]}` | "
+            f"| {d['decided_at']} | `{Path(d['candidate']).name}` | `{dataset}` | "
             f"`{str(d.get('settings_sha256'))[:8]}` | {_score(scores.get('gold/all/fact_recall'))} | "
-            f"{_score(scores.get('test/all/fact_recall'))} | {'✅' if d['promoted'] else '⛔'} | "
+            f"{_score(scores.get('test/all/fact_recall'))} | {'**yes**' if d['promoted'] else 'no'} | "
             f"{d['reason'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 

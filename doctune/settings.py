@@ -21,7 +21,9 @@ class IngestSettings(_Settings):
         20.0, gt=0, description="Files larger than this are skipped with a reason (raise it to include them)."
     )
     exclude: list[str] = Field(
-        default_factory=lambda: ["gold/**", "**/.*", "**/~$*"],
+        # A plain default (pydantic copies it per instance), not a factory: the Prefect UI fills its run
+        # form from the schema's defaults, and a factory has none, so the form would send [].
+        ["gold/**", "**/.*", "**/~$*"],
         description="Glob patterns, relative to the folder, of files not to ingest.",
     )
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowFilter,
-                                            FlowFilterName, FlowRunFilter, FlowRunFilterState,
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName,
+                                            FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterState,
                                             FlowRunFilterStateType)
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
@@ -122,7 +122,13 @@ def main() -> None:
             flow_filter=FlowFilter(name=FlowFilterName(any_=["nightly"])),
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINISHED))),
-            sort=FlowRunSort.END_TIME_DESC, limit=1)
+            sort=FlowRunSort.END_TIME_DESC, limit=20)
+        # A night that trained shows the whole chain (build, train and evaluate children); an
+        # early stop has the build child only. Take the newest that trained, else the newest.
+        def children(r) -> int:
+            return len(client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[r.id]))))
+        runs = sorted(runs, key=lambda r: children(r) < 2)  # stable: newest first within each group
         if not runs:
             print("skip: no finished run of the flow nightly yet")
         else:

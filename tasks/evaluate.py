@@ -536,6 +536,7 @@ class Decision(BaseModel):
     decided_at: str
     # What the candidate was trained on and how (from its run.json), so the registry can tell
     # "documents unchanged" apart from "new data", and its scores on every set and language.
+    dataset_dir: str | None = None
     dataset_sha256: str | None = None
     settings_sha256: str | None = None
     scores: dict[str, float | None] = Field(default_factory=dict)
@@ -586,7 +587,7 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
         promoted=promoted, reason=reason, compared_to=compared_to, candidate=report.candidate, metric=metric,
         candidate_score=candidate_score, reference_score=reference_score, margin=margin, eval_dir=report.eval_dir,
         decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        dataset_sha256=trained.get("dataset_sha256"), settings_sha256=trained.get("settings_sha256"),
+        dataset_dir=trained.get("dataset_dir"), dataset_sha256=trained.get("dataset_sha256"), settings_sha256=trained.get("settings_sha256"),
         scores={f"{m.set}/{m.language}/{m.metric}": m.tuned for m in report.metrics},
     )
     registry.mkdir(parents=True, exist_ok=True)

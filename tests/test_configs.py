@@ -55,3 +55,20 @@ def test_kubernetes_and_docker_variants_match_the_root_deployments():
     done = subprocess.run([sys.executable, str(ROOT / "deploy" / "check_variants.py")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "variants: OK" in done.stdout, done.stdout + done.stderr
+
+
+def test_every_field_of_the_nightly_run_form_has_its_default_in_the_schema():
+    """The Prefect UI fills a deployment's run form from the parameter schema: a field without a
+    default there (a default_factory list) is drawn empty, and submitting the form would send it empty."""
+    from flows.nightly import nightly
+
+    schema = nightly.parameters.model_dump()
+    missing = []
+    for name, model in schema["definitions"].items():
+        for field, spec in model.get("properties", {}).items():
+            nested = "$ref" in spec or any("$ref" in s for s in spec.get("allOf", []) + spec.get("anyOf", []))
+            if "default" not in spec and not nested:
+                missing.append(f"{name}.{field}")
+    assert not missing, missing
+    ingest = schema["definitions"]["IngestSettings"]["properties"]["exclude"]
+    assert ingest["default"] == ["gold/**", "**/.*", "**/~$*"]

@@ -54,12 +54,13 @@ def test_registry_markdown_lists_the_current_model_and_every_candidate_newest_fi
     reg = write_registry(tmp_path, {"run_dir": "/o/models/a", "promoted_at": "2026-12-01", "dataset_sha256": "d1" * 8,
                                     "metric": "fact_recall", "score": 0.5, "previous": None},
                          [decision("/o/models/a", "d1" * 8, "s1" * 8, True, "2026-12-01"),
-                          decision("/o/models/b", "d2" * 8, "s1" * 8, False, "2026-12-02")])
+                          {**decision("/o/models/b", "d2" * 8, "s1" * 8, False, "2026-12-02"),
+                           "dataset_dir": "/o/datasets/ds-b"}])
     text = registry_markdown(reg)
     assert "**Current model:** `/o/models/a`" in text and "the base model" in text
     rows = [line for line in text.splitlines() if line.startswith("| 2026")]
     assert [r.split("|")[2].strip() for r in rows] == ["`b`", "`a`"]
-    assert "⛔" in rows[0] and "✅" in rows[1] and "0.500" in rows[0] and "0.700" in rows[0]
+    assert "| no |" in rows[0] and "**yes**" in rows[1] and "`ds-b`" in rows[0] and "`d1d1d1d1d1d1`" in rows[1] and "0.500" in rows[0] and "0.700" in rows[0]
     assert "/ margin" in rows[0]  # a '|' in a reason would break the table
     assert len(read_decisions(reg)) == 2
     assert "none promoted yet" in registry_markdown(write_registry(tmp_path / "empty", None, []))

@@ -120,7 +120,8 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert (Path(result["run_dir"]) / "checkpoints").is_dir()  # save_every_steps: 2 wrote checkpoints
     facts_first = scripted.calls["fact"]
     registry = asyncio.run(latest_table_markdown("model-registry"))
-    assert Path(result["run_dir"]).name in registry and "✅" in registry
+    assert Path(result["run_dir"]).name in registry and "**yes**" in registry
+    assert Path(result["dataset_dir"]).name in registry
     assert "promoted" in asyncio.run(latest_table_markdown("nightly-summary"))
     for key in ("train-loss", "eval-metrics", "promotion-decision", "dedup-counts", "sample-pairs"):
         assert asyncio.run(artifact_count(key)) >= 1, key
