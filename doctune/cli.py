@@ -88,6 +88,14 @@ def train(
     typer.echo(train_flow(str(dataset_dir), settings, str(output_dir)))
 
 
+def _echo_metrics(rows: list[dict]) -> None:
+    """The metrics table of an evaluation (tasks.evaluate.metrics_table rows)."""
+    typer.echo(f"\n{'metric':<12} {'set':<5} {'lang':<4} {'n':>3} {'base':>7} {'tuned':>7} {'delta':>7}")
+    for r in rows:
+        typer.echo(f"{r['metric']:<12} {r['set']:<5} {r['language']:<4} {r['n']:>3} {r['base']:>7.3f} "
+                   f"{r['fine-tuned']:>7.3f} {r['delta']:>7}")
+
+
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A model run folder written by train."),
@@ -102,11 +110,7 @@ def evaluate(
 
     result = evaluate_flow(str(run_dir), str(dataset_dir) if dataset_dir else None, str(gold) if gold else None,
                            load_settings(settings, EvalSettings), str(output_dir))
-    rows = result["metrics"]
-    typer.echo(f"\n{'metric':<12} {'set':<5} {'lang':<4} {'n':>3} {'base':>7} {'tuned':>7} {'delta':>7}")
-    for r in rows:
-        typer.echo(f"{r['metric']:<12} {r['set']:<5} {r['language']:<4} {r['n']:>3} {r['base']:>7.3f} "
-                   f"{r['fine-tuned']:>7.3f} {r['delta']:>7}")
+    _echo_metrics(result["metrics"])
     d = result["decision"]
     typer.echo(f"\n{'PROMOTED' if d['promoted'] else 'NOT PROMOTED'}: {d['reason']}")
     typer.echo(f"report: {result['eval_dir']}/report.md")
@@ -141,7 +145,7 @@ def nightly(
             return (await client.read_deployment_by_name(deployment)).parameters
 
     params = asyncio.run(defaults())
-    extra = yaml.safe_load(settings.read_text(encoding="utf-8")) or {} if settings else {}
+    extra = (yaml.safe_load(settings.read_text(encoding="utf-8")) or {}) if settings else {}
     if train_config:
         try:
             extra = _deep_merge(extra, {"train": load_train_settings(train_config).model_dump(mode="json",
@@ -167,10 +171,7 @@ def nightly(
     typer.echo(f"\n{result['status'].upper()}: {result['reason']}")
     typer.echo(f"dataset: {result['dataset_dir']}")
     if result.get("metrics"):
-        typer.echo(f"\n{'metric':<12} {'set':<5} {'lang':<4} {'n':>3} {'base':>7} {'tuned':>7} {'delta':>7}")
-        for r in result["metrics"]:
-            typer.echo(f"{r['metric']:<12} {r['set']:<5} {r['language']:<4} {r['n']:>3} {r['base']:>7.3f} "
-                       f"{r['fine-tuned']:>7.3f} {r['delta']:>7}")
+        _echo_metrics(result["metrics"])
         typer.echo(f"\nmodel run: {result['run_dir']}\nreport: {result['eval_dir']}/report.md")
 
 

@@ -11,5 +11,5 @@ OUR_LOGGERS = ("doctune", "tasks", "flows")
 def our_loggers_at_info() -> None:
     for name in OUR_LOGGERS:
         logger = logging.getLogger(name)
-        if logger.level in (logging.NOTSET, logging.WARNING) or logger.level > logging.INFO:
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:  # DEBUG stays DEBUG
             logger.setLevel(logging.INFO)

@@ -13,6 +13,11 @@ from typing import Literal
 Language = Literal["en", "zh"]
 
 
+def fmt_score(x: float | None) -> str:
+    """A score as reports and the registry print it: three decimals, a dash when there is none."""
+    return "–" if x is None else f"{x:.3f}"
+
+
 # --------------------------------------------------------------------------- text and language
 
 # Han ideographs (with extensions and compatibility forms), kana and hangul: scripts written

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from doctune.registry import earlier_decision, read_current
 from doctune.settings import BuildSettings
 from tasks.evaluate import EvalSettings
-from tasks.train import TrainSettings, run_dir_for, settings_hash
+from tasks.train import TrainSettings, settings_hash
 
 
 class NightlySettings(BaseModel):
@@ -87,10 +87,6 @@ def nothing_new(settings: NightlySettings, dataset_sha256: str, train: TrainSett
         return (f"a candidate with this dataset and these training settings was already evaluated on "
                 f"{earlier['decided_at']} ({verdict}: {earlier['reason']}); no training, no evaluation")
     return None
-
-
-def expected_run_dir(dataset_dir: str, train: TrainSettings, settings: NightlySettings) -> str:
-    return str(run_dir_for(dataset_dir, train, settings.output_dir))
 
 
 def child_failure(kind: str, child, ui_url: str | None) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from doctune.metrics import fmt_score
+
 REGISTRY_KEY = "model-registry"
 
 
@@ -35,10 +37,6 @@ def earlier_decision(registry_dir: str | Path, dataset_sha256: str, settings_sha
     return same[-1] if same else None
 
 
-def _score(x) -> str:
-    return "–" if x is None else f"{x:.3f}"
-
-
 def registry_markdown(registry_dir: str | Path, limit: int = 30) -> str:
     registry = Path(registry_dir)
     current = read_current(registry)
@@ -46,7 +44,7 @@ def registry_markdown(registry_dir: str | Path, limit: int = 30) -> str:
     if current:
         lines += [
             f"**Current model:** `{current['run_dir']}`, promoted {current['promoted_at']} "
-            f"(gold {current['metric']} {_score(current.get('score'))}; trained on the dataset with content hash "
+            f"(gold {current['metric']} {fmt_score(current.get('score'))}; trained on the dataset with content hash "
             f"`{str(current.get('dataset_sha256'))[:12]}`; before it: `{current.get('previous') or 'the base model'}`)",
             "",
         ]
@@ -68,8 +66,8 @@ def registry_markdown(registry_dir: str | Path, limit: int = 30) -> str:
         dataset = Path(d["dataset_dir"]).name if d.get("dataset_dir") else str(d.get("dataset_sha256"))[:12]
         lines.append(
             f"| {d['decided_at']} | `{Path(d['candidate']).name}` | `{dataset}` | "
-            f"`{str(d.get('settings_sha256'))[:8]}` | {_score(scores.get('gold/all/fact_recall'))} | "
-            f"{_score(scores.get('test/all/fact_recall'))} | {'**yes**' if d['promoted'] else 'no'} | "
+            f"`{str(d.get('settings_sha256'))[:8]}` | {fmt_score(scores.get('gold/all/fact_recall'))} | "
+            f"{fmt_score(scores.get('test/all/fact_recall'))} | {'**yes**' if d['promoted'] else 'no'} | "
             f"{d['reason'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 

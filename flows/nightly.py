@@ -16,13 +16,13 @@ from prefect.settings import PREFECT_UI_URL
 
 from doctune.logs import our_loggers_at_info
 from doctune import local_llm
-from doctune.nightly import (NightlySettings, build_settings, child_failure, expected_run_dir, nothing_new,
-                             registry_dir, summary_markdown, train_settings)
+from doctune.nightly import (NightlySettings, build_settings, child_failure, nothing_new, registry_dir,
+                             summary_markdown, train_settings)
 from doctune.registry import publish_registry, read_decisions
 from flows.build_dataset import build_dataset
 from flows.evaluate import evaluate
 from tasks.evaluate import EvalReport, metrics_table
-from tasks.train import dataset_hash
+from tasks.train import dataset_hash, run_dir_for
 
 
 def _run_child(kind: str, name: str, parameters: dict, settings: NightlySettings):
@@ -53,7 +53,7 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
         result = {"status": "unchanged", "reason": why, "dataset_dir": dataset_dir, "promoted": False}
     else:
         # 3. Train on the gpu pool and wait.
-        run_dir = expected_run_dir(dataset_dir, train, settings)
+        run_dir = str(run_dir_for(dataset_dir, train, out))
         log.info("training %s on %s (%s)", dataset_dir, settings.train_deployment,
                  f"from {train.init_adapter}" if train.init_adapter else "from the base model")
         _run_child("training", settings.train_deployment,

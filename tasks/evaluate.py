@@ -26,7 +26,8 @@ from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from doctune.generation import chat_prompts, generate_greedy
-from doctune.metrics import Language, answer_facts, chrf, detect_language, facts_found, key_facts, rouge_l
+from doctune.metrics import (Language, answer_facts, chrf, detect_language, facts_found, fmt_score, key_facts,
+                             rouge_l)
 from doctune.prefect_utils import CACHE
 from doctune.prompts import PROMPTS_DIR, render
 from doctune.registry import read_current
@@ -436,10 +437,6 @@ def _short(text: str, n: int = 140) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.3f}"
-
-
 def ranked_examples(examples: list[dict], k: int = 5) -> tuple[list[dict], list[dict]]:
     """Up to k examples the fine-tuned model answered better than the base (by fact recall, then
     chrF), most improved first, and up to k it answered worse, most regressed first."""
@@ -483,11 +480,12 @@ def report_markdown(report: EvalReport, examples: list[dict]) -> str:
     metric = report.settings.promotion_metric
     headline = report.get(metric, "gold") or report.get(metric, "test")
     if headline:
-        lines += [f"**{headline.metric} on the {headline.set} set: base {_fmt(headline.base)} → fine-tuned "
-                  f"{_fmt(headline.tuned)} ({headline.delta:+.3f}; better on {headline.better}, worse on "
+        lines += [f"**{headline.metric} on the {headline.set} set: base {fmt_score(headline.base)} → fine-tuned "
+                  f"{fmt_score(headline.tuned)} ({headline.delta:+.3f}; better on {headline.better}, worse on "
                   f"{headline.worse} of {headline.n}).**", ""]
     lines += ["| metric | set | language | n | base | fine-tuned | delta |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {m.metric} | {m.set} | {m.language} | {m.n} | {_fmt(m.base)} | {_fmt(m.tuned)} | {m.delta:+.3f} |"
+    lines += [f"| {m.metric} | {m.set} | {m.language} | {m.n} | {fmt_score(m.base)} | {fmt_score(m.tuned)} | "
+              f"{m.delta:+.3f} |"
               for m in report.metrics]
     lines += ["", "fact_recall: share of key facts found in the reply (normalised substring); rouge_l: LCS F1 on "
               "words (English) or characters (Chinese); chrf: character n-gram F-score, 0-1; judge: LLM grade 1-5.", ""]
@@ -497,8 +495,8 @@ def report_markdown(report: EvalReport, examples: list[dict]) -> str:
         for e in group:
             lines += [f"**{e['set']} `{e['id']}`** {e['question']}", "",
                       f"- reference: {_short(e['reference'], 300)}",
-                      f"- base ({_fmt(e['base']['fact_recall'])}): {_short(e['base_reply'], 300)}",
-                      f"- fine-tuned ({_fmt(e['tuned']['fact_recall'])}): {_short(e['tuned_reply'], 300)}",
+                      f"- base ({fmt_score(e['base']['fact_recall'])}): {_short(e['base_reply'], 300)}",
+                      f"- fine-tuned ({fmt_score(e['tuned']['fact_recall'])}): {_short(e['tuned_reply'], 300)}",
                       f"- facts: {', '.join(e['facts']) or '–'}; missed by fine-tuned: "
                       f"{', '.join(e['tuned']['missing_facts']) or 'none'}", ""]
     return "\n".join(lines)
@@ -587,7 +585,8 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
         promoted=promoted, reason=reason, compared_to=compared_to, candidate=report.candidate, metric=metric,
         candidate_score=candidate_score, reference_score=reference_score, margin=margin, eval_dir=report.eval_dir,
         decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        dataset_dir=trained.get("dataset_dir"), dataset_sha256=trained.get("dataset_sha256"), settings_sha256=trained.get("settings_sha256"),
+        dataset_dir=trained.get("dataset_dir"), dataset_sha256=trained.get("dataset_sha256"),
+        settings_sha256=trained.get("settings_sha256"),
         scores={f"{m.set}/{m.language}/{m.metric}": m.tuned for m in report.metrics},
     )
     registry.mkdir(parents=True, exist_ok=True)

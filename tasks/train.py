@@ -501,13 +501,6 @@ def load_model(base: str, plan: Plan, settings: TrainSettings):
         # Non-reentrant checkpointing needs no input-grad hook and works with frozen embeddings.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
-    lora = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=settings.target_modules,
-        task_type="CAUSAL_LM",
-    )
     if settings.init_adapter:
         from peft import PeftModel
 
@@ -518,6 +511,13 @@ def load_model(base: str, plan: Plan, settings: TrainSettings):
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         log.info("continuing from the adapter %s (r=%s)", adapter, model.peft_config["default"].r)
     else:
+        lora = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=settings.target_modules,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
     if settings.neftune_alpha:
         add_neftune(model, settings.neftune_alpha)

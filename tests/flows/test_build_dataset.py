@@ -48,14 +48,19 @@ async def task_states(flow_run_id) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
-async def latest_table(key: str) -> list[dict]:
+async def latest_artifact(key: str):
+    """The data of the newest artifact with this key: markdown text, or a table as stored."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
     async with get_client() as client:
         arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
                                            sort=ArtifactSort.CREATED_DESC, limit=1)
-    data = arts[0].data
+    return arts[0].data
+
+
+async def latest_table(key: str) -> list[dict]:
+    data = await latest_artifact(key)
     return json.loads(data) if isinstance(data, str) else data
 
 

@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterNa
 from prefect.deployments import run_deployment
 
 from doctune.registry import read_current, read_decisions
-from tests.flows.test_build_dataset import write_docs
+from tests.flows.test_build_dataset import latest_artifact, task_states, write_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -119,10 +119,10 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert current["run_dir"] == result["run_dir"]
     assert (Path(result["run_dir"]) / "checkpoints").is_dir()  # save_every_steps: 2 wrote checkpoints
     facts_first = scripted.calls["fact"]
-    registry = asyncio.run(latest_table_markdown("model-registry"))
+    registry = asyncio.run(latest_artifact("model-registry"))
     assert Path(result["run_dir"]).name in registry and "**yes**" in registry
     assert Path(result["dataset_dir"]).name in registry
-    assert "promoted" in asyncio.run(latest_table_markdown("nightly-summary"))
+    assert "promoted" in asyncio.run(latest_artifact("nightly-summary"))
     for key in ("train-loss", "eval-metrics", "promotion-decision", "dedup-counts", "sample-pairs"):
         assert asyncio.run(artifact_count(key)) >= 1, key
 
@@ -141,7 +141,7 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert result3["status"] in ("promoted", "not promoted") and result3["run_dir"] != current["run_dir"]
     assert len(asyncio.run(_train_runs())) == trained + 1
     build3 = next(c for c in asyncio.run(_children(run3.id)) if c.deployment_id is None)
-    states = asyncio.run(task_states_of(build3.id))
+    states = asyncio.run(task_states(build3.id))
     synth = {name: state for name, state in states.items() if name.startswith("synthesize ")}
     assert synth == {"synthesize products.md": "Completed", "synthesize handbook.md": "Cached",
                      "synthesize faq.csv": "Cached"}, synth
@@ -207,22 +207,6 @@ async def flow_logs(flow_run_id) -> list[str]:
     async with get_client() as client:
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return [log.message for log in logs]
-
-
-async def task_states_of(flow_run_id) -> dict[str, str]:
-    from tests.flows.test_build_dataset import task_states
-
-    return await task_states(flow_run_id)
-
-
-async def latest_table_markdown(key: str) -> str:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    async with get_client() as client:
-        arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                           sort=ArtifactSort.CREATED_DESC, limit=1)
-    return arts[0].data
 
 
 async def artifact_count(key: str) -> int:
