@@ -42,10 +42,19 @@ def settings_for(server, out: Path, mode="fact") -> BuildSettings:
     )
 
 
-async def task_states(flow_run_id) -> dict[str, str]:
+async def task_states(flow_run_id, wait_s: float = 30.0) -> dict[str, str]:
+    """Each task run's final state name. Task run states reach the server as events, written a moment after
+    the flow returns: wait until every task run has a final state."""
+    deadline = asyncio.get_running_loop().time() + wait_s
     async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+        while True:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs):
+                return {r.name: r.state.name for r in runs}
+            if asyncio.get_running_loop().time() > deadline:
+                pending = sorted(r.name for r in runs if r.state is None or not r.state.is_final())
+                raise AssertionError(f"task runs without a final state after {wait_s:.0f} s: {pending}")
+            await asyncio.sleep(0.5)
 
 
 async def latest_artifact(key: str):
