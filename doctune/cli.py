@@ -116,6 +116,28 @@ def evaluate(
     typer.echo(f"report: {result['eval_dir']}/report.md")
 
 
+@app.command()
+def export(
+    run: str = typer.Argument("promoted", help="A run folder (outputs/models/<run>) or 'promoted'."),
+    output_dir: Path = typer.Option(Path("outputs"), help="Root of registry/ and exports/."),
+    settings: Optional[Path] = typer.Option(None, help="YAML file of ExportSettings."),
+    gguf: Optional[str] = typer.Option(None, help="GGUF types, comma-separated (F16,Q8_0,Q5_0,Q4_0); "
+                                                   "default from the settings: F16,Q8_0."),
+):
+    """Run the export flow: merged/ model, GGUF files and an Ollama Modelfile, checked with llama.cpp."""
+    from flows.export import export_model
+    from tasks.export import ExportSettings
+
+    conf = load_settings(settings, ExportSettings)
+    if gguf:
+        try:
+            conf = ExportSettings.model_validate({**conf.model_dump(), "gguf_types": gguf.split(",")})
+        except ValueError as exc:
+            raise typer.BadParameter(f"--gguf {gguf}: {exc}") from None
+    out = Path(export_model(run, str(output_dir), conf))
+    typer.echo((out / "README.md").read_text(encoding="utf-8"))
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from doctune.registry import earlier_decision, read_current
 from doctune.settings import BuildSettings
 from tasks.evaluate import EvalSettings
+from tasks.export import ExportSettings
 from tasks.train import TrainSettings, settings_hash
 
 
@@ -52,6 +53,10 @@ class NightlySettings(BaseModel):
         "for synthesis and stop it before training (two torch processes on one small machine stall each other); "
         "off: never start one.",
     )
+    export_after_promotion: bool = Field(
+        False, description="When tonight's model is promoted, also export it (merged/, GGUF, Modelfile, llama.cpp check)."
+    )
+    export: ExportSettings = Field(default_factory=ExportSettings, description="What an export writes and checks.")
     child_timeout_s: float | None = Field(
         None, gt=0, description="Give up waiting for a training or evaluation run after this long; None: wait."
     )

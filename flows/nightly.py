@@ -21,6 +21,7 @@ from doctune.nightly import (NightlySettings, build_settings, child_failure, not
 from doctune.registry import publish_registry, read_decisions
 from flows.build_dataset import build_dataset
 from flows.evaluate import evaluate
+from flows.export import export_model
 from tasks.evaluate import EvalReport, metrics_table
 from tasks.train import dataset_hash, run_dir_for
 
@@ -72,6 +73,8 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
         result = {"status": "promoted" if decision["promoted"] else "not promoted", "reason": decision["reason"],
                   "dataset_dir": dataset_dir, "run_dir": run_dir, "eval_dir": decision["eval_dir"],
                   "promoted": decision["promoted"], "metrics": metrics_table(report)}
+        if decision["promoted"] and settings.export_after_promotion:
+            result["export_dir"] = export_model(run_dir, out, settings.export)
 
     # 5. What a person reads in the UI, under keys that stay the same night after night.
     create_markdown_artifact(summary_markdown(folder, result), key="nightly-summary",
