@@ -197,5 +197,29 @@ def nightly(
         typer.echo(f"\nmodel run: {result['run_dir']}\nreport: {result['eval_dir']}/report.md")
 
 
+@app.command("chat")
+def chat_cmd(
+    model: Optional[str] = typer.Argument(None, help="Model to ask (default: `promoted` if served, else the "
+                                          "first one /v1/models lists)."),
+    base_url: str = typer.Option("http://127.0.0.1:8765/v1", help="OpenAI-compatible endpoint (default: "
+                                 "`doctune serve`)."),
+    api_key_env: str = typer.Option("DOCTUNE_SERVE_API_KEY", help="Env var holding the API key (unset: no key, "
+                                    "loopback only)."),
+    system: Optional[str] = typer.Option(None, help="System prompt sent ahead of the conversation."),
+    temperature: Optional[float] = typer.Option(None, min=0, max=2, help="Sampling temperature (default: the "
+                                                "server's)."),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="Longest answer, in tokens (default: the server's)."),
+):
+    """Chat in the terminal (or answer piped lines, one per line); /help lists the commands."""
+    from doctune.chat import Chat, ChatError, run
+
+    try:
+        session = Chat(base_url, model, api_key_env=api_key_env, system=system, temperature=temperature,
+                       max_tokens=max_tokens)
+    except ChatError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    raise typer.Exit(run(session))
+
+
 if __name__ == "__main__":
     app()
