@@ -44,19 +44,45 @@ def prepare_model(target: Optional[Path] = typer.Option(None, help="Folder to wr
 
 @app.command()
 def serve(
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the offline base model)."),
-    host: str = typer.Option("127.0.0.1", help="Interface; loopback by default."),
+    model: Optional[Path] = typer.Option(
+        None, help="Base model folder (default: the base the served adapters were trained on, per their "
+        "run.json; with no adapter, the offline base model)."),
+    host: str = typer.Option("127.0.0.1", help="Interface; loopback by default. Any other needs an API key."),
     port: int = typer.Option(8765),
-    name: str = typer.Option("smollm2-135m-instruct", help="Model name clients ask for."),
-    api_key_env: str = typer.Option("DOCTUNE_SERVE_API_KEY", help="Env var with the key clients must send (unset: no key)."),
+    name: str = typer.Option("smollm2-135m-instruct", help="Model name clients ask for to get the base model."),
+    outputs: Path = typer.Option(Path("outputs"), help="Output folder whose registry/current.json names the "
+                                 "promoted run."),
+    promoted: bool = typer.Option(True, help="Serve the promoted run's adapter as model 'promoted' (when one "
+                                  "was promoted); --no-promoted serves only the base and --adapter ones."),
+    adapter: list[str] = typer.Option(
+        [], metavar="NAME=RUN_DIR", help="Also serve that LoRA adapter as model NAME; RUN_DIR is a run folder "
+        "(outputs/models/<run>) or its adapter/ folder. Repeatable."),
+    api_key_env: str = typer.Option("DOCTUNE_SERVE_API_KEY", help="Env var with the key clients must send "
+                                    "(unset: no key, allowed on loopback only)."),
+    max_body_mb: float = typer.Option(8.0, min=0.001, help="Larger request bodies get a 413."),
 ):
-    """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/embeddings)."""
+    """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/embeddings).
+
+    Model names: --name is the base, 'promoted' the run in OUTPUTS/registry/current.json, NAME each --adapter.
+
+    /v1/models lists each name with its folder as `root`; restart the server to pick up a newer promotion.
+
+    All adapters must share the base they were trained on (run.json base_model); --model must be that base."""
+    from doctune.server import check_exposure, plan_models
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = os.environ.get(api_key_env) or None
+    try:
+        check_exposure(host, api_key, api_key_env)  # before anything loads
+        base, adapters = plan_models(str(model) if model else None, adapter, outputs if promoted else None, name)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"doctune serve: {exc}", err=True)
+        raise typer.Exit(2) from None
     from doctune.base_model import prepare_base_model
     from doctune.server import run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_server(str(model or prepare_base_model()), host=host, port=port, served_name=name,
-               api_key=os.environ.get(api_key_env) or None)
+    run_server(base or str(prepare_base_model()), host=host, port=port, served_name=name, api_key=api_key,
+               adapters=adapters, max_body_mb=max_body_mb)
 
 
 @app.command("build-dataset")

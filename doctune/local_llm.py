@@ -64,8 +64,10 @@ def serving(llm: LLMSettings, start: bool = True, model: str | None = None, log_
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"llm-server-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.log"
+    # --no-promoted: synthesis writes the training data, so it must come from the base model alone
+    # (and a LoRA layer on every row would slow it down for nothing).
     cmd = [sys.executable, "-m", "doctune.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--name", llm.model]
+           "--name", llm.model, "--no-promoted"]
     if model:
         cmd += ["--model", str(model)]
     env = dict(os.environ)

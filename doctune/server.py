@@ -12,7 +12,9 @@ at a time (see FINDINGS.md). Batching concurrent requests is worth ~3x on 2 core
   and their cache is left-padded onto the batch's), and a finished row leaves the batch at once;
 - when idle, the first request waits `batch_wait_ms` for others so their prefill is shared.
 
-The wire format reuses the response models of the `openai` package.
+The wire format reuses the response models of the `openai` package. `plan_models` decides what
+`doctune serve` serves (the base, the promoted adapter, named adapters); `check_exposure` refuses a
+server that anyone on the network could use.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from openai.types import CompletionUsage, CreateEmbeddingResponse, Embedding, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice
@@ -54,6 +58,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 1024
 MAX_STOPS = 16
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+PROMOTED = "promoted"  # the model name of the registry's promoted adapter
+KEY_ENV = "DOCTUNE_SERVE_API_KEY"
 
 
 # ---------------------------------------------------------------- requests
@@ -77,7 +83,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # An unknown field is refused, not ignored: a client asking for something this server does not
+    # do (audio, reasoning_effort, vLLM's top_k...) must learn so instead of getting a plain answer.
+    model_config = ConfigDict(extra="forbid")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -97,15 +105,23 @@ class ChatRequest(BaseModel):
     logit_bias: dict | None = None
     tools: list | None = None
     functions: list | None = None
+    tool_choice: str | dict | None = None
     response_format: dict | None = None
+    # Bookkeeping that does not change the answer: accepted and ignored, as other local servers do.
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = None
+    user: str | None = None
 
 
 class APIError(Exception):
@@ -263,6 +279,7 @@ class Engine:
             self.peft = _load_adapters(model, adapters)
             self.lm = self.peft.get_base_model()
         self.adapters = list(adapters or {})
+        self.adapter_dirs = {name: str(folder) for name, folder in (adapters or {}).items()}
         self.decoder = self.lm.get_decoder()
         cfg = self.lm.config.get_text_config()
         self.hidden_size = cfg.hidden_size
@@ -622,6 +639,8 @@ def _check_unsupported(req: ChatRequest) -> None:
         raise _bad("logit_bias", "not supported by this server")
     if req.tools or req.functions:
         raise _bad("tools", "tool calling is not supported by this server")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise _bad("tool_choice", "tool calling is not supported by this server; omit the field")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise _bad("response_format", f"type {req.response_format.get('type')!r} is not supported; only 'text' "
                                       "(ask for JSON in the prompt and parse the reply)")
@@ -639,10 +658,14 @@ def _chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: 
     prompt = engine.encode_chat(_message_dicts(req.messages))
     room = engine.context - len(prompt)
     asked = req.max_completion_tokens or req.max_tokens
-    if room < 1 or (asked and asked > room):
-        raise _bad("messages", f"the prompt has {len(prompt)} tokens and {asked or 1} more were asked for, "
-                               f"over the model's context of {engine.context} tokens; shorten the messages "
-                               "or lower max_tokens")
+    if room < 1:
+        raise _bad("messages", f"the prompt has {len(prompt)} tokens, leaving no room in the model's context of "
+                               f"{engine.context} tokens; shorten the messages")
+    if asked and asked > room:
+        field_name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise _bad(field_name, f"the prompt has {len(prompt)} tokens and {asked} more were asked for, over the "
+                               f"model's context of {engine.context} tokens; ask for at most {room} or shorten "
+                               "the messages")
     return GenJob(prompt=prompt, max_new=asked or min(DEFAULT_MAX_TOKENS, room),
                   temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's default
                   top_p=1.0 if req.top_p is None else req.top_p, presence=req.presence_penalty or 0.0,
@@ -671,13 +694,73 @@ def _embedding_inputs(req: EmbeddingRequest, engine: Engine) -> list[list[int]]:
     return inputs
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 in OpenAI's shape before any
+    handler parses it. A chunked body carries no length, so it is read up to the limit here and
+    then handed on; the handler still sees later messages (a disconnect) from the client."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _refusal(self, size: str) -> JSONResponse:
+        mb = self.limit / 2**20
+        return APIError(413, f"The request body is {size}, over this server's limit of {mb:g} MB; send less "
+                             "(fewer embedding inputs per call) or restart the server with a larger --max-body-mb.",
+                        code="request_too_large").response()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refusal(f"{int(length)} bytes")(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refusal(f"over {self.limit} bytes")(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _validation_message(error: dict) -> tuple[str, str]:
+    """(param, message) for pydantic's first complaint about a request body, in words a client can act on."""
+    loc = [str(p) for p in error["loc"] if p != "body"]
+    if error["type"] == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", error["msg"])
+        return "body", f"is not valid JSON ({reason}); send one JSON object"
+    if not loc and error["type"] in ("model_attributes_type", "dict_type", "missing"):
+        return "body", "must be a JSON object (with Content-Type: application/json)"
+    param = ".".join(loc) or "body"
+    if error["type"] == "extra_forbidden":
+        return param, "is not supported by this server (it is refused rather than silently ignored); remove it"
+    return param, error["msg"]
+
+
 def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_key: str | None = None,
                max_batch: int = 16, batch_wait_ms: float = 10, device="cpu",
-               adapters: dict[str, str] | None = None) -> FastAPI:
+               adapters: dict[str, str] | None = None, max_body_mb: float = 8) -> FastAPI:
     """An OpenAI-compatible app over the model folder `model_path` (loaded now; the worker starts
-    with the app). `adapters` maps extra model names to LoRA adapter folders over that model."""
+    with the app). `adapters` maps extra model names to LoRA adapter folders over that model.
+    A request body over `max_body_mb` is refused with a 413."""
     if adapters and served_name in adapters:
         raise ValueError(f"adapters: {served_name!r} is already the served_name of the base model; rename the adapter")
+    if max_body_mb <= 0:
+        raise ValueError(f"max_body_mb={max_body_mb}: must be positive")
     engine = Engine(model_path, device=device, adapters=adapters, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     created = int(time.time())
 
@@ -700,10 +783,21 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        param, message = _validation_message(errors[0])
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        return _bad(param, f"{first['msg']}{more}").response()
+        return _bad(param, f"{message}{more}").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # Unknown routes and methods too: clients parse one error shape.
+        if exc.status_code == 404:
+            message = (f"{request.method} {request.url.path} is not a route of this server; it serves "
+                       "/v1/models, /v1/chat/completions, /v1/embeddings and /health")
+        else:
+            message = f"{request.method} {request.url.path}: {exc.detail}"
+        return APIError(exc.status_code, message, code=str(exc.status_code)).response()
+
+    app.add_middleware(_BodyLimit, limit=int(max_body_mb * 2**20))
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -732,8 +826,11 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
 
     @v1.get("/models")
     async def models():
-        data = [Model(id=name, object="model", created=created, owned_by="doctune").model_dump(exclude_none=True)
-                for name in [served_name, *engine.adapters]]
+        # root/parent as vLLM reports them: the folder each name serves, and the base an adapter sits on.
+        data = [{**Model(id=served_name, object="model", created=created, owned_by="doctune").model_dump(),
+                 "root": str(model_path), "parent": None}]
+        data += [{**Model(id=name, object="model", created=created, owned_by="doctune").model_dump(),
+                  "root": folder, "parent": served_name} for name, folder in engine.adapter_dirs.items()]
         return {"object": "list", "data": data}
 
     @v1.get("/stats")
@@ -844,12 +941,143 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def check_exposure(host: str, api_key: str | None, key_env: str = KEY_ENV) -> None:
+    """Refuse (ValueError) to serve beyond loopback without a key: anyone who reaches the port
+    could use the model and read every adapter's answers."""
+    if _is_loopback(host) or api_key:
+        return
+    raise ValueError(
+        f"--host {host} is reachable beyond this machine and no API key is set (${key_env} is unset or empty), "
+        f"so anyone who can reach the port could use the model. Set a key, e.g. "
+        f"`export {key_env}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')`, or name another "
+        f"variable with --api-key-env; clients then send it as their API key. Or bind --host 127.0.0.1.")
+
+
 def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8765, api_key: str | None = None, **kw) -> None:
     """Serve until interrupted (blocking). `kw` goes to create_app (served_name, adapters, ...)."""
     import uvicorn
 
-    if not _is_loopback(host) and api_key is None:
-        log.warning("serving on %s without an API key: anyone who can reach port %d can use the model; "
-                    "set one with --api-key-env", host, port)
+    check_exposure(host, api_key)
     app = create_app(model_path, api_key=api_key, **kw)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+# ---------------------------------------------------------------- what `doctune serve` serves
+
+
+@dataclass
+class AdapterSource:
+    name: str
+    folder: Path  # holds adapter_config.json
+    base_model: str  # the model it was trained on
+    said_by: Path  # the file that names base_model
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); restore it from the run that wrote it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path or any(c.isspace() for c in name):
+        raise ValueError(f"--adapter {spec!r}: expected NAME=RUN_DIR with a name without spaces, e.g. "
+                         "--adapter tuned=outputs/models/<run>")
+    return name, Path(path)
+
+
+def find_adapter(name: str, path: Path, what: str | None = None) -> AdapterSource:
+    """The adapter of a run folder (`<run>/adapter/` + `<run>/run.json`) or an adapter folder itself,
+    with the base model it was trained on. `what` names where `path` came from, for errors."""
+    what = what or f"--adapter {name}={path}"
+    if (path / "adapter_config.json").is_file():
+        folder, run_json = path, path.parent / "run.json"
+    elif (path / "adapter" / "adapter_config.json").is_file():
+        folder, run_json = path / "adapter", path / "run.json"
+    elif not path.exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist; give a run folder (outputs/models/<run>) "
+                                "or its adapter/ folder")
+    else:
+        raise FileNotFoundError(f"{what}: {path} has neither adapter/adapter_config.json (a run folder) nor "
+                                "adapter_config.json (an adapter folder); is the run finished (run.json is "
+                                "written last)?")
+    if run_json.is_file():
+        said_by, base = run_json, _read_json(run_json).get("base_model")
+    else:  # an adapter folder outside a run: peft records the base it was made on
+        said_by = folder / "adapter_config.json"
+        base = _read_json(said_by).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{what}: {said_by} names no base model (base_model / base_model_name_or_path); "
+                         "pass the base it was trained on with --model")
+    return AdapterSource(name, folder, str(base), said_by)
+
+
+def promoted_adapter(outputs: Path) -> AdapterSource | None:
+    """The registry's promoted adapter under `outputs`, or None when nothing was promoted yet."""
+    current_json = outputs / "registry" / "current.json"
+    if not current_json.is_file():
+        return None
+    run_dir = _read_json(current_json).get("run_dir")
+    if not run_dir:
+        raise ValueError(f"{current_json}: no run_dir field; it is written by the evaluate stage's promotion, "
+                         "restore it or serve without it (--no-promoted)")
+    # run_dir is as the worker wrote it, maybe relative to another working directory; the run is
+    # also found under this outputs folder by its name.
+    tried = [Path(run_dir)]
+    if not tried[0].is_absolute():
+        tried.append(outputs / "models" / tried[0].name)
+    for path in tried:
+        if path.exists():
+            return find_adapter(PROMOTED, path, what=f"{current_json}: run_dir")
+    raise FileNotFoundError(f"{current_json}: run_dir {run_dir!r} does not exist (looked in "
+                            f"{', '.join(map(str, tried))}); restore the run folder, or serve without it "
+                            "(--no-promoted)")
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
+
+
+def plan_models(model: str | None, adapter_specs: list[str], outputs: Path | None,
+                served_name: str) -> tuple[str | None, dict[str, str]]:
+    """(base model, {name: adapter folder}) for `doctune serve`: the promoted adapter of
+    `outputs/registry/current.json` as `promoted` (outputs=None: not), then every NAME=RUN_DIR.
+    The base is `model` or, when None, the one the adapters were trained on (None if there are
+    none: the caller picks the default). Raises ValueError/FileNotFoundError naming the file and the fix."""
+    sources: list[AdapterSource] = []
+    if outputs is not None:
+        promoted = promoted_adapter(outputs)
+        if promoted is None:
+            log.info("%s: no promoted model yet; serving the base model", outputs / "registry" / "current.json")
+        else:
+            sources.append(promoted)
+    for spec in adapter_specs:
+        name, path = parse_adapter_spec(spec)
+        clash = next((s for s in sources if s.name == name), None)
+        if name == served_name:
+            raise ValueError(f"--adapter {spec}: {name!r} is the base model's name (--name); pick another name")
+        if clash is not None:
+            hint = ("the promoted adapter is served as 'promoted'; pick another name or add --no-promoted"
+                    if name == PROMOTED else "give each --adapter its own name")
+            raise ValueError(f"--adapter {spec}: the name {name!r} is taken by {clash.folder}; {hint}")
+        if name == BASE:
+            raise ValueError(f"--adapter {spec}: {name!r} is reserved; pick another name")
+        sources.append(find_adapter(name, path))
+    for s in sources:
+        if model is not None and not _same_model(s.base_model, model):
+            raise ValueError(f"adapter {s.name!r} was trained on {s.base_model} ({s.said_by}), but --model is "
+                             f"{model}; drop --model to serve {s.base_model}, or leave that adapter out")
+        first = sources[0]
+        if not _same_model(s.base_model, first.base_model):
+            raise ValueError(f"adapter {s.name!r} was trained on {s.base_model} ({s.said_by}), but adapter "
+                             f"{first.name!r} on {first.base_model} ({first.said_by}); one server serves "
+                             "adapters of one base: start one server per base")
+    base = model if model is not None else (sources[0].base_model if sources else None)
+    return base, {s.name: str(s.folder) for s in sources}

@@ -35,7 +35,8 @@ up_prefect() {
 }
 
 up_llm() {
-  start llm doctune serve --port "$DOCTUNE_LLM_PORT"
+  # --no-promoted: this server writes training data, which must come from the base model alone.
+  start llm doctune serve --port "$DOCTUNE_LLM_PORT" --no-promoted
   wait_http "http://127.0.0.1:$DOCTUNE_LLM_PORT/health" 180 llm
   echo "LLM endpoint: http://127.0.0.1:$DOCTUNE_LLM_PORT/v1"
 }

@@ -1,13 +1,22 @@
-"""The local OpenAI-compatible server, over the real offline model, on a free 127.0.0.1 port,
-spoken to with the official `openai` client the way synthesis and dedup speak to it."""
+"""The local OpenAI-compatible server on a free 127.0.0.1 port, spoken to with the official `openai`
+client the way synthesis and dedup speak to it: over the real offline model (slow: what it says),
+and over the tiny random model with two quickly trained LoRA adapters (what it serves, how it
+refuses bad requests, what `doctune serve` picks from the registry)."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -17,9 +26,7 @@ import pytest
 import torch
 
 from doctune.base_model import prepare_base_model
-from doctune.server import _streamable, create_app
-
-pytestmark = pytest.mark.slow
+from doctune.server import _streamable, check_exposure, create_app, plan_models, run_server
 
 KEY = "test-key"
 BASE = "smollm2-135m-instruct"
@@ -48,10 +55,9 @@ def adapter_dir(model_path, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def server(model_path, adapter_dir):
-    app = create_app(str(model_path), api_key=KEY, max_batch=8, batch_wait_ms=50,
-                     adapters={ADAPTER: str(adapter_dir)})
+@contextmanager
+def serving_in_thread(app):
+    """uvicorn over `app` on a free 127.0.0.1 port, in a thread of this process."""
     import uvicorn
 
     sock = socket.socket()
@@ -64,10 +70,20 @@ def server(model_path, adapter_dir):
     while not srv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app)
-    srv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_path, adapter_dir):
+    app = create_app(str(model_path), api_key=KEY, max_batch=8, batch_wait_ms=50,
+                     adapters={ADAPTER: str(adapter_dir)})
+    with serving_in_thread(app) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +107,13 @@ def ask(client, prompt: str, model: str = BASE, **params):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], **params)
 
 
+@pytest.mark.slow
 def test_health_and_models(server, client):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert [m.id for m in client.models.list()] == [BASE, ADAPTER]
 
 
+@pytest.mark.slow
 def test_chat_returns_text_and_usage(client):
     resp = ask(client, PROMPT, max_tokens=16)
     choice = resp.choices[0]
@@ -107,6 +125,7 @@ def test_chat_returns_text_and_usage(client):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_same_seed_same_sample_even_when_batched(client, greedy):
     params = dict(temperature=1.2, top_p=0.95, seed=1234, max_tokens=12)
     alone = [ask(client, "Tell me a story.", **params).choices[0].message.content for _ in range(2)]
@@ -121,6 +140,7 @@ def test_same_seed_same_sample_even_when_batched(client, greedy):
     assert greedy(PROMPT) == ask(client, PROMPT, max_tokens=16).choices[0].message.content
 
 
+@pytest.mark.slow
 def test_stop_string_is_trimmed(client, greedy):
     full = greedy(PROMPT, 24)
     stop = full[len(full) // 2: len(full) // 2 + 3]
@@ -129,6 +149,7 @@ def test_stop_string_is_trimmed(client, greedy):
     assert resp.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.slow
 def test_max_tokens_respected(client):
     resp = ask(client, "Write a long essay about the sea.", max_tokens=5)
     assert resp.usage.completion_tokens == 5 and resp.choices[0].finish_reason == "length"
@@ -136,6 +157,7 @@ def test_max_tokens_respected(client):
     assert resp.usage.completion_tokens == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", [PROMPT, EMOJI_PROMPT])
 def test_stream_joins_to_the_non_streamed_answer(client, greedy, prompt):
     expected = greedy(prompt, 16)
@@ -153,6 +175,7 @@ def test_stream_joins_to_the_non_streamed_answer(client, greedy, prompt):
         assert any(ord(ch) > 0xFFFF for ch in expected), "expected 4-byte characters in this answer"
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_mid_stream_stops_costing_compute(server, client):
     engine = server.app.state.engine
     stream = ask(client, "Write a long essay about the sea.", max_tokens=400, stream=True)
@@ -173,6 +196,7 @@ def test_streamable_holds_back_stop_prefixes_and_partial_characters():
     assert _streamable("ab\ufffd", []) == "ab"
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched(server, client, greedy):
     prompts = [f"Give one word that rhymes with {w}." for w in
                ["cat", "dog", "sun", "tree", "house", "moon", "car", "a very long and unusual word"]]
@@ -187,6 +211,7 @@ def test_concurrent_requests_are_batched(server, client, greedy):
         assert answers[i] == greedy(prompts[i], 8)
 
 
+@pytest.mark.slow
 def test_n_choices_and_bad_requests(client):
     resp = ask(client, "Name an animal.", n=2, temperature=1.0, seed=5, max_tokens=6)
     assert [c.index for c in resp.choices] == [0, 1]
@@ -199,6 +224,7 @@ def test_n_choices_and_bad_requests(client):
         ask(client, "Hi", logprobs=True)
 
 
+@pytest.mark.slow
 def test_wrong_key_and_unknown_model(server):
     wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
@@ -210,6 +236,7 @@ def test_wrong_key_and_unknown_model(server):
     assert err.value.code == "model_not_found" and BASE in err.value.message
 
 
+@pytest.mark.slow
 def test_embeddings_are_unit_vectors_that_rank_similar_text_higher(client, model_path):
     import json
 
@@ -226,6 +253,7 @@ def test_embeddings_are_unit_vectors_that_rank_similar_text_higher(client, model
     assert np.allclose(single, vecs[2], atol=1e-4)  # padding in a batch does not change a vector
 
 
+@pytest.mark.slow
 def test_adapter_is_served_by_name_beside_the_base(client, greedy):
     base = greedy(PROMPT, 12)
     tuned = greedy(PROMPT, 12, ADAPTER)
@@ -235,3 +263,369 @@ def test_adapter_is_served_by_name_beside_the_base(client, greedy):
         both = list(pool.map(lambda m: ask(client, PROMPT, model=m, max_tokens=12).choices[0].message.content,
                              [BASE, ADAPTER]))
     assert both == [base, tuned]
+
+
+# ---------------------------------------------------------------- the tiny model with two adapters
+
+SAY = [{"role": "user", "content": "Say your words."}]
+REPLIES = {"alpha": "alpha bravo charlie delta echo", "beta": "one two three four five six"}
+WORDS = 6  # new tokens asked for: within the trained replies, where greedy margins are wide
+
+
+def _train_run(tiny_model: str, reply: str, run_dir: Path) -> Path:
+    """A finished run folder as the train stage leaves it (adapter/ + run.json), its LoRA fitted in
+    a few steps to answer SAY with `reply`, so each adapter says something the base does not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    prompt = tok(tok.apply_chat_template(SAY, add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    full = tok(tok.apply_chat_template([*SAY, {"role": "assistant", "content": reply}], tokenize=False),
+               add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([full])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(40):
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(run_dir / "adapter")
+    (run_dir / "run.json").write_text(json.dumps({"base_model": tiny_model, "steps": 40}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("outputs") / "models"
+    return {name: _train_run(tiny_model, reply, root / f"run-{name}") for name, reply in REPLIES.items()}
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_model, runs) -> dict[str, str]:
+    """What peft's own greedy `generate` says to SAY with each adapter, and with none ("base")."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                      str(runs["alpha"] / "adapter"), adapter_name="alpha")
+    model.load_adapter(str(runs["beta"] / "adapter"), adapter_name="beta")
+    ids = tok(tok.apply_chat_template(SAY, add_generation_prompt=True, tokenize=False), add_special_tokens=False,
+              return_tensors="pt")
+
+    def greedy_reply() -> str:
+        with torch.inference_mode():
+            seq = model.generate(**ids, max_new_tokens=WORDS, do_sample=False)
+        return tok.decode(seq[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    with model.disable_adapter():
+        out = {"base": greedy_reply()}
+    for name in ("alpha", "beta"):
+        model.set_adapter(name)
+        out[name] = greedy_reply()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model, runs):
+    app = create_app(tiny_model, served_name="tiny", api_key=KEY, max_batch=8, batch_wait_ms=20,
+                     adapters={name: str(run / "adapter") for name, run in runs.items()}, max_body_mb=0.01)
+    with serving_in_thread(app) as srv:
+        srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        yield srv
+
+
+def say(client, model: str, **params) -> str:
+    resp = client.chat.completions.create(model=model, messages=SAY, temperature=0, max_tokens=WORDS, **params)
+    return resp.choices[0].message.content
+
+
+def test_models_lists_the_base_and_each_adapter_with_its_folder(tiny, tiny_model, runs):
+    models = {m.id: m for m in tiny.client.models.list()}
+    assert list(models) == ["tiny", "alpha", "beta"]
+    assert models["tiny"].root == tiny_model
+    assert models["beta"].root == str(runs["beta"] / "adapter") and models["beta"].parent == "tiny"
+
+
+def test_each_adapter_answers_as_peft_does_in_process(tiny, in_process):
+    assert in_process["alpha"].startswith("alpha bravo") and in_process["beta"].startswith("one two")
+    assert in_process["base"] not in (in_process["alpha"], in_process["beta"])
+    for name, model in (("base", "tiny"), ("alpha", "alpha"), ("beta", "beta")):
+        assert say(tiny.client, model) == in_process[name], name
+
+
+def test_an_adapter_streams_what_it_answers(tiny, in_process):
+    stream = tiny.client.chat.completions.create(model="beta", messages=SAY, temperature=0, max_tokens=WORDS,
+                                                 stream=True)
+    deltas = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1 and "".join(deltas) == in_process["beta"]
+
+
+def test_twenty_concurrent_calls_over_three_models_are_all_answered(tiny, in_process):
+    models = (["tiny", "alpha", "beta"] * 7)[:20]
+    stats = tiny.app.state.stats
+    stats["max_batch_size"] = 0
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda m: say(tiny.client, m), models))
+    assert stats["max_batch_size"] > 1, "20 concurrent calls never shared a batch"
+    # The trained replies have wide greedy margins: padding in a mixed batch must not change them.
+    for model, answer in zip(models, answers, strict=True):
+        if model != "tiny":
+            assert answer == in_process[model], model
+        else:
+            assert answer
+
+
+def test_streaming_clients_that_leave_mid_stream_leave_the_server_serving(tiny, in_process):
+    engine, stats = tiny.app.state.engine, tiny.app.state.stats
+    spent = stats["completion_tokens"]
+    body = {"model": "tiny", "messages": SAY, "temperature": 0, "max_tokens": 900, "stream": True}
+
+    def leave_after_first_delta() -> None:
+        with httpx.stream("POST", tiny.url + "/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    return  # leaving the block closes the connection mid-stream
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: leave_after_first_delta(), range(4)))
+    deadline = time.monotonic() + 10
+    while engine._rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine._rows, "abandoned streams are still decoding"
+    assert stats["completion_tokens"] - spent < 4 * 900 / 2, "the abandoned streams were decoded to the end"
+    assert httpx.get(tiny.url + "/health").json() == {"status": "ok"}
+    assert say(tiny.client, "alpha") == in_process["alpha"]
+
+
+def _oversized_chunks():
+    for _ in range(12):  # 12 KB in chunks, no Content-Length: over the 0.01 MB limit all the same
+        yield b" " * 1024
+
+
+CHAT = {"model": "tiny", "messages": SAY, "max_tokens": 2}
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+BAD_REQUESTS = {  # name: (path, headers, body, status, param or code in the error)
+    "invalid JSON": ("/v1/chat/completions", AUTH, b'{"model": "tiny", "messages": [', 400, "body"),
+    "body not an object": ("/v1/chat/completions", AUTH, b"[]", 400, "body"),
+    "missing Authorization": ("/v1/chat/completions", {"Content-Type": "application/json"}, CHAT, 401,
+                              "invalid_api_key"),
+    "wrong key": ("/v1/chat/completions", {**AUTH, "Authorization": "Bearer nope"}, CHAT, 401, "invalid_api_key"),
+    "unknown model (chat)": ("/v1/chat/completions", AUTH, {**CHAT, "model": "gpt-4o"}, 404, "model_not_found"),
+    "unknown model (embeddings)": ("/v1/embeddings", AUTH, {"model": "gpt-4o", "input": "hi"}, 404,
+                                   "model_not_found"),
+    "max_tokens beyond the context": ("/v1/chat/completions", AUTH, {**CHAT, "max_tokens": 5000}, 400, "max_tokens"),
+    "empty messages": ("/v1/chat/completions", AUTH, {**CHAT, "messages": []}, 400, "messages"),
+    "missing messages": ("/v1/chat/completions", AUTH, {"model": "tiny"}, 400, "messages"),
+    "temperature out of range": ("/v1/chat/completions", AUTH, {**CHAT, "temperature": 5}, 400, "temperature"),
+    "oversized body": ("/v1/chat/completions", AUTH, {**CHAT, "padding": "x" * 20_000}, 413, "request_too_large"),
+    "oversized chunked body": ("/v1/chat/completions", AUTH, _oversized_chunks, 413, "request_too_large"),
+    "unknown field": ("/v1/chat/completions", AUTH, {**CHAT, "top_k": 5}, 400, "top_k"),
+    "logprobs": ("/v1/chat/completions", AUTH, {**CHAT, "logprobs": True}, 400, "logprobs"),
+    "tools": ("/v1/chat/completions", AUTH, {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    "json_schema output": ("/v1/chat/completions", AUTH, {**CHAT, "response_format": {"type": "json_schema"}}, 400,
+                           "response_format"),
+    "unknown field (embeddings)": ("/v1/embeddings", AUTH, {"model": "tiny", "input": "hi", "x": 1}, 400, "x"),
+    "unknown route": ("/v1/completions", AUTH, {"model": "tiny", "prompt": "hi"}, 404, "404"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_bad_request_gets_a_4xx_in_openai_shape_and_the_server_keeps_serving(tiny, in_process, case):
+    path, headers, body, status, where = BAD_REQUESTS[case]
+    payload = {"content": body()} if callable(body) else {"content": body} if isinstance(body, bytes) \
+        else {"content": json.dumps(body)}
+    resp = httpx.post(tiny.url + path, headers=headers, timeout=30, **payload)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert where in (error["param"], error["code"]), error
+    assert say(tiny.client, "alpha") == in_process["alpha"]
+
+
+def test_the_openai_client_reads_the_errors(tiny):
+    with pytest.raises(openai.BadRequestError, match="max_tokens") as err:
+        tiny.client.chat.completions.create(model="alpha", messages=SAY, max_tokens=5000)
+    assert err.value.param == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as err:
+        tiny.client.embeddings.create(model="gamma", input="hi")
+    assert err.value.code == "model_not_found" and "alpha, beta" in err.value.message
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        tiny.client.chat.completions.create(model="alpha", messages=SAY, extra_body={"top_k": 3})
+
+
+# ---------------------------------------------------------------- refusing an open server
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_needs_no_key(host):
+    check_exposure(host, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "myhost"])
+def test_beyond_loopback_needs_a_key(host):
+    check_exposure(host, "a-key")
+    with pytest.raises(ValueError, match="--api-key-env") as err:
+        check_exposure(host, None)
+    assert "DOCTUNE_SERVE_API_KEY" in str(err.value) and host in str(err.value)
+
+
+def test_run_server_refuses_before_loading_the_model(tmp_path):
+    with pytest.raises(ValueError, match="no API key"):  # not FileNotFoundError: nothing was loaded
+        run_server(str(tmp_path / "no-model-here"), host="0.0.0.0", api_key=None)
+
+
+def test_doctune_serve_on_all_interfaces_without_a_key_exits_with_the_fix(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DOCTUNE_SERVE_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "doctune.cli", "serve", "--host", "0.0.0.0",
+                           "--outputs", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "no API key" in proc.stderr and "export DOCTUNE_SERVE_API_KEY=" in proc.stderr
+    assert "loaded" not in proc.stderr + proc.stdout
+
+
+# ---------------------------------------------------------------- what `doctune serve` picks
+
+
+def _promote(outputs: Path, run_dir: Path | str) -> None:
+    (outputs / "registry").mkdir(parents=True, exist_ok=True)
+    (outputs / "registry" / "current.json").write_text(json.dumps({"run_dir": str(run_dir), "metric": "fact_recall"}))
+
+
+def test_plan_serves_the_promoted_run_and_named_adapters_on_their_base(tiny_model, runs, tmp_path):
+    _promote(tmp_path, runs["alpha"])
+    base, adapters = plan_models(None, [f"b={runs['beta']}"], tmp_path, "tiny")
+    assert base == tiny_model
+    assert adapters == {"promoted": str(runs["alpha"] / "adapter"), "b": str(runs["beta"] / "adapter")}
+    # An adapter folder itself works too; --no-promoted (outputs None) leaves the registry alone.
+    assert plan_models(tiny_model, [f"b={runs['beta'] / 'adapter'}"], None, "tiny") == \
+        (tiny_model, {"b": str(runs["beta"] / "adapter")})
+
+
+def test_plan_without_a_promotion_serves_the_default_base(tmp_path):
+    assert plan_models(None, [], tmp_path, "tiny") == (None, {})
+
+
+def test_plan_finds_a_relative_run_dir_under_the_outputs_folder(runs):
+    outputs = runs["alpha"].parent.parent  # <outputs>/models/run-alpha
+    _promote(outputs, "somewhere/else/models/run-alpha")  # as a worker in another directory wrote it
+    assert plan_models(None, [], outputs, "tiny")[1] == {"promoted": str(runs["alpha"] / "adapter")}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("beta", "expected NAME=RUN_DIR"),
+    ("=x", "expected NAME=RUN_DIR"),
+    ("my adapter=x", "expected NAME=RUN_DIR"),
+    ("b=", "expected NAME=RUN_DIR"),
+    ("b=/no/such/run", "/no/such/run does not exist"),
+    ("tiny={beta}", "is the base model's name"),
+])
+def test_plan_refuses_a_bad_adapter_spec(runs, spec, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(")):
+        plan_models(None, [spec.format(beta=runs["beta"])], None, "tiny")
+
+
+def test_plan_refuses_a_folder_without_an_adapter(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither adapter/adapter_config.json"):
+        plan_models(None, [f"b={tmp_path}"], None, "tiny")
+
+
+def test_plan_refuses_duplicate_names(runs, tmp_path):
+    with pytest.raises(ValueError, match="'b' is taken"):
+        plan_models(None, [f"b={runs['alpha']}", f"b={runs['beta']}"], None, "tiny")
+    _promote(tmp_path, runs["alpha"])
+    with pytest.raises(ValueError, match="--no-promoted"):
+        plan_models(None, [f"promoted={runs['beta']}"], tmp_path, "tiny")
+
+
+def test_plan_refuses_adapters_of_different_bases(runs, tmp_path, tiny_model):
+    other = tmp_path / "run-other"
+    (other / "adapter").mkdir(parents=True)
+    (other / "adapter" / "adapter_config.json").write_text("{}")
+    (other / "run.json").write_text(json.dumps({"base_model": "/models/qwen"}))
+    with pytest.raises(ValueError) as err:
+        plan_models(None, [f"a={runs['alpha']}", f"o={other}"], None, "tiny")
+    assert "/models/qwen" in str(err.value) and tiny_model in str(err.value)
+    assert str(other / "run.json") in str(err.value)
+    with pytest.raises(ValueError, match="--model is /models/qwen") as err:
+        plan_models("/models/qwen", [f"a={runs['alpha']}"], None, "tiny")
+    assert tiny_model in str(err.value)
+
+
+def test_plan_names_the_registry_file_when_the_promoted_run_is_gone(tmp_path):
+    _promote(tmp_path, tmp_path / "models" / "deleted-run")
+    with pytest.raises(FileNotFoundError, match="current.json: run_dir .*--no-promoted"):
+        plan_models(None, [], tmp_path, "tiny")
+    (tmp_path / "registry" / "current.json").write_text("{}")
+    with pytest.raises(ValueError, match="no run_dir field"):
+        plan_models(None, [], tmp_path, "tiny")
+    (tmp_path / "registry" / "current.json").write_text('{"run_dir": ')
+    with pytest.raises(ValueError, match="current.json: not valid JSON"):
+        plan_models(None, [], tmp_path, "tiny")
+
+
+def test_doctune_serve_serves_the_promoted_run_over_http(runs, in_process, tmp_path):
+    """The whole command: registry → adapters → base from run.json → uvicorn on a free port."""
+    _promote(tmp_path, runs["alpha"])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "DOCTUNE_SERVE_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "doctune.cli", "serve", "--port", str(port), "--name", "tiny",
+                             "--outputs", str(tmp_path), "--adapter", f"b={runs['beta']}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "doctune serve did not answer within 120 s"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["tiny", "promoted", "b"]
+        assert say(client, "promoted") == in_process["alpha"]
+        assert say(client, "b") == in_process["beta"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_synthesis_starts_doctune_serve_without_the_promoted_adapter(monkeypatch, tmp_path):
+    from doctune import local_llm
+    from doctune.settings import LLMSettings
+
+    started = []
+
+    class Exited:  # a server that exits at once: serving() reports it and stops waiting
+        pid, returncode = 0, 1
+
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+
+        def poll(self):
+            return 1
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing answers there
+    monkeypatch.setattr(local_llm.subprocess, "Popen", Exited)
+    llm = LLMSettings(base_url=f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        with local_llm.serving(llm, log_dir=tmp_path):
+            pass
+    assert started and started[0][3] == "serve" and "--no-promoted" in started[0]
