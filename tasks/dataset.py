@@ -1,5 +1,6 @@
 """Write the final dataset: a `datasets` DatasetDict (train, validation and test splits), JSONL in
-OpenAI-messages and Alpaca form, the dropped rows, and a short dataset card.
+OpenAI-messages and Alpaca form, the dropped rows, and a short dataset card; plus what other trainers read
+as is: LLaMA-Factory's `dataset_info.json` and OpenAI fine-tuning files.
 
 Held-out questions are paraphrases: a question goes to the validation or test split only while
 another question with the same answer stays in training, so the held-out splits measure what a
@@ -19,6 +20,13 @@ from doctune.records import Dropped, QAPair, sha256_text, write_jsonl
 from doctune.settings import DatasetSettings
 
 TRAIN_ONLY = {"replay", "passage", "cloze"}  # never held out: no question a user asks, or written by rule
+OPENAI_SPLITS = ("train", "validation")  # OpenAI fine-tuning takes a training file and an optional validation file
+
+# LLaMA-Factory 0.9.5 reads OpenAI-style messages as "sharegpt" with these tags. Its own "openai" formatting
+# would append "detailed thinking off" to every system prompt (OpenAIDatasetConverter), changing ours.
+MESSAGES_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "system_tag": "system"}
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
 
 
 def to_row(pair: QAPair, system_prompt: str) -> dict:
@@ -70,6 +78,20 @@ def held_out_split(rows: list[dict], test_size: float, validation_size: float, s
             "test": sorted(held["test"])}
 
 
+def llamafactory_info(sizes: dict[str, int]) -> dict:
+    """LLaMA-Factory's dataset_info.json for the dataset folder: `doctune_<split>_messages` and
+    `doctune_<split>_alpaca` per split. Empty splits get no entry: loading an empty JSONL file fails
+    inside `datasets` (StopIteration) before LLaMA-Factory can say which dataset it was."""
+    info = {}
+    for split, size in sizes.items():
+        if size:
+            info[f"doctune_{split}_messages"] = {"file_name": f"{split}.messages.jsonl", "formatting": "sharegpt",
+                                                 "columns": {"messages": "messages"}, "tags": MESSAGES_TAGS}
+            info[f"doctune_{split}_alpaca"] = {"file_name": f"{split}.alpaca.jsonl", "formatting": "alpaca",
+                                               "columns": ALPACA_COLUMNS}
+    return info
+
+
 def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, settings: DatasetSettings,
                   output_dir: str | Path) -> Path:
     """Returns the dataset folder; an existing folder with the same content is reused, never rewritten."""
@@ -94,6 +116,12 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
         write_jsonl(tmp / f"{split}.alpaca.jsonl",
                     ({"instruction": r["question"], "input": "", "output": r["answer"], "system": r["system"]}
                      for r in ds))
+        if split in OPENAI_SPLITS and len(ds):
+            # OpenAI's fine-tuning file format has no place for our bookkeeping keys (pair_id, source, path);
+            # no file for an empty split, so every openai file here can be uploaded as it is.
+            write_jsonl(tmp / f"{split}.openai.jsonl", ({"messages": r["messages"]} for r in ds))
+    info = llamafactory_info({split: len(ds) for split, ds in dd.items()})
+    (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     write_jsonl(tmp / "dropped.jsonl", dropped)
     manifest = {
         "name": out.name, "train": len(dd["train"]), "validation": len(dd["validation"]), "test": len(dd["test"]),
@@ -119,9 +147,12 @@ def dataset_card(m: dict) -> str:
              "| dropped (stage:reason) | rows |", "|---|---|",
              *[f"| {k} | {v} |" for k, v in sorted(m["dropped_by_reason"].items())], "",
              "| file | pairs |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(m["by_file"].items())], "",
-             "Files: `hf/` (datasets.load_from_disk), `<split>.messages.jsonl` (OpenAI chat format), "
-             "`<split>.alpaca.jsonl` for train, validation and test, `dropped.jsonl` (every removed row "
-             "with its reason)."]
+             "Files: `hf/` (datasets.load_from_disk); `<split>.messages.jsonl` (OpenAI chat format with "
+             "pair_id, source, path and chunk_id) and `<split>.alpaca.jsonl` for train, validation and test; "
+             "`<split>.openai.jsonl` for train and validation when they have rows (only `messages`, as OpenAI "
+             "fine-tuning takes it); `dataset_info.json` (LLaMA-Factory: `dataset_dir` is this folder, datasets "
+             "`doctune_<split>_messages` and `doctune_<split>_alpaca` for each non-empty split); "
+             "`dropped.jsonl` (every removed row with its reason)."]
     return "\n".join(lines) + "\n"
 
 

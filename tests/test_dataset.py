@@ -1,14 +1,23 @@
-"""The dataset writer: held-out splits are paraphrases of facts still taught in training."""
+"""The dataset writer: held-out splits are paraphrases of facts still taught in training, and the
+files other trainers read (LLaMA-Factory's dataset_info.json, OpenAI fine-tuning JSONL) load in them."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
 
-from datasets import load_from_disk
+import pytest
+from datasets import load_dataset, load_from_disk
 
 from doctune.records import QAPair
 from doctune.settings import DatasetSettings
 from tasks.dataset import held_out_split, write_dataset
+
+LLAMAFACTORY = Path(__file__).resolve().parents[1] / ".venv" / "extras" / "llamafactory"
 
 
 def _row(question: str, answer: str, source: str = "synthesized") -> dict:
@@ -60,3 +69,105 @@ def test_written_dataset_has_three_splits_and_a_card(tmp_path):
     for split in ("train", "validation", "test"):
         assert len((out / f"{split}.messages.jsonl").read_text().splitlines()) == len(ds[split])
     assert "20 training, 2 validation and 2 test" in (out / "card.md").read_text()
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """24 pairs (20/2/2 split); one pair brings its own system prompt and one has non-ASCII text."""
+    pairs = [QAPair(question=f"How is thing {a} described, take {q}?", answer=f"Thing {a} is blue.",
+                    source="synthesized", language="en", path="doc.md") for a in range(8) for q in range(3)]
+    pairs[0] = pairs[0].model_copy(update={"system": "Answer in one sentence."})
+    pairs[1] = pairs[1].model_copy(update={"question": "Hvor står «ting 0» beskrevet?"})
+    return write_dataset(pairs, [], {}, DatasetSettings(test_size=0.1, validation_size=0.1),
+                         tmp_path_factory.mktemp("out"))
+
+
+def test_openai_files_hold_only_messages_for_train_and_validation(dataset):
+    for split in ("train", "validation"):
+        rows = _read(dataset / f"{split}.openai.jsonl")
+        assert rows and all(list(row) == ["messages"] for row in rows)
+        assert [r["messages"] for r in rows] == [r["messages"] for r in _read(dataset / f"{split}.messages.jsonl")]
+    assert not (dataset / "test.openai.jsonl").exists()
+    card = (dataset / "card.md").read_text()
+    assert "dataset_info.json" in card and "<split>.openai.jsonl" in card
+
+
+def test_dataset_info_maps_columns_and_roles_every_row_has(dataset):
+    info = json.loads((dataset / "dataset_info.json").read_text())
+    assert set(info) == {f"doctune_{s}_{f}" for s in ("train", "validation", "test") for f in ("messages", "alpaca")}
+    for name, entry in info.items():
+        rows = _read(dataset / entry["file_name"])
+        assert rows, f"{name}: {entry['file_name']} is empty"
+        for row in rows:
+            assert set(entry["columns"].values()) <= set(row), f"{name}: {row}"
+        if entry["formatting"] == "alpaca":
+            continue
+        assert entry["formatting"] == "sharegpt"
+        tags = entry["tags"]
+        for row in rows:
+            messages = row[entry["columns"]["messages"]]
+            assert all(set(m) == {tags["role_tag"], tags["content_tag"]} for m in messages)
+            # sharegpt wants the system turn first, then user and assistant turns alternating.
+            assert [m[tags["role_tag"]] for m in messages] == [tags["system_tag"], tags["user_tag"],
+                                                                tags["assistant_tag"]]
+
+
+def test_empty_splits_get_no_entry_and_no_openai_file(tmp_path):
+    pairs = [QAPair(question=f"What is item {i}?", answer=f"Item {i}.", source="synthesized") for i in range(4)]
+    out = write_dataset(pairs, [], {}, DatasetSettings(), tmp_path)
+    assert set(json.loads((out / "dataset_info.json").read_text())) == {"doctune_train_messages",
+                                                                       "doctune_train_alpaca"}
+    assert [p.name for p in sorted(out.glob("*.openai.jsonl"))] == ["train.openai.jsonl"]
+
+
+@pytest.fixture
+def llamafactory(monkeypatch):
+    """LLaMA-Factory's own parser, converter and DataArguments, from the copy `make install` puts in
+    .venv/extras/llamafactory (outside our venv, so its pins never touch ours). The `llamafactory.data`
+    and `llamafactory.hparams` package __init__ files import the whole trainer, down to torchaudio for
+    multimodal templates; parser.py, converter.py and data_args.py themselves need only what doctune
+    installs already (torch, transformers, peft, datasets). So those two packages are registered without running their
+    __init__, and the three modules run unchanged."""
+    if not (LLAMAFACTORY / "llamafactory" / "data" / "converter.py").exists():
+        pytest.skip(f"LLaMA-Factory is not in {LLAMAFACTORY}; run `make install`, or `.venv/bin/pip install "
+                    "--no-deps --target .venv/extras/llamafactory llamafactory==0.9.5`")
+    monkeypatch.syspath_prepend(str(LLAMAFACTORY))
+    for package in ("llamafactory.data", "llamafactory.hparams"):
+        module = types.ModuleType(package)
+        module.__path__ = [str(LLAMAFACTORY.joinpath(*package.split(".")))]
+        sys.modules[package] = module
+    try:
+        yield SimpleNamespace(parser=importlib.import_module("llamafactory.data.parser"),
+                              converter=importlib.import_module("llamafactory.data.converter"),
+                              constants=importlib.import_module("llamafactory.extras.constants"),
+                              DataArguments=importlib.import_module("llamafactory.hparams.data_args").DataArguments)
+    finally:
+        for name in [n for n in sys.modules if n == "llamafactory" or n.startswith("llamafactory.")]:
+            del sys.modules[name]
+
+
+def test_llamafactory_reads_every_entry_as_our_questions_answers_and_system_prompts(dataset, llamafactory,
+                                                                                    tmp_path):
+    info = json.loads((dataset / "dataset_info.json").read_text())
+    attrs = llamafactory.parser.get_dataset_list(list(info), str(dataset))
+    data_args = llamafactory.DataArguments(dataset_dir=str(dataset), dataset=",".join(info))
+    hf = load_from_disk(str(dataset / "hf"))
+    for name, attr in zip(info, attrs):
+        # What LLaMA-Factory's loader does for a local file (_load_single_dataset, load_from == "file").
+        assert attr.load_from == "file"
+        path = dataset / attr.dataset_name
+        rows = load_dataset(llamafactory.constants.FILEEXT2TYPE[path.suffix[1:]], data_files=[str(path)],
+                            split=attr.split, cache_dir=str(tmp_path))
+        aligned = llamafactory.converter.align_dataset(rows, attr, data_args, SimpleNamespace(local_process_index=0))
+        want = hf[name.split("_")[1]]
+        assert len(aligned) == len(want) > 0, name
+        for got, row in zip(aligned, want):
+            assert got["_prompt"] == [{"role": "user", "content": row["question"]}], name
+            assert got["_response"] == [{"role": "assistant", "content": row["answer"]}], name
+            assert got["_system"] == row["system"], name
+    # The rows compared above include a pair's own system prompt, not only the default one.
+    assert "Answer in one sentence." in {row["system"] for split in hf.values() for row in split}
