@@ -6,10 +6,38 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet handler with JSON replies and OpenAI's bearer-key check against `endpoint.api_key`
+    (set `endpoint` in the subclass to the object that owns the server)."""
+
+    endpoint = None
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _refused(self) -> bool:
+        key = self.endpoint.api_key
+        if key and self.headers.get("Authorization") != f"Bearer {key}":
+            self._send(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+            return True
+        return False
 
 
 def _completion(text: str, model: str) -> dict:
@@ -77,23 +105,8 @@ class ScriptedEndpoint(_Server):
         self.lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code: int, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _refused(self) -> bool:
-                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
-                    self._send(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
-                    return True
-                return False
+        class Handler(JSONHandler):
+            endpoint = outer
 
             def do_GET(self):
                 if self._refused():
@@ -164,3 +177,26 @@ class FaultyEndpoint(_Server):
                 self._raw(200, json.dumps(_completion("What is the answer?", outer.model)).encode())
 
         super().__init__(Handler)
+
+
+@contextmanager
+def serving_in_thread(app):
+    """uvicorn over `app` on a free 127.0.0.1 port, in a thread of this process."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here and handed over: no race for the port
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -12,12 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from doctune.chat import Chat, run
+from tests.endpoints import JSONHandler, serving_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "doctune.cli", "chat"]
@@ -48,23 +49,8 @@ class StreamingEndpoint:
         self.fail_mid_stream = False
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _json(self, code: int, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _refused(self) -> bool:
-                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
-                    self._json(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
-                    return True
-                return False
+        class Handler(JSONHandler):
+            endpoint = outer
 
             def _event(self, body: dict | str):
                 self.wfile.write(f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n".encode())
@@ -73,7 +59,7 @@ class StreamingEndpoint:
             def do_GET(self):
                 if self._refused():
                     return
-                self._json(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                self._send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
                                                              "owned_by": "test"} for m in outer.models]})
 
             def do_POST(self):
@@ -81,7 +67,7 @@ class StreamingEndpoint:
                 if self._refused():
                     return
                 if body["model"] not in outer.models:
-                    return self._json(404, {"error": {"message": f"The model {body['model']!r} does not exist",
+                    return self._send(404, {"error": {"message": f"The model {body['model']!r} does not exist",
                                                       "code": "model_not_found"}})
                 outer.requests.append(body)
                 self.send_response(200)
@@ -295,22 +281,11 @@ def test_endpoint_that_ignores_stream_still_answers(scripted):
 def test_against_our_own_server(tiny_model):
     """Our server's SSE, read by the chat, gives the same greedy answer as a non-streamed request."""
     import openai
-    import uvicorn
 
     from doctune.server import create_app
 
-    app = create_app(tiny_model, served_name="tiny")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        base_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    with serving_in_thread(create_app(tiny_model, served_name="tiny")) as srv:
+        base_url = f"{srv.url}/v1"
         chat = make_chat(base_url, temperature=0, max_tokens=6)
         assert chat.ask("Hello") and chat.ask("Again")
         assert chat.model == "tiny" and len(chat.history) == 4
@@ -320,10 +295,6 @@ def test_against_our_own_server(tiny_model):
         assert chat.out.getvalue() == chat.history[1]["content"] + "\n" + chat.history[3]["content"] + "\n"
         assert len(chat.out.writes) > 2  # streamed in pieces, not in one write per answer
         assert "cut at the token limit" in chat.err.getvalue()  # 6 tokens of a random model: finish_reason=length
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def test_cli_answers_piped_questions_and_exits_0(endpoint):

@@ -12,12 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -27,6 +24,7 @@ import torch
 
 from doctune.base_model import prepare_base_model
 from doctune.server import _streamable, check_exposure, create_app, plan_models, run_server
+from tests.endpoints import serving_in_thread
 
 KEY = "test-key"
 BASE = "smollm2-135m-instruct"
@@ -53,29 +51,6 @@ def adapter_dir(model_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapter")
     get_peft_model(model, lora).save_pretrained(folder)
     return folder
-
-
-@contextmanager
-def serving_in_thread(app):
-    """uvicorn over `app` on a free 127.0.0.1 port, in a thread of this process."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # bound here and handed over: no race for the port
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
