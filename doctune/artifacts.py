@@ -68,8 +68,8 @@ def usage(rows: list[dict]) -> None:
 
 
 def failures(rows: list[dict]) -> None:
-    create_table_artifact(rows or [{"document": "-", "error": "no failures"}], key="failures",
-                          description="Documents whose LLM calls failed after retries (retried next run)")
+    create_table_artifact(rows or [{"stage": "-", "document": "-", "error": "no failures"}], key="failures",
+                          description="What failed at the endpoint after every retry; a re-run retries only these")
 
 
 def dataset_summary(path: str, card: str) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,7 +25,42 @@ log = logging.getLogger(__name__)
 
 
 class EndpointError(RuntimeError):
-    """The endpoint cannot be used as configured; the message says why and what to change."""
+    """The endpoint cannot be used as configured; the message says why and what to change.
+    `transient`: whether trying again later can help (an outage, a rate limit), or not (a refused
+    key, an unknown model): Prefect retries only the first kind."""
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):  # results and states are pickled: keep `transient` across
+        return type(self), (str(self), self.transient)
+
+
+# Text an endpoint sends back can quote the request's key ("Incorrect API key provided: sk-...").
+# Everything copied from a reply into a message, a log or an artifact goes through scrub().
+KEY_SHAPED = re.compile(
+    r"\b(?:sk|pk|rk|ak|hf|ghp|gho|github_pat|xox[abprs]|glpat|AKIA)[-_][A-Za-z0-9_\-]{6,}"
+    r"|(?i:(?:api[_-]?key|token|secret|password|authorization)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)[^\s'\",})\]]{6,}"
+    r"|(?i:\bbearer\s+)[^\s'\",})\]]+"
+    r"|\b(?=[A-Za-z0-9_\-]*\d)(?=[A-Za-z0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{32,}\b"
+)
+
+
+def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` with the given secrets and anything shaped like a key or token replaced by [redacted]."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "[redacted]")
+    text = KEY_SHAPED.sub(lambda m: _keep_label(m.group(0)), text)
+    return re.sub(r"(?:\[redacted\])+", "[redacted]", text)
+
+
+def _keep_label(found: str) -> str:
+    """'Bearer [redacted]', 'api_key=[redacted]': the label stays, so the message still reads."""
+    m = re.match(r"(?i)((?:api[_-]?key|token|secret|password|authorization)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?"
+                 r"|bearer\s+)", found)
+    return (m.group(1) if m else "") + "[redacted]"
 
 
 def resolve_api_key(llm: LLMSettings) -> str:
@@ -51,6 +87,20 @@ class ChatResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
+
+
+def endpoint_error(exc: Exception, llm: LLMSettings, suffix: str = "") -> EndpointError:
+    """An EndpointError explaining `exc`, scrubbed of the key and anything key-shaped."""
+    transient = not isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
+                                     openai.BadRequestError, openai.UnprocessableEntityError))
+    return EndpointError(scrub(_explain(exc, llm) + suffix, (_key_or_empty(llm),)), transient=transient)
+
+
+def _key_or_empty(llm: LLMSettings) -> str:
+    try:
+        return resolve_api_key(llm)
+    except Exception:  # a Secret block that cannot be read now: the patterns still scrub
+        return ""
 
 
 def _explain(exc: Exception, llm: LLMSettings) -> str:
@@ -90,11 +140,11 @@ def chat(client: openai.OpenAI, llm: LLMSettings, messages: list[dict], **params
             last = exc
             delay = min(0.5 * 2**attempt, 8.0) * (1 - 0.25 * random.random())
             log.warning("malformed reply from %s (attempt %d): %s; retrying in %.1f s",
-                        llm.base_url, attempt + 1, exc, delay)
+                        llm.base_url, attempt + 1, scrub(str(exc)[:300]), delay)
             time.sleep(delay)
         except openai.APIError as exc:
-            raise EndpointError(_explain(exc, llm)) from exc
-    raise EndpointError(f"{_explain(last, llm)} (still malformed after {llm.max_retries + 1} attempts)") from last
+            raise endpoint_error(exc, llm) from None  # the cause quotes the reply: it may hold the key
+    raise endpoint_error(last, llm, f" (still malformed after {llm.max_retries + 1} attempts)") from None
 
 
 def preflight(llm: LLMSettings, timeout_s: float = 15.0) -> str:
@@ -109,17 +159,26 @@ def preflight(llm: LLMSettings, timeout_s: float = 15.0) -> str:
     except openai.NotFoundError:
         models = []  # some servers have no /models; the chat call below still checks the model
     except openai.APIError as exc:
-        raise EndpointError(_explain(exc, llm)) from exc
+        raise endpoint_error(exc, llm) from None
     if models and llm.model not in models:
         raise EndpointError(
             f"base_url={llm.base_url!r} does not serve model={llm.model!r}; it serves: {', '.join(models[:20])}. "
-            "Set llm.model to one of these."
-        )
+            "Set llm.model to one of these.", transient=False)
     if models:
         return f"{llm.base_url} serves {llm.model}"
     # No model list: a one-token chat checks the model name instead.
     chat(client, llm.model_copy(update={"max_retries": 0}), [{"role": "user", "content": "Hi"}], max_tokens=1)
     return f"{llm.base_url} answers for {llm.model}"
+
+
+def retry_delays(llm: LLMSettings) -> list[float]:
+    """The waits before each of `llm.task_retries` more rounds, as Prefect spaces task retries:
+    `retry_delays_s` (the last repeats), jittered by `retry_jitter`. For retries inside a task,
+    such as the judge's failed calls, where a Prefect retry would redo the whole evaluation."""
+    from prefect.utilities.math import clamped_poisson_interval
+
+    delays = [llm.retry_delays_s[min(i, len(llm.retry_delays_s) - 1)] for i in range(llm.task_retries)]
+    return [clamped_poisson_interval(d, llm.retry_jitter) if llm.retry_jitter and d > 0 else d for d in delays]
 
 
 @lru_cache(maxsize=1)

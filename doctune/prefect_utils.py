@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import inspect
@@ -9,37 +10,116 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect.cache_policies import INPUTS, CachePolicy
+from prefect.cache_policies import CachePolicy, Inputs
+from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
-# Code and prompts every task module builds on: a change to any of them can change a result.
-SHARED = [ROOT / "doctune", ROOT / "prompts"]
+PACKAGES = ("doctune", "tasks", "flows")
+
+
+def _module_path(name: str, root: Path) -> Path | None:
+    """The file of project module `name` (a.b.c → a/b/c.py or a/b/c/__init__.py), or None."""
+    base = root.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports_and_strings(path: Path) -> tuple[set[str], set[str]]:
+    """Project modules a file imports (anywhere, function bodies too) and its string constants
+    (docstrings left out)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    modules, strings = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            strings.add(node.value)
+    return {m for m in modules if m.split(".")[0] in PACKAGES}, strings
+
+
+def code_files(module_file: str | Path, root: Path | None = None) -> list[Path]:
+    """The files a task's result can depend on: its module, every project module it imports
+    (transitively), and the prompt files named by a module that loads prompts: a string that is
+    the file's name up to its first dot ("fact_questions" or f"fact_questions.{language}" for
+    fact_questions.en.yaml and .zh.yaml) or its whole name ("judge.md"). Editing the chunker's
+    helper must miss the chunk cache; editing the judge's prompt must not re-synthesize anything."""
+    root = root or ROOT
+    seen: set[Path] = set()
+    names: set[str] = set()
+    todo = [Path(module_file).resolve()]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        modules, strings = _imports_and_strings(path)
+        if "doctune.prompts" in modules:
+            names |= strings
+        todo += [p for m in modules if (p := _module_path(m, root)) is not None]
+    for prompt in (root / "prompts").glob("*"):
+        stem = prompt.name.split(".")[0]
+        if prompt.is_file() and any(n == prompt.name or n == stem or n.startswith(stem + ".") for n in names):
+            seen.add(prompt)
+    return sorted(seen)
 
 
 @lru_cache(maxsize=None)
-def code_digest(module_file: str | Path) -> str:
-    """sha256 of the task's module file, every doctune/*.py and every prompt file; read once per
-    module and process (every task run asks for it)."""
-    files = {Path(module_file).resolve()}
-    for folder in SHARED:
-        files |= {p for p in folder.rglob("*") if p.suffix in (".py", ".yaml", ".md") and p.is_file()}
+def code_digest(module_file: str | Path, root: Path | None = None) -> str:
+    """sha256 over `code_files`; computed once per module and process (every task run asks)."""
+    root = root or ROOT
     h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode())
+    for f in code_files(module_file, root):
+        h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 
 
 class ModuleSource(CachePolicy):
-    """Like Prefect's TASK_SOURCE, but over the whole module the task is defined in and the shared
-    code and prompts: TASK_SOURCE hashes only the task function's own lines, so a fix in a helper
-    it calls (a filter, a parser) would keep serving results computed by the old code."""
+    """Like Prefect's TASK_SOURCE, but over the task's module, the project modules it imports and
+    the prompts they name: TASK_SOURCE hashes only the task function's own lines, so a fix in a
+    helper it calls (a filter, a parser) would keep serving results computed by the old code."""
 
     def compute_key(self, task_ctx, inputs: Optional[dict[str, Any]], flow_parameters: Optional[dict[str, Any]],
                     **kwargs: Any) -> Optional[str]:
         if not task_ctx:
             return None
-        return code_digest(module_file(task_ctx.task.fn))
+        fn = task_ctx.task.fn
+        # By module name under ROOT: the same file for a task shipped to a Dask worker.
+        return code_digest(_module_path(fn.__module__, ROOT) or module_file(fn), ROOT)
+
+
+class OutputInputs(CachePolicy):
+    """Prefect's INPUTS, except that a settings object with a `cache_view()` is hashed by what that
+    returns: the fields that change a result. Tuning an endpoint's concurrency, timeout or retries
+    must not re-synthesize every document. (Not a subclass of Inputs: Prefect replaces every Inputs
+    in a compound policy by a plain one.)"""
+
+    def compute_key(self, task_ctx, inputs: Optional[dict[str, Any]], flow_parameters: Optional[dict[str, Any]],
+                    **kwargs: Any) -> Optional[str]:
+        inputs = {k: _cache_view(v) for k, v in (inputs or {}).items()}
+        return Inputs().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+
+
+def _cache_view(value: Any) -> Any:
+    """`value.cache_view()`, or a settings model with such a field (EvalSettings.judge_llm) as a
+    dict of its fields' views; anything else as it is, for Prefect's own hashing."""
+    if hasattr(value, "cache_view"):
+        return value.cache_view()
+    if isinstance(value, BaseModel):
+        fields = {name: getattr(value, name) for name in type(value).model_fields}
+        if any(_has_view(v) for v in fields.values()):
+            return {"__model__": type(value).__qualname__, **{k: _cache_view(v) for k, v in fields.items()}}
+    return value
+
+
+def _has_view(value: Any) -> bool:
+    return hasattr(value, "cache_view") or (
+        isinstance(value, BaseModel) and any(_has_view(getattr(value, n)) for n in type(value).model_fields))
 
 
 def module_file(fn) -> str:
@@ -56,10 +136,26 @@ def module_file(fn) -> str:
 
 # Inputs are records or content hashes, never a bare path, so a changed file misses the cache;
 # ModuleSource makes a code or prompt change miss it too.
-CACHE = INPUTS + ModuleSource()
+CACHE = OutputInputs() + ModuleSource()
 
-# Tasks that talk to a network endpoint retry a bounded number of times.
-NETWORK_RETRIES = dict(retries=2, retry_delay_seconds=[5, 30])
+
+def network_retries(llm) -> dict:
+    """Prefect retry options for a task that talks to `llm`'s endpoint (LLMSettings.task_retries,
+    retry_delays_s, retry_jitter): spaced out, so an endpoint restarting overnight gets time to come
+    back, and jittered, so runs that failed together do not all come back at the same second. An
+    error retrying cannot fix (a refused key, an unknown model) fails at once."""
+    return dict(retries=llm.task_retries, retry_delay_seconds=list(llm.retry_delays_s),
+                retry_jitter_factor=llm.retry_jitter or None, retry_condition_fn=_worth_retrying)
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    # Prefect hands over the exception as the failed state's data.
+    return getattr(state.data, "transient", True) if isinstance(state.data, BaseException) else True
+
+
+def with_network_retries(task, llm):
+    """`task` as called against `llm`'s endpoint: its retries follow the settings of the run."""
+    return task.with_options(**network_retries(llm))
 
 
 def synthesis_runner(runner: str, workers: int, dask_address: str | None = None):

@@ -44,7 +44,9 @@ def keep_rate_rows(stage: str, n_in: int, dropped: list[Dropped]) -> list[dict]:
 
 
 def check_stage(stage: str, n_in: int, n_kept: int, dropped: list[Dropped], synth: SynthSettings,
-                llm: LLMSettings, examples: int = 3) -> None:
+                llm: LLMSettings, failures: list[dict] | None = None, examples: int = 3) -> None:
+    """Raise DatasetQualityError when a stage kept too little; `failures`: documents whose calls
+    failed at the endpoint (they returned nothing, so the fix is the endpoint, not the filters)."""
     share = n_kept / n_in if n_in else 0.0
     if n_in and share >= synth.min_keep_share and n_kept >= synth.min_pairs:
         return
@@ -60,6 +62,10 @@ def check_stage(stage: str, n_in: int, n_kept: int, dropped: list[Dropped], synt
         q = d.record.get("question") or d.record.get("reply") or ""
         lines.append(f"  dropped ({d.reason}): {q[:120]!r}")
     fixes = [FIXES[r] for r, _ in top if r in FIXES]
+    if failures:
+        lines.append(f"{len(failures)} documents returned nothing because the endpoint failed (the failures "
+                     f"artifact lists them); first: {failures[0]['document']}: {failures[0]['error'][:300]}")
+        fixes.insert(0, "make the endpoint answer again and re-run (finished documents are cached)")
     lines.append("likely fix: " + ("; ".join(fixes) if fixes else
                                    "add documents, or check that the folder has readable text"))
     raise DatasetQualityError("\n".join(lines))

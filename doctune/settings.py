@@ -60,8 +60,26 @@ class LLMSettings(_Settings):
     concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(
-        4, ge=0, le=10, description="Retries on 429/5xx/timeouts/malformed replies, with exponential backoff."
+        4, ge=0, le=10, description="Retries of one call on 429/5xx/timeouts/malformed replies, with exponential "
+        "backoff (Retry-After honoured)."
     )
+    task_retries: int = Field(
+        2, ge=0, le=10, description="Prefect retries of a task whose calls still failed (a document's synthesis, "
+        "translation, replay, the preflight): for outages longer than one call's retries."
+    )
+    retry_delays_s: list[float] = Field(
+        [10.0, 60.0], min_length=1, max_length=10,
+        description="Seconds before each task retry (the last one repeats), so a restarting endpoint can come back.",
+    )
+    retry_jitter: float = Field(
+        0.5, ge=0, le=1, description="Task retry delays vary by up to this share, so failed runs do not all come "
+        "back in the same second."
+    )
+
+    def cache_view(self) -> dict:
+        """What a cached result depends on: the endpoint and its model, not how it is called
+        (concurrency, timeouts, retries) nor where its key lives."""
+        return {"base_url": self.base_url.rstrip("/"), "model": self.model}
 
 
 class SynthSettings(_Settings):

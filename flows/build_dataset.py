@@ -12,8 +12,8 @@ from prefect.futures import as_completed
 
 from doctune.logs import our_loggers_at_info
 from doctune import artifacts
-from doctune.llm import preflight
-from doctune.prefect_utils import synthesis_runner
+from doctune.llm import EndpointError, preflight, scrub
+from doctune.prefect_utils import synthesis_runner, with_network_retries
 from doctune.records import Dropped
 from doctune.quality import check_stage, keep_rate_rows
 from doctune.settings import BuildSettings
@@ -33,6 +33,11 @@ HUMAN_FIRST = {"faq": 0, "instruction": 1, "synthesized": 2, "translated": 3}
 @task(task_run_name="preflight {llm.base_url}")
 def preflight_task(llm) -> str:
     return preflight(llm)
+
+
+def _failure(stage: str, what: str, state) -> dict:
+    # The task's message quotes the endpoint's reply, which may quote the key it was sent.
+    return {"stage": stage, "document": what, "error": scrub(str(state.message))[:500]}
 
 
 @flow(name="build_dataset", log_prints=True)
@@ -60,9 +65,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
 
     # 3. Synthesize, one cached task per document; the flow goes on when one fails. A FAQ export's
     #    answers get more questions too (fact mode): one wording per answer teaches the wording only.
-    log.info(preflight_task(settings.llm))
+    llm = settings.llm
+    log.info(with_network_retries(preflight_task, llm)(llm))
     faq = faq_chunks(given) if settings.synth.faq_questions else []
-    choice = choose_mode_task(all_chunks + faq, settings.llm, settings.synth)
+    choice = with_network_retries(choose_mode_task, llm)(all_chunks + faq, llm, settings.synth)
     artifacts.synthesis_mode(choice.mode, choice.reason, choice.skip_languages)
     log.info("synthesis mode %s: %s", choice.mode, choice.reason)
     for language, why in choice.skip_languages.items():
@@ -83,9 +89,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     synth, failures = SynthResult(), []
     # documents_at_once documents at a time, on threads or Dask; merged in document order, so the
     # dataset does not depend on which finished first.
+    synthesize = with_network_retries(synthesize_document_task, llm)
     with synthesis_runner(settings.runner, settings.documents_at_once, settings.dask_address) as runner:
-        futures = [runner.submit(synthesize_document_task, {"path": path, "chunks": cs, "llm": settings.llm,
-                                                            "settings": settings.synth, "mode": mode})
+        futures = [runner.submit(synthesize, {"path": path, "chunks": cs, "llm": llm, "settings": settings.synth,
+                                              "mode": mode})
                    for path, cs, mode in jobs]
         for i, _ in enumerate(as_completed(futures), start=1):
             update_progress_artifact(progress, 100.0 * i / len(futures))
@@ -94,35 +101,58 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
             if future.state.is_completed():
                 synth = synth.merge(future.result())
             else:
-                failures.append({"document": path, "error": str(future.state.message)[:500]})
+                failures.append(_failure("synthesize", path, future.state))
     update_progress_artifact(progress, 100.0)
     artifacts.failures(failures)
+    if jobs and len(failures) == len(jobs):
+        # An outage, not an empty folder: say so, and what a re-run will do.
+        raise EndpointError(
+            f"synthesis failed for all {len(jobs)} documents at the endpoint (base_url={llm.base_url!r}, "
+            f"model={llm.model!r}), after {llm.max_retries} retries per call and {llm.task_retries} per document; "
+            f"the documents are not the problem. First error: {failures[0]['error']}\n"
+            "Fix: make the endpoint answer again (the error says what failed), then re-run: every document that "
+            "finishes is cached, so a re-run synthesizes only the ones still missing.")
     n_returned = len(synth.pairs) + len(synth.dropped)
     rates = keep_rate_rows("synthesize", n_returned, synth.dropped)
     if all_chunks:
-        check_stage("synthesize", n_returned, len(synth.pairs), synth.dropped, settings.synth, settings.llm)
+        check_stage("synthesize", n_returned, len(synth.pairs), synth.dropped, settings.synth, llm, failures)
     usage = [{"stage": "synthesize", "calls": synth.calls, "failed_calls": synth.failed_calls,
               "prompt_tokens": synth.prompt_tokens, "completion_tokens": synth.completion_tokens}]
 
     # 4. Translate (optional); originals are kept.
     pairs = sorted(given, key=lambda p: HUMAN_FIRST[p.source]) + synth.pairs
     dropped = list(synth.dropped) + not_synthesized
+    # Translation and replay add to the dataset; when the endpoint fails them, the run goes on
+    # without them (listed in failures) rather than throwing away what synthesis made.
+    n_failures = len(failures)
     if settings.translate.enabled:
-        tr = translate_task(pairs, settings.llm, settings.translate)
-        pairs += tr.pairs
-        dropped += tr.dropped
-        rates += keep_rate_rows("translate", len(tr.pairs) + len(tr.dropped), tr.dropped)
-        usage.append({"stage": "translate", "calls": tr.calls, "failed_calls": 0,
-                      "prompt_tokens": tr.prompt_tokens, "completion_tokens": tr.completion_tokens})
+        state = with_network_retries(translate_task, llm)(pairs, llm, settings.translate, return_state=True)
+        if state.is_completed():
+            tr = state.result()
+            pairs += tr.pairs
+            dropped += tr.dropped
+            rates += keep_rate_rows("translate", len(tr.pairs) + len(tr.dropped), tr.dropped)
+            usage.append({"stage": "translate", "calls": tr.calls, "failed_calls": 0,
+                          "prompt_tokens": tr.prompt_tokens, "completion_tokens": tr.completion_tokens})
+        else:
+            failures.append(_failure("translate", f"all {len(pairs)} pairs", state))
+            log.warning("translation failed; the dataset is built without it: %s", failures[-1]["error"])
 
     # 5. Replay: the model's own answers to general prompts, a settable share of the dataset.
     if settings.synth.replay_share > 0:
         n = round(len(pairs) * settings.synth.replay_share / (1 - settings.synth.replay_share))
-        rp = replay_task(settings.llm, sorted({p.language for p in pairs}))
-        pairs += rp.pairs[:n]
-        dropped += rp.dropped
-        usage.append({"stage": "replay", "calls": rp.calls, "failed_calls": 0, "prompt_tokens": rp.prompt_tokens,
-                      "completion_tokens": rp.completion_tokens})
+        state = with_network_retries(replay_task, llm)(llm, sorted({p.language for p in pairs}), return_state=True)
+        if state.is_completed():
+            rp = state.result()
+            pairs += rp.pairs[:n]
+            dropped += rp.dropped
+            usage.append({"stage": "replay", "calls": rp.calls, "failed_calls": 0, "prompt_tokens": rp.prompt_tokens,
+                          "completion_tokens": rp.completion_tokens})
+        else:
+            failures.append(_failure("replay", "replay prompts", state))
+            log.warning("replay failed; the dataset is built without it: %s", failures[-1]["error"])
+    if len(failures) > n_failures:
+        artifacts.failures(failures)
 
     # 6. Passage pairs: each chunk's text, asked for by document and section (no LLM; any language).
     passages = passage_task(all_chunks, settings.synth.passage_questions)
@@ -137,10 +167,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
         log.info("%d cloze questions from %d chunks", len(cloze), len(all_chunks + faq))
 
     # 8. Deduplicate: human-written sources come first, so they win over synthesized copies.
-    dd = dedup_task(pairs, settings.dedup, settings.llm if settings.dedup.semantic else None)
+    dd = with_network_retries(dedup_task, llm)(pairs, settings.dedup, llm if settings.dedup.semantic else None)
     dropped += dd.dropped
     rates += keep_rate_rows("dedup", len(pairs), dd.dropped)
-    check_stage("dedup", len(pairs), len(dd.kept), dd.dropped, settings.synth, settings.llm)
+    check_stage("dedup", len(pairs), len(dd.kept), dd.dropped, settings.synth, llm)
     artifacts.dedup_counts(dd.counts)
     artifacts.keep_rates(rates)
     artifacts.dropped_examples(dropped)

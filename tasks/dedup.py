@@ -29,8 +29,8 @@ from datasketch import MinHash, MinHashLSH
 from prefect import task
 from pydantic import BaseModel, Field
 
-from doctune.llm import EndpointError, make_client
-from doctune.prefect_utils import CACHE, NETWORK_RETRIES
+from doctune.llm import EndpointError, make_client, scrub
+from doctune.prefect_utils import CACHE, network_retries
 from doctune.records import Dropped, QAPair
 from doctune.settings import DedupSettings, LLMSettings
 
@@ -253,11 +253,11 @@ def make_openai_embedder(client: openai.OpenAI, model: str, batch_size: int = 64
                 # "float" explicitly: some local servers do not implement base64 encoding.
                 resp = client.embeddings.create(model=model, input=batch, encoding_format="float")
             except openai.APIError as exc:
-                raise EndpointError(
+                raise EndpointError(scrub(
                     f"base_url={str(client.base_url)!r}, model={model!r}: /embeddings failed "
                     f"({type(exc).__name__}: {str(exc)[:300]}). Semantic dedup needs an endpoint that serves "
-                    "embeddings for this model; point llm at one or set dedup.semantic to false."
-                ) from exc
+                    "embeddings for this model; point llm at one or set dedup.semantic to false.",
+                    (client.api_key,))) from None
             data = sorted(resp.data, key=lambda d: d.index)  # rows carry their index; order is not promised
             if len(data) != len(batch):
                 raise EndpointError(
@@ -270,7 +270,7 @@ def make_openai_embedder(client: openai.OpenAI, model: str, batch_size: int = 64
     return embed
 
 
-@task(cache_policy=CACHE, persist_result=True, **NETWORK_RETRIES)
+@task(cache_policy=CACHE, persist_result=True, **network_retries(LLMSettings()))
 def dedup_task(pairs: list[QAPair], settings: DedupSettings, llm: LLMSettings | None = None) -> DedupResult:
     # An embedder is a function and cannot be a cached, JSON-able input, so the task builds it
     # from the llm settings; the key is read from llm.api_key_env (or a Secret block) here only.

@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -98,22 +99,34 @@ def judge_prompt(question: str, reference: str, reply: str, language: Language) 
 
 
 def judge_replies(llm: LLMSettings, items: list[tuple[str, str, str, Language]]) -> list[JudgeScore]:
-    """Score (question, reference, reply, language) tuples concurrently. One failed call gives a
-    None score with the reason instead of losing the whole evaluation."""
-    from doctune.llm import EndpointError, chat, make_client
+    """Score (question, reference, reply, language) tuples concurrently. Calls that still fail after
+    their own retries are asked again in up to `llm.task_retries` later rounds (spaced and jittered
+    like task retries: a retry of the evaluation task would regenerate every reply); one that fails
+    throughout gives a None score with the reason instead of losing the whole evaluation."""
+    from doctune.llm import EndpointError, chat, make_client, retry_delays
 
     client = make_client(llm)
 
-    def one(item: tuple[str, str, str, Language]) -> JudgeScore:
+    def one(item: tuple[str, str, str, Language]) -> tuple[JudgeScore, bool]:
         prompt = judge_prompt(*item)
         try:
             result = chat(client, llm, [{"role": "user", "content": prompt}], temperature=0, max_tokens=200)
         except EndpointError as exc:
-            return JudgeScore(score=None, reason=f"judge call failed: {exc}")
-        return parse_judge_reply(result.text)
+            return JudgeScore(score=None, reason=f"judge call failed: {exc}"), exc.transient
+        return parse_judge_reply(result.text), False
 
     with ThreadPoolExecutor(max_workers=llm.concurrency) as pool:
-        return list(pool.map(one, items))
+        results = list(pool.map(one, items))
+        for round_no, delay in enumerate(retry_delays(llm), start=1):
+            again = [i for i, (_, retry) in enumerate(results) if retry]
+            if not again:
+                break
+            log.warning("judge: %d of %d calls failed (%s); round %d of %d in %.1f s", len(again), len(items),
+                        results[again[0]][0].reason[:200], round_no, llm.task_retries, delay)
+            time.sleep(delay)
+            for i, result in zip(again, pool.map(one, [items[i] for i in again])):
+                results[i] = result
+    return [score for score, _ in results]
 
 
 # --------------------------------------------------------------------------- generation

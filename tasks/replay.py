@@ -12,7 +12,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from doctune.llm import chat, make_client
-from doctune.prefect_utils import CACHE, NETWORK_RETRIES
+from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt, render
 from doctune.records import Dropped, QAPair
 from doctune.settings import LLMSettings
@@ -64,6 +64,6 @@ def replay_pairs(llm: LLMSettings, languages: list[str], max_tokens: int = 160) 
     return result
 
 
-@task(cache_policy=CACHE, persist_result=True, **NETWORK_RETRIES)
+@task(cache_policy=CACHE, persist_result=True, **network_retries(LLMSettings()))
 def replay_task(llm: LLMSettings, languages: list[str]) -> ReplayResult:
     return replay_pairs(llm, languages)

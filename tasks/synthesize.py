@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from doctune.llm import EndpointError, chat, make_client
 from doctune.metrics import answer_facts, answer_spans, facts_found, key_facts, normalize
-from doctune.prefect_utils import CACHE, NETWORK_RETRIES
+from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt, render
 from doctune.records import CJK_RE, Chunk, Dropped, QAPair, short_hash
 from doctune.settings import LLMSettings, SynthSettings
@@ -547,14 +547,14 @@ def probe_languages(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettin
 # ---------------------------------------------------------------- Prefect
 
 
-@task(cache_policy=CACHE, persist_result=True, **NETWORK_RETRIES)
+@task(cache_policy=CACHE, persist_result=True, **network_retries(LLMSettings()))
 def choose_mode_task(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings) -> ModeChoice:
     choice = choose_mode(chunks, llm, settings)
     choice.skip_languages = probe_languages(chunks, llm, settings, choice.mode)
     return choice
 
 
-@task(cache_policy=CACHE, persist_result=True, task_run_name="synthesize {path}", **NETWORK_RETRIES)
+@task(cache_policy=CACHE, persist_result=True, task_run_name="synthesize {path}", **network_retries(LLMSettings()))
 def synthesize_document_task(path: str, chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings,
                              mode: str) -> SynthResult:
     # One task per document: the cache key holds the chunks' text, so editing one document

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from doctune.llm import EndpointError, chat, make_client
-from doctune.prefect_utils import CACHE, NETWORK_RETRIES
+from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt, render
 from doctune.records import CJK_RE, Dropped, QAPair
 from doctune.settings import LLMSettings, TranslateSettings
@@ -76,6 +76,6 @@ def translate_pairs(pairs: list[QAPair], llm: LLMSettings, settings: TranslateSe
     return result
 
 
-@task(cache_policy=CACHE, persist_result=True, **NETWORK_RETRIES)
+@task(cache_policy=CACHE, persist_result=True, **network_retries(LLMSettings()))
 def translate_task(pairs: list[QAPair], llm: LLMSettings, settings: TranslateSettings) -> TranslateResult:
     return translate_pairs(pairs, llm, settings)

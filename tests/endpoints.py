@@ -76,8 +76,8 @@ def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tu
 
 
 class _Server:
-    def __init__(self, handler_cls):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    def __init__(self, handler_cls, port: int = 0):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler_cls)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -92,25 +92,65 @@ class _Server:
 
 
 class ScriptedEndpoint(_Server):
-    """Answers chat completions by rule; counts calls per kind and per fact text."""
+    """Answers chat completions by rule; counts calls per kind and per fact text.
 
-    model = "scripted"
+    Faults for flow-level tests: `faults` are used up one per chat request before it is answered,
+    `always` fails every chat request, `get_faults` fail GET /models: '429' (with Retry-After:
+    `retry_after`), '500' (its message quotes the request's Authorization header, as some servers
+    quote the key they were sent), 'hang' (sleeps `hang_s`, past the client's timeout), 'malformed'
+    (truncated JSON). `die_when(body)` true: that request gets no answer and the server goes down,
+    as a crashed endpoint would. `log` holds (monotonic time, fault, request signature) per chat request."""
 
-    def __init__(self, behaviour: str = "good", api_key: str | None = None):
+    def __init__(self, behaviour: str = "good", api_key: str | None = None, *, model: str = "scripted",
+                 port: int = 0, faults: list[str] | None = None, always: str | None = None,
+                 get_faults: list[str] | None = None, retry_after: str = "1", hang_s: float = 3.0, die_when=None):
         self.behaviour = behaviour
         self.api_key = api_key
+        self.model = model
+        self.faults, self.always, self.get_faults = list(faults or []), always, list(get_faults or [])
+        self.retry_after, self.hang_s, self.die_when = retry_after, hang_s, die_when
         self.calls: Counter = Counter()
         self.facts: list[str] = []
         self.requests: list[dict] = []
+        self.log: list[tuple[float, str, str]] = []
+        self.gets: list[str] = []
         self.lock = threading.Lock()
+        self.dead = threading.Event()
         outer = self
 
         class Handler(JSONHandler):
             endpoint = outer
 
+            def _fault(self, fault: str) -> None:
+                if fault == "429":
+                    return self._send_raw(429, b'{"error": {"message": "rate limited, slow down"}}',
+                                          {"Retry-After": outer.retry_after})
+                if fault == "500":
+                    quoted = self.headers.get("Authorization", "")
+                    return self._send(500, {"error": {"message": f"internal error serving request ({quoted})"}})
+                if fault == "hang":
+                    time.sleep(outer.hang_s)
+                    return self._send(200, _completion("late", outer.model))
+                if fault == "malformed":
+                    return self._send_raw(200, b'{"id": "x", "choices": [ {"message": ')
+                raise ValueError(f"unknown fault {fault!r}")
+
+            def _send_raw(self, code: int, data: bytes, headers: dict | None = None):
+                self.send_response(code)
+                for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_GET(self):
                 if self._refused():
                     return
+                with outer.lock:
+                    fault = outer.get_faults.pop(0) if outer.get_faults else "ok"
+                    outer.gets.append(fault)
+                if fault != "ok":
+                    return self._fault(fault)
                 if self.path.endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": outer.model, "object": "model", "created": 0, "owned_by": "test"}]})
                 else:
@@ -122,6 +162,19 @@ class ScriptedEndpoint(_Server):
                     return
                 if body.get("model") != outer.model:
                     return self._send(404, {"error": {"message": f"model {body.get('model')} not found", "code": "model_not_found"}})
+                signature = json.dumps([body.get("messages"), body.get("seed")], sort_keys=True)
+                with outer.lock:
+                    if outer.die_when and not outer.dead.is_set() and outer.die_when(body):
+                        outer.dead.set()
+                    fault = "dead" if outer.dead.is_set() else \
+                        outer.faults.pop(0) if outer.faults else outer.always or "ok"
+                    outer.log.append((time.monotonic(), fault, signature))
+                if fault == "dead":
+                    self.close_connection = True  # no answer; the server goes down behind it
+                    threading.Thread(target=outer.close, daemon=True).start()
+                    return
+                if fault != "ok":
+                    return self._fault(fault)
                 kind, text = scripted_reply(body["messages"], body.get("seed"), outer.behaviour)
                 with outer.lock:
                     outer.calls[kind] += 1
@@ -130,7 +183,11 @@ class ScriptedEndpoint(_Server):
                     outer.requests.append(body)
                 self._send(200, _completion(text, outer.model))
 
-        super().__init__(Handler)
+        super().__init__(Handler, port)
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
 
 
 class FaultyEndpoint(_Server):

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import random
-import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -380,9 +379,7 @@ def test_50mb_file_skipped_by_size_without_reading(tmp_path, monkeypatch):
         return read_bytes(self)
 
     monkeypatch.setattr(Path, "read_bytes", no_reading)
-    start = time.perf_counter()
     result = ingest_file(tmp_path, ref, SETTINGS)  # default max_file_mb=20
-    assert time.perf_counter() - start < 1.0
     assert not result.documents
     assert result.skipped[0].reason.startswith("50.0 MB is over ingest.max_file_mb=20")
 

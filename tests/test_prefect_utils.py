@@ -38,3 +38,72 @@ def test_a_task_with_the_policy_is_cached_on_its_inputs(prefect_server):
     x = random.randrange(10**12)  # new each run, so no earlier run's cached result answers
     assert twice(x) == (2 * x, 2 * x)
     assert calls.count(x) == 1
+
+
+def test_code_files_follow_imports_and_name_only_the_prompts_a_module_loads():
+    from doctune.prefect_utils import ROOT, code_files
+
+    def files(module: str) -> set[str]:
+        return {str(p.relative_to(ROOT)) for p in code_files(ROOT / "tasks" / f"{module}.py")}
+
+    assert files("chunk") == {"tasks/chunk.py", "doctune/prefect_utils.py", "doctune/records.py", "doctune/settings.py"}
+    synth = files("synthesize")
+    assert {"tasks/chunk.py", "doctune/llm.py", "doctune/metrics.py", "prompts/fact_questions.en.yaml",
+            "prompts/fact_questions.zh.yaml", "prompts/qa_pairs.en.yaml", "prompts/qa_pairs.zh.yaml"} <= synth
+    assert not {p for p in synth if p.startswith("prompts/")} & {"prompts/judge.md", "prompts/replay.yaml"}
+    assert {p for p in files("evaluate") if p.startswith("prompts/")} == {"prompts/judge.md", "prompts/judge_zh.md"}
+
+
+class _Recording:
+    """Stands in for prompts/ and notes which task module opened which prompt file."""
+
+    def __init__(self, real, seen):
+        self.real, self.seen = real, seen
+
+    def __truediv__(self, name):
+        import inspect
+
+        from doctune.prefect_utils import ROOT
+
+        caller = next(f.filename for f in inspect.stack()[1:] if f.filename.startswith(str(ROOT / "tasks")))
+        path = self.real / name
+        self.seen.add((caller, path))
+        return path
+
+    def glob(self, pattern):
+        return self.real.glob(pattern)
+
+
+def test_every_prompt_a_task_reads_is_in_its_cache_key(tmp_path, monkeypatch, prefect_server):
+    """The guard for code_files' prompt scan: run the whole build (translation on) and the judge's
+    prompts, note each prompt file read and by which task module, and check it is one of that
+    module's code_files. A prompt loaded under a name the scan cannot see would fail here."""
+    from doctune import prompts
+    from doctune.prefect_utils import code_files
+    from doctune.settings import BuildSettings, LLMSettings, SynthSettings, TranslateSettings
+    from flows.build_dataset import build_dataset
+    from tasks import evaluate
+    from tests.endpoints import ScriptedEndpoint
+    from tests.flows.test_build_dataset import write_docs
+
+    seen: set = set()
+    monkeypatch.setattr(prompts, "PROMPTS_DIR", _Recording(prompts.PROMPTS_DIR, seen))
+    monkeypatch.setattr(evaluate, "PROMPTS_DIR", _Recording(evaluate.PROMPTS_DIR, seen))
+    prompts.load_prompt.cache_clear()
+    server = ScriptedEndpoint(model=f"prompts-{random.randrange(10**9)}")
+    try:
+        for mode in ("fact", "qa"):
+            build_dataset(str(write_docs(tmp_path / "docs")), BuildSettings(
+                llm=LLMSettings(base_url=server.base_url, model=server.model, max_retries=0),
+                synth=SynthSettings(mode=mode, min_pairs=1, min_keep_share=0), translate=TranslateSettings(enabled=True),
+                output_dir=str(tmp_path / mode)))
+        for language in ("en", "zh"):
+            evaluate.judge_prompt("q", "reference", "reply", language)
+    finally:
+        server.close()
+        prompts.load_prompt.cache_clear()
+    read = {path.name for _, path in seen}
+    assert {"fact_questions.en.yaml", "qa_pairs.en.yaml", "translate.yaml", "replay.yaml", "cloze.yaml",
+            "passages.yaml", "judge.md", "judge_zh.md"} <= read
+    for module, path in seen:
+        assert path.resolve() in code_files(module), f"{module} reads {path.name}, which is not in its cache key"
