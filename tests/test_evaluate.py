@@ -65,6 +65,46 @@ def test_judge_calls_an_openai_compatible_endpoint():
     assert all(r["temperature"] == 0 for r in seen)
 
 
+@pytest.mark.parametrize("task_retries, scored", [(1, [4, 4]), (0, [None, None])])
+def test_judge_calls_failing_past_their_own_retries_get_a_later_round(task_retries, scored):
+    """The judge endpoint answers 500 to its first 4 requests: each call's own retry (max_retries=1)
+    is spent, and only a later round (task_retries) scores the replies."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(1)
+            if len(seen) <= 4:
+                code, body = 500, {"error": {"message": "overloaded"}}
+            else:
+                code, body = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+                                   "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                       "role": "assistant", "content": '{"score": 4, "reason": "ok"}'}}]}
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        llm = LLMSettings(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="judge", max_retries=1,
+                          task_retries=task_retries, retry_delays_s=[0.1])
+        scores = ev.judge_replies(llm, [("Q1?", "A.", "A.", "en"), ("Q2?", "B.", "B.", "en")])
+    finally:
+        server.shutdown()
+    assert [s.score for s in scores] == scored
+    assert len(seen) == 4 + (2 if task_retries else 0)
+    if not task_retries:
+        assert all("judge call failed" in s.reason and "HTTP 500" in s.reason for s in scores)
+
+
 def test_eval_settings_validate():
     assert EvalSettings().promotion_margin == 0.05
     with pytest.raises(ValidationError):
