@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import resource
@@ -641,6 +642,10 @@ def make_optimizer(model, plan: Plan, settings: TrainSettings):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# What a checkpoint holds; state.json is written last, so a folder without it was never finished.
+CHECKPOINT_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt",
+                    "scheduler.pt", "rng.pt")
+
 
 def _atomic_dir(final: Path) -> Path:
     tmp = final.with_name(f".tmp-{final.name}")
@@ -649,13 +654,59 @@ def _atomic_dir(final: Path) -> Path:
     return tmp
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then the folders holding them: a rename is durable only once
+    what it points at is on disk, else a power cut can leave a complete-looking folder of empty files."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
+
+
 def _step_of(path: Path) -> int:
     return int(path.name.split("-")[1])
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()]
+def _is_complete(path: Path) -> bool:
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("step") != _step_of(path):
+        return False
+    return all((path / name).is_file() and (path / name).stat().st_size > 0 for name in CHECKPOINT_FILES)
+
+
+def _step_folders(run_dir: Path) -> list[Path]:
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(found, key=_step_of)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first; `.tmp-*` folders and torn `step-*` ones are skipped."""
+    return [p for p in _step_folders(run_dir) if _is_complete(p)]
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, after removing what an interrupted save or prune left behind."""
+    folder = run_dir / "checkpoints"
+    stale = sorted(folder.glob(".tmp-*")) + [p for p in _step_folders(run_dir) if not _is_complete(p)]
+    for path in stale:
+        log.info("removing %s: an unfinished checkpoint (the run stopped while writing or deleting it)", path)
+        shutil.rmtree(path)
+    found = checkpoints(run_dir)
+    if not found and folder.exists():
+        log.info("%s has no complete checkpoint; training from step 0", run_dir)
+    return found[-1] if found else None
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
@@ -669,9 +720,14 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # a torn folder of the same step, from before a crash
     tmp.rename(final)  # a crash mid-save leaves only a .tmp- folder, never a half checkpoint
+    _fsync_dir(final.parent)
+    _fsync_dir(run_dir)  # the checkpoints/ entry itself, after the first save
     for old in checkpoints(run_dir)[:-keep]:
+        # state.json first: a crash while deleting leaves a folder checkpoints() no longer lists.
+        (old / "state.json").unlink()
         shutil.rmtree(old)
     return final
 
@@ -938,7 +994,7 @@ def train(
     random.seed(settings.seed)
     model = load_model(base, plan, settings)
     model.train()
-    last = checkpoints(run_dir)[-1] if resume and checkpoints(run_dir) else None
+    last = resume_checkpoint(run_dir) if resume else None
     if last is not None:
         # Finish with the dtype the run started with, whatever a new probe would say now.
         saved = json.loads((last / "state.json").read_text())["plan"]
