@@ -835,7 +835,10 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
 
     @v1.get("/stats")
     async def stats():
-        return engine.stats
+        # The token counters move only when a row ends, so they cannot tell an idle server from one
+        # still decoding long rows (a client that left mid-stream, say): these two can.
+        return {**engine.stats, "running": len(engine._rows),
+                "waiting": len(engine._pending) + engine.queue.qsize()}
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
