@@ -357,7 +357,10 @@ def test_tasks_cache_on_content_and_publish_artifacts(tmp_path, monkeypatch, pre
 
     async def artifact_keys():
         async with get_client() as client:
-            return {a.key for a in await client.read_artifacts()}
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            keys = ["eval-metrics", "eval-side-by-side", "promotion-decision"]
+            return {a.key for a in await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
 
     assert {"eval-metrics", "eval-side-by-side", "promotion-decision"} <= asyncio.run(artifact_keys())
 

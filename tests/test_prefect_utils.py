@@ -91,9 +91,13 @@ def test_every_prompt_a_task_reads_is_in_its_cache_key(tmp_path, monkeypatch, pr
     monkeypatch.setattr(evaluate, "PROMPTS_DIR", _Recording(evaluate.PROMPTS_DIR, seen))
     prompts.load_prompt.cache_clear()
     server = ScriptedEndpoint(model=f"prompts-{random.randrange(10**9)}")
+    folder = write_docs(tmp_path / "docs")
+    # A document of its own: tasks without the endpoint among their inputs (cloze, passages) would
+    # otherwise come from earlier tests' caches and read no prompt.
+    (folder / "unique.md").write_text(f"# Vault\n\nThe Brekke vault code is {random.randrange(10**9)}.\n")
     try:
         for mode in ("fact", "qa"):
-            build_dataset(str(write_docs(tmp_path / "docs")), BuildSettings(
+            build_dataset(str(folder), BuildSettings(
                 llm=LLMSettings(base_url=server.base_url, model=server.model, max_retries=0),
                 synth=SynthSettings(mode=mode, min_pairs=1, min_keep_share=0), translate=TranslateSettings(enabled=True),
                 output_dir=str(tmp_path / mode)))

@@ -57,8 +57,9 @@ def test_an_edit_misses_exactly_the_tasks_that_read_the_file(tmp_path, code_copy
 
     synthesis = {"synthesize handbook.md", "synthesize products.md", "synthesize faq.csv", "choose_mode_task"}
     try:
-        first = missed(settings)
-        assert first >= synthesis | {"ingest", "chunk", "replay_task", "cloze_task", "dedup_task", "passage_task"}
+        # Tasks without the endpoint among their inputs (ingest, chunk, cloze) may come from earlier tests' runs
+        # over the same documents: the copy's code is the same until edited.
+        assert missed(settings) >= synthesis | {"replay_task", "dedup_task"}
         n_calls = len(server.requests)
 
         # How the endpoint is called is no part of any result.

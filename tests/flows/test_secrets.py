@@ -26,7 +26,11 @@ async def _artifacts_and_logs(flow_run_ids) -> list[str]:
     async with get_client() as client:
         runs = FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids))
         artifacts = await client.read_artifacts(flow_run_filter=runs)
-        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)))
+        logs, page = [], True
+        while page:  # the server answers at most 200 at a time
+            page = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)),
+                                          limit=200, offset=len(logs))
+            logs += page
         flow_runs = await client.read_flow_runs(flow_run_filter=runs)
     texts = [f"{a.key} {a.description} {a.data}" for a in artifacts] + [log.message for log in logs]
     texts += [f"{r.parameters} {r.state.message if r.state else ''}" for r in flow_runs]
@@ -55,7 +59,7 @@ def test_a_canary_key_leaves_no_trace_after_a_build(tmp_path, monkeypatch, capfd
     try:
         settings = BuildSettings(llm=LLMSettings(base_url=server.base_url, model=server.model, **fast),
                                  synth=SynthSettings(mode="fact", questions_per_fact=2, min_pairs=3),
-                                 output_dir=str(tmp_path / "out"))
+                                 output_dir=str(tmp_path / "out"), documents_at_once=1)
         state = build_dataset(str(folder), settings, return_state=True)
         assert state.is_completed(), state.message
         run_ids.append(state.state_details.flow_run_id)
