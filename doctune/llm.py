@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -122,12 +123,27 @@ def _explain(exc: Exception, llm: LLMSettings) -> str:
     return f"{where}: {type(exc).__name__}: {exc}"
 
 
+_SLOTS: dict[tuple, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def endpoint_slots(llm: LLMSettings) -> threading.BoundedSemaphore:
+    """One bound per endpoint for the whole process: `llm.concurrency` calls in flight, however many
+    documents (or stages) call at once. Documents synthesized side by side then keep a batching
+    endpoint full across document boundaries without ever sending it more than it was set to take."""
+    key = (llm.base_url.rstrip("/"), llm.model, llm.concurrency)
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(key, threading.BoundedSemaphore(llm.concurrency))
+
+
 def chat(client: openai.OpenAI, llm: LLMSettings, messages: list[dict], **params) -> ChatResult:
     """One chat completion; raises EndpointError with an explanation once retries are spent."""
     last: Exception | None = None
+    slots = endpoint_slots(llm)
     for attempt in range(llm.max_retries + 1):
         try:
-            resp = client.chat.completions.create(model=llm.model, messages=messages, **params)
+            with slots:
+                resp = client.chat.completions.create(model=llm.model, messages=messages, **params)
             if not resp.choices:
                 raise ValueError("reply has no choices")
             text = resp.choices[0].message.content or ""

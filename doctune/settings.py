@@ -186,9 +186,10 @@ class BuildSettings(_Settings):
         "(dask_address, or a local one). Results are cached per document either way.",
     )
     documents_at_once: int = Field(
-        1, ge=1, le=256,
-        description="Documents synthesized at the same time, each with llm.concurrency calls in flight. 1 keeps the "
-        "local model's batches as they were measured (a batch's make-up changes greedy outputs slightly).",
+        8, ge=1, le=256,
+        description="Documents synthesized at the same time. Their calls share llm.concurrency slots, so the endpoint "
+        "gets llm.concurrency requests at a time across document boundaries, never more; 1 sends one document's "
+        "calls at a time (the endpoint idles while each document's last calls finish).",
     )
     dask_address: str | None = Field(
         None, description="runner: dask: address of a running Dask scheduler (tcp://host:8786); None starts a "

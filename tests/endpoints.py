@@ -99,16 +99,19 @@ class ScriptedEndpoint(_Server):
     `retry_after`), '500' (its message quotes the request's Authorization header, as some servers
     quote the key they were sent), 'hang' (sleeps `hang_s`, past the client's timeout), 'malformed'
     (truncated JSON). `die_when(body)` true: that request gets no answer and the server goes down,
-    as a crashed endpoint would. `log` holds (monotonic time, fault, request signature) per chat request."""
+    as a crashed endpoint would. `log` holds (monotonic time, fault, request signature) per chat request;
+    `delay_s` is each answer's think time, `max_in_flight` the most chat requests answered at once."""
 
     def __init__(self, behaviour: str = "good", api_key: str | None = None, *, model: str = "scripted",
                  port: int = 0, faults: list[str] | None = None, always: str | None = None,
-                 get_faults: list[str] | None = None, retry_after: str = "1", hang_s: float = 3.0, die_when=None):
+                 get_faults: list[str] | None = None, retry_after: str = "1", hang_s: float = 3.0, die_when=None,
+                 delay_s: float = 0.0):
         self.behaviour = behaviour
         self.api_key = api_key
         self.model = model
         self.faults, self.always, self.get_faults = list(faults or []), always, list(get_faults or [])
-        self.retry_after, self.hang_s, self.die_when = retry_after, hang_s, die_when
+        self.retry_after, self.hang_s, self.die_when, self.delay_s = retry_after, hang_s, die_when, delay_s
+        self.in_flight = self.max_in_flight = 0  # chat requests being answered at once
         self.calls: Counter = Counter()
         self.facts: list[str] = []
         self.requests: list[dict] = []
@@ -175,8 +178,13 @@ class ScriptedEndpoint(_Server):
                     return
                 if fault != "ok":
                     return self._fault(fault)
+                with outer.lock:
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                time.sleep(outer.delay_s)  # a model's think time, so concurrency shows
                 kind, text = scripted_reply(body["messages"], body.get("seed"), outer.behaviour)
                 with outer.lock:
+                    outer.in_flight -= 1
                     outer.calls[kind] += 1
                     if kind == "fact":
                         outer.facts.append(body["messages"][-1]["content"])

@@ -175,9 +175,13 @@ def test_chinese_documents_are_skipped_loudly_for_an_english_only_endpoint(tmp_p
     assert {r["source"] for split in ds.values() for r in split if r["path"] == "规定.md"} == {"passage"}
 
     async def mode_artifact():
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
         async with get_client() as client:
-            runs = await client.read_artifacts()
-        return [a.data for a in runs if a.key == "synthesis-mode" and a.flow_run_id == state.state_details.flow_run_id]
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["synthesis-mode"])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        return [a.data for a in found]
 
     [text] = asyncio.run(mode_artifact())
     assert "Languages not synthesized" in text and "Chinese" in text and "Qwen" in text
@@ -239,3 +243,19 @@ def test_documents_fanned_out_on_a_local_dask_cluster_give_the_same_dataset(tmp_
     for split in ("train", "validation", "test"):
         assert (Path(path_dask) / f"{split}.messages.jsonl").read_text() == \
                (Path(path_threads) / f"{split}.messages.jsonl").read_text()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_documents_side_by_side_share_the_endpoints_concurrency(tmp_path):
+    """Three documents at once, each with more calls than llm.concurrency: the endpoint gets
+    exactly llm.concurrency requests at a time, never three documents' worth."""
+    server = ScriptedEndpoint(model="shared-slots", delay_s=0.05)
+    try:
+        settings = settings_for(server, tmp_path / "out")
+        settings.llm = settings.llm.model_copy(update={"concurrency": 3})
+        settings.documents_at_once = 3
+        run(write_docs(tmp_path / "docs"), settings)
+    finally:
+        server.close()
+    assert server.calls["fact"] == (7 + 2) * 2
+    assert server.max_in_flight == 3

@@ -31,7 +31,7 @@ def settings_for(server, out, **llm) -> BuildSettings:
     return BuildSettings(
         llm=LLMSettings(base_url=server.base_url, model=server.model, **{**FAST, **llm}),
         synth=SynthSettings(mode="fact", questions_per_fact=2, min_pairs=3, min_questions_per_fact=0),
-        output_dir=str(out),
+        output_dir=str(out), documents_at_once=1,  # one after another: which document a fault hits is known
     )
 
 
