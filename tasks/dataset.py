@@ -108,7 +108,9 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
     else:
         split = {"train": list(range(len(rows))), "validation": [], "test": []}
     dd = DatasetDict({name: full.select(idx) for name, idx in split.items()})
-    dd.save_to_disk(str(tmp / "hf"))
+    # Empty splits stay out of hf/: datasets writes them but cannot load them back (IndexError in
+    # concat_tables), and every reader treats a missing split as empty. The JSONL files keep all three.
+    DatasetDict({name: ds for name, ds in dd.items() if len(ds)}).save_to_disk(str(tmp / "hf"))
     for split, ds in dd.items():
         write_jsonl(tmp / f"{split}.messages.jsonl",
                     ({"messages": r["messages"], "pair_id": r["pair_id"], "source": r["source"],
