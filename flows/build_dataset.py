@@ -21,7 +21,7 @@ from tasks.chunk import chunk_document_task
 from tasks.dataset import write_dataset_task
 from tasks.dedup import dedup_task
 from tasks.ingest import discover, ingest_file_task
-from tasks.synthesize import SynthResult, choose_mode_task, faq_chunks, synthesize_document_task
+from tasks.synthesize import SynthResult, choose_mode_task, faq_chunks, probe_sample, synthesize_document_task
 from tasks.cloze import cloze_task
 from tasks.passages import passage_task
 from tasks.replay import replay_task
@@ -33,6 +33,16 @@ HUMAN_FIRST = {"faq": 0, "instruction": 1, "synthesized": 2, "translated": 3}
 @task(task_run_name="preflight {llm.base_url}")
 def preflight_task(llm) -> str:
     return preflight(llm)
+
+
+def _usage(stage: str, result, state, reused: int = 0) -> dict:
+    """A token-usage row: the calls and tokens `result` cost this run (none when `state` says it came
+    from the cache), and how many task results were reused."""
+    cached = state is not None and state.name == "Cached"
+    cost = (lambda name: 0) if cached else (lambda name: getattr(result, name, 0))
+    return {"stage": stage, "calls": cost("calls"), "failed_calls": cost("failed_calls"),
+            "prompt_tokens": cost("prompt_tokens"), "completion_tokens": cost("completion_tokens"),
+            "from_cache": reused + cached}
 
 
 def _failure(stage: str, what: str, state) -> dict:
@@ -68,7 +78,9 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     llm = settings.llm
     log.info(with_network_retries(preflight_task, llm)(llm))
     faq = faq_chunks(given) if settings.synth.faq_questions else []
-    choice = with_network_retries(choose_mode_task, llm)(all_chunks + faq, llm, settings.synth)
+    probed = with_network_retries(choose_mode_task, llm)(probe_sample(all_chunks + faq), llm, settings.synth,
+                                                          return_state=True)
+    choice = probed.result()
     artifacts.synthesis_mode(choice.mode, choice.reason, choice.skip_languages)
     log.info("synthesis mode %s: %s", choice.mode, choice.reason)
     for language, why in choice.skip_languages.items():
@@ -87,6 +99,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     jobs = [job for job in jobs if job[1]]
     progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
     synth, failures = SynthResult(), []
+    made, reused = SynthResult(), 0  # what this run asked the endpoint; results taken from the cache
     # documents_at_once documents at a time, on threads or Dask; merged in document order, so the
     # dataset does not depend on which finished first.
     synthesize = with_network_retries(synthesize_document_task, llm)
@@ -100,6 +113,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
             future.wait()  # sets the final state; before it, .state may still read Pending
             if future.state.is_completed():
                 synth = synth.merge(future.result())
+                if future.state.name == "Cached":
+                    reused += 1
+                else:
+                    made = made.merge(future.result())
             else:
                 failures.append(_failure("synthesize", path, future.state))
     update_progress_artifact(progress, 100.0)
@@ -116,8 +133,8 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     rates = keep_rate_rows("synthesize", n_returned, synth.dropped)
     if all_chunks:
         check_stage("synthesize", n_returned, len(synth.pairs), synth.dropped, settings.synth, llm, failures)
-    usage = [{"stage": "synthesize", "calls": synth.calls, "failed_calls": synth.failed_calls,
-              "prompt_tokens": synth.prompt_tokens, "completion_tokens": synth.completion_tokens}]
+    # Calls made by this run; a cached result cost nothing tonight ("from_cache" counts them).
+    usage = [_usage("mode probe", choice, probed), _usage("synthesize", made, None, reused)]
 
     # 4. Translate (optional); originals are kept.
     pairs = sorted(given, key=lambda p: HUMAN_FIRST[p.source]) + synth.pairs
@@ -132,8 +149,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
             pairs += tr.pairs
             dropped += tr.dropped
             rates += keep_rate_rows("translate", len(tr.pairs) + len(tr.dropped), tr.dropped)
-            usage.append({"stage": "translate", "calls": tr.calls, "failed_calls": 0,
-                          "prompt_tokens": tr.prompt_tokens, "completion_tokens": tr.completion_tokens})
+            usage.append(_usage("translate", tr, state))
         else:
             failures.append(_failure("translate", f"all {len(pairs)} pairs", state))
             log.warning("translation failed; the dataset is built without it: %s", failures[-1]["error"])
@@ -146,8 +162,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
             rp = state.result()
             pairs += rp.pairs[:n]
             dropped += rp.dropped
-            usage.append({"stage": "replay", "calls": rp.calls, "failed_calls": 0, "prompt_tokens": rp.prompt_tokens,
-                          "completion_tokens": rp.completion_tokens})
+            usage.append(_usage("replay", rp, state))
         else:
             failures.append(_failure("replay", "replay prompts", state))
             log.warning("replay failed; the dataset is built without it: %s", failures[-1]["error"])

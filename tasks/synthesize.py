@@ -81,6 +81,14 @@ class ModeChoice(BaseModel):
     reason: str
     skip_languages: dict[str, str] = Field(
         default_factory=dict, description="language -> why its documents are not synthesized")
+    calls: int = 0  # what the probes cost
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, result: "SynthResult") -> None:
+        self.calls += result.calls
+        self.prompt_tokens += result.prompt_tokens
+        self.completion_tokens += result.completion_tokens
 
 
 # ---------------------------------------------------------------- facts
@@ -493,6 +501,8 @@ def choose_mode(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, 
         return ModeChoice(mode="fact", reason="no chunks to probe")
     # Two pairs per chunk keep the probe short even when a small model loops to its token limit.
     probe = synthesize_chunks(sample, llm, settings, "qa", progress=False, n_pairs=2)
+    cost = ModeChoice(mode="", reason="")
+    cost.add(probe)
     returned = len(probe.pairs) + sum(d.reason != "unparseable_reply" for d in probe.dropped)
     kept_share = len(probe.pairs) / returned if returned else 0.0
     summary = (f"probe of {llm.model} on {len(sample)} chunks: {returned} pairs parsed, "
@@ -500,10 +510,10 @@ def choose_mode(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, 
     if probe.failed_calls == len(sample):
         raise EndpointError(f"{summary}; every probe call failed: {probe.errors[:1]}")
     if len(probe.pairs) >= len(sample) and kept_share >= 0.5:
-        return ModeChoice(mode="qa", reason=f"{summary}: the endpoint writes usable pairs")
+        return cost.model_copy(update={"mode": "qa", "reason": f"{summary}: the endpoint writes usable pairs"})
     reasons = Counter(d.reason for d in probe.dropped).most_common(3)
-    return ModeChoice(mode="fact", reason=f"{summary} (drops: {dict(reasons)}): "
-                                          "answers will be source sentences, the LLM writes questions")
+    return cost.model_copy(update={"mode": "fact", "reason": f"{summary} (drops: {dict(reasons)}): answers will be "
+                                                             "source sentences, the LLM writes questions"})
 
 
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
@@ -511,8 +521,24 @@ ENDPOINT_HINT = {"zh": "a Chinese-capable endpoint (Qwen, DeepSeek, GLM, or a vL
                  "en": "an endpoint whose model writes English"}
 
 
+def probe_sample(chunks: list[Chunk], per_language: int = 4) -> list[Chunk]:
+    """The chunks the mode and language probes read: per language, the first `per_language` by a
+    hash of their text, among those with facts (all, if none has). The probes are cached on this
+    sample, so editing a document outside it keeps their verdict: keyed on every chunk, each edit
+    re-ran the probes, which cost a one-document night most of its tokens (bench/nightly_cost.py),
+    and a changed verdict would re-synthesize every document."""
+    by_language: dict[str, list[Chunk]] = {}
+    for c in chunks:
+        by_language.setdefault(c.language, []).append(c)
+    sample = []
+    for language, group in sorted(by_language.items()):
+        with_facts = [c for c in group if extract_facts(c)] or group
+        sample += sorted(with_facts, key=lambda c: short_hash(c.text, n=16))[:per_language]
+    return sample
+
+
 def probe_languages(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings, mode: str,
-                    probe_calls: int = 6) -> dict[str, str]:
+                    probe_calls: int = 6, cost: ModeChoice | None = None) -> dict[str, str]:
     """Languages the endpoint cannot write, each with the reason, from a few greedy calls per
     language (SmolLM2-135M writes no usable Chinese: its Chinese "questions" are echoes and
     mojibake, with the odd one slipping through the filters). A language is skipped when its keep
@@ -531,6 +557,8 @@ def probe_languages(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettin
         else:
             calls = plan_calls(group, greedy, mode)[:probe_calls]
         result = run_calls(calls, llm, greedy, mode, progress=False)
+        if cost is not None:
+            cost.add(result)
         returned = len(result.pairs) + len(result.dropped)
         share = len(result.pairs) / returned if returned else 0.0
         verdicts[language] = (share, len(result.pairs), returned, dict(Counter(d.reason for d in result.dropped)))
@@ -549,8 +577,9 @@ def probe_languages(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettin
 
 @task(cache_policy=CACHE, persist_result=True, **network_retries(LLMSettings()))
 def choose_mode_task(chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings) -> ModeChoice:
+    """`chunks`: the probe sample (`probe_sample`), not the whole folder: it is the cache key."""
     choice = choose_mode(chunks, llm, settings)
-    choice.skip_languages = probe_languages(chunks, llm, settings, choice.mode)
+    choice.skip_languages = probe_languages(chunks, llm, settings, choice.mode, cost=choice)
     return choice
 
 

@@ -291,3 +291,23 @@ def test_facts_short_of_questions_get_a_second_unanchored_round():
     assert all(c.params["temperature"] == settings.temperature for c in retry)
     assert len({c.params["seed"] for c in retry} | {c.params["seed"] for c in calls}) == len(retry) + len(calls)
     assert retry_calls(calls, SynthResult(pairs=kept), settings.model_copy(update={"min_questions_per_fact": 0})) == []
+
+
+def test_the_probe_sample_survives_an_edit_to_a_document_outside_it():
+    from tasks.synthesize import probe_sample
+
+    def chunk(i: int, language: str = "en", text: str | None = None) -> Chunk:
+        text = text or f"The Vindel lamp model {i} costs {100 + i} crowns at the Brekke store."
+        return Chunk(chunk_id=f"d{i}:0", doc_id=f"d{i}", path=f"doc{i}.md", index=0, text=text, heading_path=[],
+                     start=0, end=len(text), n_tokens=20, language=language, title="")
+
+    chunks = [chunk(i) for i in range(20)] + [chunk(100 + i, "zh", f"布雷克商店的灯具{i}号售价为{100 + i}克朗。")
+                                              for i in range(6)]
+    sample = probe_sample(chunks)
+    assert [c.language for c in sample] == ["en"] * 4 + ["zh"] * 4
+    outside = next(i for i, c in enumerate(chunks) if c not in sample and c.language == "en")
+    edited = list(chunks)
+    edited[outside] = chunk(outside, text=chunks[outside].text + " It is sold out.")
+    assert probe_sample(edited) == sample  # the probes' cache key: an edit elsewhere keeps it
+    edited[chunks.index(sample[0])] = chunk(0, text=sample[0].text + " Sold out.")
+    assert probe_sample(edited) != sample  # an edit inside it is probed again

@@ -124,6 +124,9 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     states = asyncio.run(task_states(run_id))
     synth_states = {n: s for n, s in states.items() if n.startswith("synthesize ")}
     assert synth_states and set(synth_states.values()) == {"Cached"}, states
+    usage = {row["stage"]: row for row in asyncio.run(latest_table("token-usage"))}
+    assert usage["synthesize"]["calls"] == 0 and usage["synthesize"]["from_cache"] == 3  # tonight's cost: none
+    assert usage["replay"]["calls"] == 0 and usage["replay"]["from_cache"] == 1
 
     # Edit one document: only its facts go to the LLM again.
     (folder / "products.md").write_text(DOCS["products.md"] + "\nThe Fjord kettle comes in 4 colours.\n")
