@@ -42,8 +42,8 @@ class EndpointError(RuntimeError):
 # Everything copied from a reply into a message, a log or an artifact goes through scrub().
 KEY_SHAPED = re.compile(
     r"\b(?:sk|pk|rk|ak|hf|ghp|gho|github_pat|xox[abprs]|glpat|AKIA)[-_][A-Za-z0-9_\-]{6,}"
-    r"|(?i:(?:api[_-]?key|token|secret|password|authorization)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)[^\s'\",})\]]{6,}"
-    r"|(?i:\bbearer\s+)[^\s'\",})\]]+"
+    r"|(?i:(?:api[_-]?key|token|secret|password|authorization)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)(?!\[redacted\])[^\s'\",})\]]{6,}"
+    r"|(?i:\bbearer\s+)(?!\[redacted\])[^\s'\",})\]]+"
     r"|\b(?=[A-Za-z0-9_\-]*\d)(?=[A-Za-z0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{32,}\b"
 )
 

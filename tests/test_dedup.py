@@ -235,7 +235,9 @@ def embeddings_server():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
             if body["model"] != "embedder":
-                self._send(404, {"error": {"message": f"model {body['model']} not found", "type": "not_found"}})
+                # As some servers do, the error quotes the credentials it was sent.
+                quoted = self.headers.get("Authorization")
+                self._send(404, {"error": {"message": f"model {body['model']} not found ({quoted})", "type": "not_found"}})
                 return
             vectors = bag_of_words(body["input"])
             data = [{"object": "embedding", "index": i, "embedding": vectors[i].tolist()}
@@ -275,12 +277,14 @@ def test_openai_embedder_batches_and_restores_order(embeddings_server):
     assert embed([]).shape == (0, 0)
 
 
-def test_openai_embedder_error_names_endpoint_model_and_fix(embeddings_server):
+def test_openai_embedder_error_names_endpoint_model_and_fix_but_not_the_key(embeddings_server, monkeypatch):
     base_url, _ = embeddings_server
-    client = make_client(LLMSettings(base_url=base_url, max_retries=0))
+    monkeypatch.setenv("DEDUP_TEST_KEY", "plain-words-key-42")
+    client = make_client(LLMSettings(base_url=base_url, max_retries=0, api_key_env="DEDUP_TEST_KEY"))
     embed = make_openai_embedder(client, "no-such-model")
-    with pytest.raises(EndpointError, match=r"model='no-such-model'.*dedup.semantic to false"):
+    with pytest.raises(EndpointError, match=r"model='no-such-model'.*dedup.semantic to false") as err:
         embed(["hello"])
+    assert "not found (Bearer [redacted])" in str(err.value) and "plain-words-key-42" not in str(err.value)
 
 
 def test_dedup_task_builds_the_embedder_from_llm_settings(embeddings_server, monkeypatch):
