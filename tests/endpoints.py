@@ -100,17 +100,19 @@ class ScriptedEndpoint(_Server):
     quote the key they were sent), 'hang' (sleeps `hang_s`, past the client's timeout), 'malformed'
     (truncated JSON). `die_when(body)` true: that request gets no answer and the server goes down,
     as a crashed endpoint would. `log` holds (monotonic time, fault, request signature) per chat request;
-    `delay_s` is each answer's think time, `max_in_flight` the most chat requests answered at once."""
+    `delay_s` is each answer's think time, `max_in_flight` the most chat requests answered at once;
+    `fail_when(body)` returns a fault for the requests it picks (or None)."""
 
     def __init__(self, behaviour: str = "good", api_key: str | None = None, *, model: str = "scripted",
                  port: int = 0, faults: list[str] | None = None, always: str | None = None,
                  get_faults: list[str] | None = None, retry_after: str = "1", hang_s: float = 3.0, die_when=None,
-                 delay_s: float = 0.0):
+                 delay_s: float = 0.0, fail_when=None):
         self.behaviour = behaviour
         self.api_key = api_key
         self.model = model
         self.faults, self.always, self.get_faults = list(faults or []), always, list(get_faults or [])
         self.retry_after, self.hang_s, self.die_when, self.delay_s = retry_after, hang_s, die_when, delay_s
+        self.fail_when = fail_when
         self.in_flight = self.max_in_flight = 0  # chat requests being answered at once
         self.calls: Counter = Counter()
         self.facts: list[str] = []
@@ -170,7 +172,8 @@ class ScriptedEndpoint(_Server):
                     if outer.die_when and not outer.dead.is_set() and outer.die_when(body):
                         outer.dead.set()
                     fault = "dead" if outer.dead.is_set() else \
-                        outer.faults.pop(0) if outer.faults else outer.always or "ok"
+                        outer.faults.pop(0) if outer.faults else outer.always or \
+                        (outer.fail_when and outer.fail_when(body)) or "ok"
                     outer.log.append((time.monotonic(), fault, signature))
                 if fault == "dead":
                     self.close_connection = True  # no answer; the server goes down behind it

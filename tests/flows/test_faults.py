@@ -11,7 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from doctune.llm import EndpointError
-from doctune.settings import BuildSettings, LLMSettings, SynthSettings
+from doctune.settings import BuildSettings, LLMSettings, SynthSettings, TranslateSettings
 from flows.build_dataset import build_dataset
 from tests.endpoints import ScriptedEndpoint
 from tests.flows.test_build_dataset import latest_table, task_states, write_docs
@@ -182,3 +182,19 @@ def test_preflight_is_retried_and_a_refused_model_is_not(tmp_path):
         assert len(server.gets) == n_gets + 1  # no retry can make the endpoint serve another model
     finally:
         server.close()
+
+
+def test_a_failing_translation_is_listed_and_the_dataset_is_written_without_it(tmp_path, reference):
+    def translation(body):
+        return "500" if "Translate" in body["messages"][0]["content"] else None
+
+    server = endpoint(fail_when=translation)
+    settings = settings_for(server, tmp_path / "out")
+    settings.translate = TranslateSettings(enabled=True)
+    try:
+        path = build_dataset(str(write_docs(tmp_path / "docs")), settings)
+    finally:
+        server.close()
+    failures = asyncio.run(latest_table("failures"))
+    assert [(row["stage"], "HTTP 500" in row["error"]) for row in failures] == [("translate", True)]
+    assert pairs_of(path) == reference["pairs"]  # all that synthesis made, and no translated pair
