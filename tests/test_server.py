@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from doctune.base_model import prepare_base_model
-from doctune.server import _streamable, check_exposure, create_app, plan_models, run_server
+from doctune.server import _PrefixStore, _streamable, check_exposure, create_app, plan_models, run_server
 from tests.endpoints import serving_in_thread
 
 KEY = "test-key"
@@ -332,6 +332,40 @@ def test_each_adapter_answers_as_peft_does_in_process(tiny, in_process):
     assert in_process["base"] not in (in_process["alpha"], in_process["beta"])
     for name, model in (("base", "tiny"), ("alpha", "alpha"), ("beta", "beta")):
         assert say(tiny.client, model) == in_process[name], name
+
+
+def test_a_prompt_seen_before_prefills_only_its_end_and_answers_the_same(tiny, in_process):
+    engine = tiny.app.state.engine
+    prompt = engine.encode_chat(SAY)
+    cached = []
+    for _ in range(2):
+        before = engine.stats["cached_prompt_tokens"]
+        assert say(tiny.client, "alpha") == in_process["alpha"]
+        cached.append(engine.stats["cached_prompt_tokens"] - before)
+    # Whole blocks of 16, and never the last token: its logits give the first new token.
+    assert cached[1] == 16 * ((len(prompt) - 1) // 16) > 0
+    # Another adapter's keys/values differ: a prompt stored under one is not found under another.
+    briefly = [{"role": "system", "content": "You answer briefly."}, *SAY]
+    for model, found in (("tiny", False), ("beta", False), ("beta", True)):
+        before = engine.stats["cached_prompt_tokens"]
+        tiny.client.chat.completions.create(model=model, messages=briefly, temperature=0, max_tokens=2)
+        assert (engine.stats["cached_prompt_tokens"] > before) == found, model
+
+
+def test_prefix_store_finds_whole_prefixes_and_drops_the_deepest_blocks_first():
+    def blocks(i):  # one layer; 16 positions x 2 heads x 2 dims: 256 bytes of keys, 256 of values
+        return [(torch.full((2, 16, 2), float(i)), torch.zeros(2, 16, 2))]
+
+    store = _PrefixStore(budget_bytes=3 * 512, block=16)
+    a = list(range(40))
+    store.store(None, a, 0, blocks)  # its 2 whole blocks
+    assert len(store.lookup(None, a)) == 2 and store.lookup("adapter", a) == []
+    b = a[:16] + [99] * 40  # shares a's first block only
+    assert len(store.lookup(None, b)) == 1
+    store.store(None, b, 1, blocks)  # 2 more: over budget, so a's second block (the least recent) goes
+    assert len(store.lookup(None, b)) == 3 and len(store.lookup(None, a)) == 1
+    assert store.bytes == 3 * 512 and len(store.blocks) == 3
+    assert store.lookup(None, a[:16]) == []  # a prompt of one block keeps its last token to prefill
 
 
 def test_an_adapter_streams_what_it_answers(tiny, in_process):
