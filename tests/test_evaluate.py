@@ -15,6 +15,7 @@ from doctune.metrics import chrf, rouge_l
 from doctune.settings import LLMSettings
 from tasks import evaluate as ev
 from tasks.evaluate import EvalReport, EvalSettings, MetricRow, decide_promotion, parse_judge_reply
+from tests.endpoints import JSONHandler
 
 
 # --------------------------------------------------------------------------- LLM judge
@@ -71,25 +72,15 @@ def test_judge_calls_failing_past_their_own_retries_get_a_later_round(task_retri
     is spent, and only a later round (task_retries) scores the replies."""
     seen = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JSONHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             seen.append(1)
             if len(seen) <= 4:
-                code, body = 500, {"error": {"message": "overloaded"}}
-            else:
-                code, body = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
-                                   "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                       "role": "assistant", "content": '{"score": 4, "reason": "ok"}'}}]}
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
+                return self._send(500, {"error": {"message": "overloaded"}})
+            self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                 "role": "assistant", "content": '{"score": 4, "reason": "ok"}'}}]})
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
