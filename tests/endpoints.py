@@ -268,3 +268,20 @@ def serving_in_thread(app):
         srv.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def wait_until_healthy(proc, url: str, output, timeout_s: float = 120) -> None:
+    """Poll `url`/health until a `doctune serve` subprocess answers 200; fail with `output()` (its
+    log) if it exits first or takes longer than `timeout_s`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"doctune serve exited with {proc.returncode}:\n{output()}"
+        assert time.monotonic() < deadline, f"doctune serve not healthy within {timeout_s:.0f} s:\n{output()}"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)

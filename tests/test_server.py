@@ -24,7 +24,7 @@ import torch
 
 from doctune.base_model import prepare_base_model
 from doctune.server import _PrefixStore, _streamable, check_exposure, create_app, plan_models, run_server
-from tests.endpoints import serving_in_thread
+from tests.endpoints import serving_in_thread, wait_until_healthy
 
 KEY = "test-key"
 BASE = "smollm2-135m-instruct"
@@ -594,16 +594,7 @@ def test_doctune_serve_serves_the_promoted_run_over_http(runs, in_process, tmp_p
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "doctune serve did not answer within 120 s"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_until_healthy(proc, url, lambda: proc.stdout.read().decode() if proc.poll() is not None else "")
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         assert [m.id for m in client.models.list()] == ["tiny", "promoted", "b"]
         assert say(client, "promoted") == in_process["alpha"]

@@ -26,6 +26,7 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from doctune.server import KEY_ENV, create_app
+from tests.endpoints import wait_until_healthy
 
 KEY = "load-test-key"
 # `doctune serve` has no --max-batch: it batches as many rows as create_app does by default.
@@ -224,16 +225,7 @@ def serving(model: str, log: Path):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, KEY_ENV: KEY},
                                 start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"doctune serve exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"doctune serve not healthy within 120 s:\n{log.read_text()}"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_until_healthy(proc, url, log.read_text)
         yield proc, url
     finally:
         os.killpg(proc.pid, signal.SIGINT)
