@@ -21,6 +21,11 @@ def skipped_files(skipped: list[SkippedFile], n_files: int) -> None:
                           description=f"{len(skipped)} of {n_files} files skipped or partly unreadable")
 
 
+def ingest_summary(counts: dict) -> None:
+    create_table_artifact([{"what": k, "count": v} for k, v in counts.items()], key="ingest",
+                          description="Files ingested and chunked; 'from the cache' were unchanged since a run before")
+
+
 def synthesis_mode(mode: str, reason: str, skip_languages: dict[str, str] | None = None) -> None:
     text = f"## Synthesis mode: `{mode}`\n\n{reason}\n"
     if skip_languages:

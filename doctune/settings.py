@@ -26,6 +26,15 @@ class IngestSettings(_Settings):
         ["gold/**", "**/.*", "**/~$*"],
         description="Glob patterns, relative to the folder, of files not to ingest.",
     )
+    files_per_task: int = Field(
+        200, ge=1, description="Files ingested and chunked per Prefect task run; each file is still cached on "
+        "its own content, so this changes only how many task runs a folder costs.",
+    )
+
+    def cache_view(self) -> dict:
+        """What one file's result depends on: which files are ingested (exclude) and how they are
+        batched are no part of it."""
+        return {"max_file_mb": self.max_file_mb}
 
 
 class ChunkSettings(_Settings):

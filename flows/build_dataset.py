@@ -17,10 +17,10 @@ from doctune.prefect_utils import synthesis_runner, with_network_retries
 from doctune.records import Dropped
 from doctune.quality import check_stage, keep_rate_rows
 from doctune.settings import BuildSettings
-from tasks.chunk import chunk_document_task
 from tasks.dataset import write_dataset_task
 from tasks.dedup import dedup_task
-from tasks.ingest import discover, ingest_file_task
+from tasks.ingest import discover
+from tasks.prepare import prepare_batch_task
 from tasks.synthesize import SynthResult, choose_mode_task, faq_chunks, probe_sample, synthesize_document_task
 from tasks.cloze import cloze_task
 from tasks.passages import passage_task
@@ -60,18 +60,28 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
         raise FileNotFoundError(f"folder={folder!r}: not a directory (resolved to {root})")
     out = Path(settings.output_dir).resolve()
 
-    # 1. Ingest: one cached task per file, keyed on its sha256.
+    # 1-2. Ingest and chunk, a batch of files per task run, each file cached on its own content.
     refs = discover(root, settings.ingest)
-    ingested = [ingest_file_task(str(root), ref, settings.ingest) for ref in refs]
-    docs = [d for r in ingested for d in r.documents]
-    given = [p for r in ingested for p in r.pairs]
-    skipped = [s for r in ingested for s in r.skipped]
-    artifacts.skipped_files(skipped, len(refs))
-    log.info("ingested %d files: %d documents, %d ready-made pairs, %d skipped", len(refs), len(docs), len(given), len(skipped))
-
-    # 2. Chunk.
-    chunks = {doc.path: chunk_document_task(doc, settings.chunk) for doc in docs}
+    n = settings.ingest.files_per_task
+    ingest_progress = create_progress_artifact(0.0, key="ingest-progress", description="Files ingested and chunked")
+    prepared, from_cache = [], 0
+    for i in range(0, len(refs), n):
+        batch = prepare_batch_task(str(root), refs[i:i + n], settings.ingest, settings.chunk)
+        prepared += batch.files
+        from_cache += batch.from_cache
+        update_progress_artifact(ingest_progress, 100.0 * min(i + n, len(refs)) / max(len(refs), 1))
+    update_progress_artifact(ingest_progress, 100.0)
+    docs = [d for f in prepared for d in f.ingested.documents]
+    given = [p for f in prepared for p in f.ingested.pairs]
+    skipped = [s for f in prepared for s in f.ingested.skipped]
+    chunks = {d.path: cs for f in prepared for d, cs in zip(f.ingested.documents, f.chunks)}
     all_chunks = [c for cs in chunks.values() for c in cs]
+    artifacts.skipped_files(skipped, len(refs))
+    artifacts.ingest_summary({"files": len(refs), "from the cache": from_cache, "read now": len(refs) - from_cache,
+                              "documents": len(docs), "chunks": len(all_chunks), "ready-made pairs": len(given),
+                              "skipped": len(skipped), "task runs": -(-len(refs) // n)})
+    log.info("ingested %d files (%d from the cache): %d documents, %d chunks, %d ready-made pairs, %d skipped",
+             len(refs), from_cache, len(docs), len(all_chunks), len(given), len(skipped))
 
     # 3. Synthesize, one cached task per document; the flow goes on when one fails. A FAQ export's
     #    answers get more questions too (fact mode): one wording per answer teaches the wording only.

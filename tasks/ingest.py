@@ -656,8 +656,8 @@ def ingest_file(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestR
     log = _logger()
     for s in result.skipped:
         log.warning("ingest: skipped %s: %s", s.path, s.reason)
-    if result.documents or result.pairs:
-        log.info("ingest: %s → %d documents, %d pairs", ref.relpath, len(result.documents), len(result.pairs))
+    if result.documents or result.pairs:  # debug: a folder of 10,000 files would send 10,000 lines to the UI
+        log.debug("ingest: %s → %d documents, %d pairs", ref.relpath, len(result.documents), len(result.pairs))
     return result
 
 

@@ -124,6 +124,8 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     states = asyncio.run(task_states(run_id))
     synth_states = {n: s for n, s in states.items() if n.startswith("synthesize ")}
     assert synth_states and set(synth_states.values()) == {"Cached"}, states
+    ingest = {row["what"]: row["count"] for row in asyncio.run(latest_table("ingest"))}
+    assert ingest["from the cache"] == 3 and ingest["read now"] == 0 and ingest["task runs"] == 1
     usage = {row["stage"]: row for row in asyncio.run(latest_table("token-usage"))}
     assert usage["synthesize"]["calls"] == 0 and usage["synthesize"]["from_cache"] == 3  # tonight's cost: none
     assert usage["replay"]["calls"] == 0 and usage["replay"]["from_cache"] == 1
@@ -137,6 +139,8 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     assert scripted.facts and all(("Vindel" in f or "Fjord" in f) for f in scripted.facts)
     states = asyncio.run(task_states(run_id))
     assert states["synthesize handbook.md"] == "Cached" and states["synthesize products.md"] != "Cached"
+    ingest = {row["what"]: row["count"] for row in asyncio.run(latest_table("ingest"))}
+    assert ingest["from the cache"] == 2 and ingest["read now"] == 1  # only the edited file was read again
 
 
 @pytest.mark.usefixtures("prefect_server")

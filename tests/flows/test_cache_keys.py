@@ -13,14 +13,14 @@ from doctune import prefect_utils
 from doctune.settings import BuildSettings, LLMSettings, SynthSettings
 from flows.build_dataset import build_dataset
 from tests.endpoints import ScriptedEndpoint
-from tests.flows.test_build_dataset import task_states, write_docs
+from tests.flows.test_build_dataset import latest_table, task_states, write_docs
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-UNCACHED = {"preflight", "write_dataset_task"}  # run every time by design
+UNCACHED = {"preflight", "write_dataset_task", "prepare"}  # run every time by design (prepare caches per file)
 
 
 def base_name(task_run_name: str) -> str:
-    name = task_run_name.split(" ")[0] if task_run_name.startswith(("synthesize ", "ingest ", "chunk ", "preflight ")) \
+    name = task_run_name.split(" ")[0] if task_run_name.startswith(("synthesize ", "prepare ", "preflight ")) \
         else re.sub(r"-\w{3}$", "", task_run_name)
     return task_run_name if name == "synthesize" else name
 
@@ -55,9 +55,12 @@ def test_an_edit_misses_exactly_the_tasks_that_read_the_file(tmp_path, code_copy
         path.write_text(path.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
         prefect_utils.code_digest.cache_clear()
 
+    def files_from_cache() -> int:
+        return {r["what"]: r["count"] for r in asyncio.run(latest_table("ingest"))}["from the cache"]
+
     synthesis = {"synthesize handbook.md", "synthesize products.md", "synthesize faq.csv", "choose_mode_task"}
     try:
-        # Tasks without the endpoint among their inputs (ingest, chunk, cloze) may come from earlier tests' runs
+        # Tasks without the endpoint among their inputs (prepared files, cloze) may come from earlier tests' runs
         # over the same documents: the copy's code is the same until edited.
         assert missed(settings) >= synthesis | {"replay_task", "dedup_task"}
         n_calls = len(server.requests)
@@ -78,7 +81,8 @@ def test_an_edit_misses_exactly_the_tasks_that_read_the_file(tmp_path, code_copy
         assert missed(settings) == set()
         edit("doctune/llm.py")  # every task that talks to an endpoint, and those importing them
         assert missed(settings) == synthesis | {"cloze_task", "replay_task", "dedup_task"}
-        edit("tasks/chunk.py")
-        assert missed(settings) == synthesis | {"chunk", "cloze_task"}
+        assert files_from_cache() == 3
+        edit("tasks/chunk.py")  # every file is chunked again
+        assert missed(settings) == synthesis | {"cloze_task"} and files_from_cache() == 0
     finally:
         server.close()
