@@ -71,7 +71,7 @@ def settings_for(args):
     return TrainSettings(
         base_model=args.model, max_steps=args.steps, per_device_batch_size=args.batch_size,
         batching=args.batching, save_every_steps=0, device=args.device, cpu_dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing, method=args.method, lora_dropout=0.05,
+        gradient_checkpointing=args.gradient_checkpointing, method=args.method, lora_dropout=args.lora_dropout,
     )
 
 
@@ -157,6 +157,8 @@ def main() -> None:
     p.add_argument("--batching", default="packed", choices=["packed", "length_grouped", "padded"])
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--examples", type=int, default=256, help="synthetic training examples")
+    p.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="both sides; on CPU its Bernoulli masks are ~1/4 of a step (bench/README.md)")
     p.add_argument("--side", choices=["ours", "trainer"], help=argparse.SUPPRESS)
     p.add_argument("--compute", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -176,7 +178,8 @@ def main() -> None:
         data = synthetic_dataset(Path(tmp), args.examples)
         base = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
                 "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype,
-                "--method", args.method, "--batching", args.batching, "--data", str(data)]
+                "--method", args.method, "--batching", args.batching, "--lora-dropout", str(args.lora_dropout),
+                "--data", str(data)]
         if not args.gradient_checkpointing:
             base.append("--no-gradient-checkpointing")
 
@@ -190,7 +193,8 @@ def main() -> None:
         compute = "bf16" if ours["method"].endswith("bf16") else "fp32"
         theirs = child("--side", "trainer", "--compute", compute)
 
-    print(f"{args.steps} steps, batch {args.batch_size}, {args.examples} synthetic examples, model {args.model}")
+    print(f"{args.steps} steps, batch {args.batch_size}, {args.examples} synthetic examples, lora_dropout "
+          f"{args.lora_dropout}, model {args.model}")
     if ours.get("probe"):
         print(f"probe: {ours['probe']}")
     for r in (ours, theirs):
