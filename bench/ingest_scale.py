@@ -21,12 +21,12 @@ import argparse
 import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from nightly_cost import free_port, services  # bench/ is this script's folder on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("invoice warranty shipment router lamp kettle customer refund policy office server backup "
@@ -74,19 +74,6 @@ def write_files(folder: Path, n: int, seed: int = 0) -> dict[str, int]:
             d.save(str(path))
         kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def services(*args: str) -> None:
-    done = subprocess.run(["bash", str(ROOT / "scripts/services.sh"), *args], cwd=ROOT, env=os.environ.copy(),
-                          capture_output=True, text=True, timeout=300)
-    if done.returncode:
-        raise RuntimeError(f"scripts/services.sh {' '.join(args)} failed: {done.stdout[-1500:]}{done.stderr[-1500:]}")
 
 
 def server_cpu(run_dir: Path) -> float:
@@ -151,7 +138,7 @@ def main() -> None:
     rows = []
     try:
         print(f"starting a Prefect server on port {port} ...", flush=True)
-        services("up", "prefect")
+        services(os.environ.copy(), "up", "prefect")
         from prefect.exceptions import PrefectHTTPStatusError
         from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -190,7 +177,7 @@ def main() -> None:
                         rows.append((n, name, when, wall, cpu))
                         print(f"  {name} {when}: {wall:.1f} s, server CPU {cpu:.1f} s", flush=True)
     finally:
-        services("down")
+        services(os.environ.copy(), "down")
         shutil.rmtree(work, ignore_errors=True)
     print("\n" + report(rows, args.files_per_task))
 

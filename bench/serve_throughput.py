@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nightly_cost import free_port  # bench/ is this script's folder on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -97,12 +98,6 @@ def messages(kind: str, index: int) -> list[dict]:
     raise ValueError(f"--kinds: unknown prompt kind {kind!r}; choose from fewshot, short, passage")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and all its threads so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -127,7 +122,7 @@ class Server:
 
 @contextmanager
 def running(server: Server, env: dict):
-    port = _free_port()
+    port = free_port()
     server.url = f"http://127.0.0.1:{port}"
     with server.log.open("wb") as out:
         server.proc = subprocess.Popen([*server.cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,

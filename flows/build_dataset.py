@@ -69,7 +69,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
         batch = prepare_batch_task(str(root), refs[i:i + n], settings.ingest, settings.chunk)
         prepared += batch.files
         from_cache += batch.from_cache
-        update_progress_artifact(ingest_progress, 100.0 * min(i + n, len(refs)) / max(len(refs), 1))
+        update_progress_artifact(ingest_progress, 100.0 * min(i + n, len(refs)) / len(refs))
     update_progress_artifact(ingest_progress, 100.0)
     docs = [d for f in prepared for d in f.ingested.documents]
     given = [p for f in prepared for p in f.ingested.pairs]

@@ -57,6 +57,11 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "chatgpt": "assistant", "model": "assistant", "system": "system"}
 
 
+# The reason of a file whose content changed between discover and ingest: its result must not be
+# cached under the hash discovered (tasks/prepare.py checks for it).
+CHANGED_SINCE_DISCOVERY = "changed since it was discovered"
+
+
 class FileRef(BaseModel):
     relpath: str = Field(description="POSIX path relative to the ingested folder.")
     sha256: str = Field(description="Content hash; part of the cache key, so an edited file is re-ingested.")
@@ -680,7 +685,7 @@ def _ingest(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestResul
     sha = hashlib.sha256(data).hexdigest()
     if sha != ref.sha256:
         # The result is cached under ref.sha256; caching other content under it would go stale.
-        raise Unreadable("changed since it was discovered (sha256 differs); run ingest again")
+        raise Unreadable(f"{CHANGED_SINCE_DISCOVERY} (sha256 differs); run ingest again")
     return READERS[FORMATS[ext]](_File(relpath=ref.relpath, ext=ext, data=data, sha256=sha))
 
 

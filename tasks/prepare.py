@@ -25,7 +25,7 @@ from doctune import prefect_utils
 from doctune.records import Chunk
 from doctune.settings import ChunkSettings, IngestSettings
 from tasks.chunk import chunk_document
-from tasks.ingest import FileRef, IngestResult, ingest_file
+from tasks.ingest import CHANGED_SINCE_DISCOVERY, FileRef, IngestResult, ingest_file
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +70,28 @@ def prepare_files(folder: Path, refs: list[FileRef], ingest: IngestSettings, chu
     start, files, hits = time.perf_counter(), [], 0
     for ref in refs:
         key = file_key(ref, ingest, chunk) if store is not None else None
-        if key is not None and store.exists(key):
-            try:
-                files.append(store.read(key).result)
-                hits += 1
-                continue
-            except Exception as exc:  # a torn or unreadable entry: read the file again and store it anew
-                log.warning("prepare: cached entry of %s unreadable (%s); reading the file again", ref.relpath, exc)
+        cached = _stored(store, key) if key is not None else None
+        if cached is not None:
+            files.append(cached)
+            hits += 1
+            continue
         one = prepare_file(folder, ref, ingest, chunk)
         files.append(one)
-        stale = any("changed since it was discovered" in s.reason for s in one.ingested.skipped)
+        stale = any(CHANGED_SINCE_DISCOVERY in s.reason for s in one.ingested.skipped)
         if key is not None and ref.sha256 and not stale:
             store.write(one, key=key)
     return PreparedBatch(files=files, from_cache=hits, seconds=time.perf_counter() - start)
+
+
+def _stored(store, key: str) -> PreparedFile | None:
+    """The stored result under `key`, or None when there is none or it cannot be read (a torn
+    entry is prepared and stored anew). One read: ResultStore.exists would read and deserialize
+    the whole record too, and storages differ in what a missing key raises."""
+    try:
+        return store.read(key).result
+    except Exception as exc:
+        log.debug("prepare: no usable entry %s (%s)", key, exc)
+        return None
 
 
 def _run_name() -> str:
