@@ -72,6 +72,7 @@ def settings_for(args):
         base_model=args.model, max_steps=args.steps, per_device_batch_size=args.batch_size,
         batching=args.batching, save_every_steps=0, device=args.device, cpu_dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing, method=args.method, lora_dropout=args.lora_dropout,
+        fast_lora_dropout=args.fast_dropout,
     )
 
 
@@ -86,7 +87,7 @@ def run_ours(args) -> dict:
         "side": f"ours ({args.batching})", "method": run["method"], "tokens": m["tokens"],
         "seconds": m["train_seconds"], "tokens_per_s": m["tokens_per_s"], "s_per_step": m["s_per_step"],
         "probe": m["probe"], "first_loss": m["losses"][0]["loss"], "last_loss": m["losses"][-1]["loss"],
-        **peak(run["device"]),
+        "losses": [r["loss"] for r in m["losses"]], **peak(run["device"]),
     }
 
 
@@ -140,7 +141,8 @@ def run_trainer(args, compute: str) -> dict:
     return {
         "side": "Trainer (padded)", "method": f"lora_{compute}", "tokens": tokens, "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1), "s_per_step": round(seconds / s.max_steps, 3),
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, **peak(device),
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "losses": losses,
+        **peak(device),
     }
 
 
@@ -159,6 +161,8 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=256, help="synthetic training examples")
     p.add_argument("--lora-dropout", type=float, default=0.05,
                    help="both sides; on CPU its Bernoulli masks are ~1/4 of a step (bench/README.md)")
+    p.add_argument("--no-fast-dropout", dest="fast_dropout", action="store_false",
+                   help="ours with peft's nn.Dropout per module instead of shared, cheaper masks")
     p.add_argument("--side", choices=["ours", "trainer"], help=argparse.SUPPRESS)
     p.add_argument("--compute", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -182,6 +186,8 @@ def main() -> None:
                 "--data", str(data)]
         if not args.gradient_checkpointing:
             base.append("--no-gradient-checkpointing")
+        if not args.fast_dropout:
+            base.append("--no-fast-dropout")
 
         def child(*extra) -> dict:
             done = subprocess.run(base + list(extra), capture_output=True, text=True)
@@ -194,13 +200,18 @@ def main() -> None:
         theirs = child("--side", "trainer", "--compute", compute)
 
     print(f"{args.steps} steps, batch {args.batch_size}, {args.examples} synthetic examples, lora_dropout "
-          f"{args.lora_dropout}, model {args.model}")
+          f"{args.lora_dropout} ({'shared masks' if args.fast_dropout else 'peft nn.Dropout'} on our side), "
+          f"model {args.model}")
     if ours.get("probe"):
         print(f"probe: {ours['probe']}")
     for r in (ours, theirs):
         mem = ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith(("peak", "cuda")))
         print(f"{r['side']:<22} {r['method']:<16} {r['tokens_per_s']:>8.1f} non-pad tokens/s  "
               f"{r['s_per_step']:>6.2f} s/step  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}  {mem}")
+    # The correctness guard for a speed change: both curves (different batch orders, so equal
+    # only within noise). Ours is the mean over reply tokens of a step, as is the Trainer's.
+    print("loss per step, ours:   ", " ".join(f"{x:.3f}" for x in ours["losses"]))
+    print("loss per step, Trainer:", " ".join(f"{x:.3f}" for x in theirs["losses"]))
     print(f"ratio ours/Trainer tokens/s: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
 
 

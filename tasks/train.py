@@ -69,6 +69,12 @@ class TrainSettings(BaseModel):
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank: more capacity and memory as it grows.")
     lora_alpha: float = Field(32, gt=0, description="LoRA scale numerator (the update is scaled by alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (regularises small data).")
+    fast_lora_dropout: bool = Field(
+        True,
+        description="One LoRA dropout mask per input tensor, shared by the projections that read it (q/k/v, "
+        "gate/up; as peft does for a fused qkv projection), cut from 64-bit random words on a CPU (p rounded to "
+        "1/65536): a CPU step ~15-25% faster. False: peft's own nn.Dropout in every module.",
+    )
     target_modules: str | list[str] = Field(
         "all-linear", description="'all-linear' (every projection but the output head) or a list of module names."
     )
@@ -520,6 +526,15 @@ def load_model(base: str, plan: Plan, settings: TrainSettings):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+    if settings.fast_lora_dropout:
+        from doctune.lora_dropout import share_lora_dropout
+
+        device = model.get_input_embeddings().weight.device
+        with autocast_for(plan):  # as in training: a 4-bit layer takes its compute dtype from its first input
+            shared = share_lora_dropout(model, {"input_ids": torch.zeros((1, 4), dtype=torch.long, device=device)})
+        if shared["replaced"]:
+            log.info("LoRA dropout: %d masks per forward for %d LoRA modules (shared by modules reading the same "
+                     "input)", shared["inputs"], shared["replaced"])
     if settings.neftune_alpha:
         add_neftune(model, settings.neftune_alpha)
     return model
@@ -1004,7 +1019,8 @@ def train(
     elif plan.device == "cpu" and settings.cpu_dtype == "auto":
         first = to_device(collate(next(micro_batch_stream(examples, settings, 0)), settings.batching,
                                   tokenizer.pad_token_id, settings.max_seq_len), plan.device)
-        key = (base, plan.method, tuple(first["input_ids"].shape), settings.gradient_checkpointing, settings.lora_r)
+        key = (base, plan.method, tuple(first["input_ids"].shape), settings.gradient_checkpointing, settings.lora_r,
+               settings.fast_lora_dropout)
         plan = probe_cpu_dtype(model, first, plan, key)
     log.info(plan.describe())
     if settings.neftune_alpha:
