@@ -6,6 +6,7 @@ subprocess, so peak RSS is its own. Prints non-pad tokens/s, s/step and peak mem
 the ratio.
 
     .venv/bin/python bench/train_throughput.py --steps 8 --batch-size 8
+    .venv/bin/python bench/train_throughput.py --steps 8 --batch-size 8 --repeats 3
     .venv/bin/python bench/train_throughput.py --batching length_grouped --device cuda
 """
 
@@ -16,6 +17,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,6 +165,9 @@ def main() -> None:
                    help="both sides; on CPU its Bernoulli masks are ~1/4 of a step (bench/README.md)")
     p.add_argument("--no-fast-dropout", dest="fast_dropout", action="store_false",
                    help="ours with peft's nn.Dropout per module instead of shared, cheaper masks")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run ours and the Trainer this many times, alternating, and report the median ratio "
+                   "(CPU time stolen by other guests on a shared machine moves single runs by 10-30%%)")
     p.add_argument("--side", choices=["ours", "trainer"], help=argparse.SUPPRESS)
     p.add_argument("--compute", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -195,24 +200,35 @@ def main() -> None:
                 sys.exit(f"bench child failed:\n{done.stderr[-3000:]}")
             return json.loads(done.stdout.strip().splitlines()[-1])
 
-        ours = child("--side", "ours")
-        compute = "bf16" if ours["method"].endswith("bf16") else "fp32"
-        theirs = child("--side", "trainer", "--compute", compute)
+        pairs = []
+        for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits both sides
+            ours = child("--side", "ours")
+            compute = "bf16" if ours["method"].endswith("bf16") else "fp32"
+            pairs.append((ours, child("--side", "trainer", "--compute", compute)))
 
     print(f"{args.steps} steps, batch {args.batch_size}, {args.examples} synthetic examples, lora_dropout "
           f"{args.lora_dropout} ({'shared masks' if args.fast_dropout else 'peft nn.Dropout'} on our side), "
           f"model {args.model}")
-    if ours.get("probe"):
-        print(f"probe: {ours['probe']}")
-    for r in (ours, theirs):
-        mem = ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith(("peak", "cuda")))
-        print(f"{r['side']:<22} {r['method']:<16} {r['tokens_per_s']:>8.1f} non-pad tokens/s  "
-              f"{r['s_per_step']:>6.2f} s/step  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}  {mem}")
-    # The correctness guard for a speed change: both curves (different batch orders, so equal
-    # only within noise). Ours is the mean over reply tokens of a step, as is the Trainer's.
-    print("loss per step, ours:   ", " ".join(f"{x:.3f}" for x in ours["losses"]))
-    print("loss per step, Trainer:", " ".join(f"{x:.3f}" for x in theirs["losses"]))
-    print(f"ratio ours/Trainer tokens/s: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
+    for i, (ours, theirs) in enumerate(pairs, 1):
+        if args.repeats > 1:
+            print(f"-- run {i} of {args.repeats}")
+        if ours.get("probe"):
+            print(f"probe: {ours['probe']}")
+        for r in (ours, theirs):
+            mem = ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith(("peak", "cuda")))
+            print(f"{r['side']:<22} {r['method']:<16} {r['tokens_per_s']:>8.1f} non-pad tokens/s  "
+                  f"{r['s_per_step']:>6.2f} s/step  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}  {mem}")
+        # The correctness guard for a speed change: both curves (different batch orders, so equal
+        # only within noise). Ours is the mean over reply tokens of a step, as is the Trainer's.
+        print("loss per step, ours:   ", " ".join(f"{x:.3f}" for x in ours["losses"]))
+        print("loss per step, Trainer:", " ".join(f"{x:.3f}" for x in theirs["losses"]))
+        print(f"ratio ours/Trainer tokens/s: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
+    if args.repeats > 1:
+        ratios = sorted(o["tokens_per_s"] / t["tokens_per_s"] for o, t in pairs)
+        print(f"median ratio of {args.repeats} runs: {statistics.median(ratios):.2f}x "
+              f"(runs: {', '.join(f'{r:.2f}x' for r in ratios)}); median tokens/s ours "
+              f"{statistics.median(o['tokens_per_s'] for o, _ in pairs):.1f}, Trainer "
+              f"{statistics.median(t['tokens_per_s'] for _, t in pairs):.1f}")
 
 
 if __name__ == "__main__":

@@ -565,6 +565,37 @@ def autocast_for(plan: Plan):
     return torch.autocast(plan.device, dtype=torch.bfloat16)
 
 
+def store_frozen_in_compute_dtype(model, plan: Plan) -> int:
+    """CPU LoRA in bf16: store the frozen base Linear weights (and biases) in bf16 once, instead of
+    autocast casting every one of them in every forward (and again in each recomputation under
+    gradient checkpointing): autocast caches casts only of tensors that require grad. The cast is the
+    same round-to-nearest autocast does, so losses and gradients are bit for bit unchanged (tested).
+    A head tied to the input embeddings gets its own bf16 copy: the embeddings, the residual stream
+    and the norms stay fp32, as under autocast. Returns how many weights were converted."""
+    if not (plan.device == "cpu" and plan.method == "lora" and plan.compute == "bf16"):
+        return 0
+    bf16 = torch.bfloat16
+    embedding = model.get_input_embeddings().weight
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear) or module.weight.requires_grad or module.weight.dtype == bf16:
+            continue
+        if module.weight is embedding:
+            module.weight = torch.nn.Parameter(embedding.detach().to(bf16), requires_grad=False)
+        else:
+            module.weight.data = module.weight.data.to(bf16)
+        if module.bias is not None and not module.bias.requires_grad:
+            module.bias.data = module.bias.data.to(bf16)
+        n += 1
+    # The rest of the frozen tensors (embeddings, norms, rotary buffers) may still be views of the
+    # memory-mapped checkpoint, which keeps the whole file resident; copied out, the mapping closes
+    # (SmolLM2-135M: RSS 1322 -> 917 MB, against 1068 MB loaded and not cast).
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.requires_grad and tensor.dtype != bf16:
+            tensor.data = tensor.data.clone()
+    return n
+
+
 def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -1023,6 +1054,10 @@ def train(
                settings.fast_lora_dropout)
         plan = probe_cpu_dtype(model, first, plan, key)
     log.info(plan.describe())
+    cast = store_frozen_in_compute_dtype(model, plan)
+    if cast:
+        log.info("frozen base weights stored in bf16 (%d Linear layers): autocast no longer casts them in "
+                 "every forward", cast)
     if settings.neftune_alpha:
         log.info("NEFTune: uniform noise (alpha %g) on the input embeddings while training", settings.neftune_alpha)
 
