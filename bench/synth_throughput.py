@@ -20,11 +20,12 @@ import asyncio
 import json
 import logging
 import random
-import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from nightly_cost import free_port  # bench/ is this script's folder on sys.path
 
 PRODUCTS = ["lamp", "kettle", "drone", "router", "scanner", "printer", "heater", "bicycle", "tent", "radio"]
 COLOURS = ["amber", "cobalt", "slate", "jade", "copper", "ivory", "crimson", "olive"]
@@ -101,12 +102,6 @@ def synthesis_rate(folder: Path, out: Path, llm, synth, documents_at_once: int) 
     return {"documents_at_once": documents_at_once, "seconds": seconds, "calls": usage["calls"],
             "tokens": usage["completion_tokens"], "tok_s": usage["completion_tokens"] / seconds,
             "pairs_min": 60 * manifest["counts"]["synthesized_pairs"] / seconds}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

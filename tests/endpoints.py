@@ -25,9 +25,13 @@ class JSONHandler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, code: int, body: dict):
-        data = json.dumps(body).encode()
+        self._send_raw(code, json.dumps(body).encode())
+
+    def _send_raw(self, code: int, data: bytes, headers: dict | None = None):
+        """Bytes as they are: truncated JSON, extra headers such as Retry-After."""
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -75,7 +79,16 @@ def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tu
     return "other", "Hello."
 
 
-class _Server:
+def free_port() -> int:
+    """A loopback port free now (for a subprocess that binds it itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LoopbackServer:
+    """A ThreadingHTTPServer on 127.0.0.1 in a daemon thread; `handler_cls` answers."""
+
     def __init__(self, handler_cls, port: int = 0):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler_cls)
         self.httpd.daemon_threads = True
@@ -91,7 +104,7 @@ class _Server:
         self.httpd.server_close()
 
 
-class ScriptedEndpoint(_Server):
+class ScriptedEndpoint(LoopbackServer):
     """Answers chat completions by rule; counts calls per kind and per fact text.
 
     Faults for flow-level tests: `faults` are used up one per chat request before it is answered,
@@ -139,14 +152,6 @@ class ScriptedEndpoint(_Server):
                 if fault == "malformed":
                     return self._send_raw(200, b'{"id": "x", "choices": [ {"message": ')
                 raise ValueError(f"unknown fault {fault!r}")
-
-            def _send_raw(self, code: int, data: bytes, headers: dict | None = None):
-                self.send_response(code)
-                for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
             def do_GET(self):
                 if self._refused():
@@ -201,7 +206,7 @@ class ScriptedEndpoint(_Server):
         return self.httpd.server_address[1]
 
 
-class FaultyEndpoint(_Server):
+class FaultyEndpoint(LoopbackServer):
     """Fails the first requests in a scripted way, then answers: faults is a list of
     '429' (with Retry-After: 1), '500', 'hang' (sleeps past the client timeout), 'malformed'."""
 
@@ -213,20 +218,9 @@ class FaultyEndpoint(_Server):
         self.lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _raw(self, code: int, data: bytes, headers: dict | None = None):
-                self.send_response(code)
-                for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
-                self._raw(200, json.dumps({"object": "list", "data": [{"id": outer.model, "object": "model", "created": 0, "owned_by": "t"}]}).encode())
+                self._send(200, {"object": "list", "data": [{"id": outer.model, "object": "model", "created": 0, "owned_by": "t"}]})
 
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
@@ -234,15 +228,15 @@ class FaultyEndpoint(_Server):
                     fault = outer.faults.pop(0) if outer.faults else "ok"
                     outer.seen.append(fault)
                 if fault == "429":
-                    return self._raw(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "1"})
+                    return self._send_raw(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "1"})
                 if fault == "500":
-                    return self._raw(500, b'{"error": {"message": "boom"}}')
+                    return self._send_raw(500, b'{"error": {"message": "boom"}}')
                 if fault == "hang":
                     time.sleep(hang_s)
-                    return self._raw(200, json.dumps(_completion("late", outer.model)).encode())
+                    return self._send(200, _completion("late", outer.model))
                 if fault == "malformed":
-                    return self._raw(200, b'{"id": "x", "choices": [ {"message": ')
-                self._raw(200, json.dumps(_completion("What is the answer?", outer.model)).encode())
+                    return self._send_raw(200, b'{"id": "x", "choices": [ {"message": ')
+                self._send(200, _completion("What is the answer?", outer.model))
 
         super().__init__(Handler)
 

@@ -7,18 +7,16 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from doctune.chat import Chat, run
-from tests.endpoints import JSONHandler, serving_in_thread
+from tests.endpoints import JSONHandler, LoopbackServer, free_port, serving_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "doctune.cli", "chat"]
@@ -34,7 +32,7 @@ def answer(messages: list[dict]) -> str:
     return "".join(answer_pieces(messages))
 
 
-class StreamingEndpoint:
+class StreamingEndpoint(LoopbackServer):
     """Streams `answer_pieces` as server-sent events and records every chat request.
     `gate`: after the first chunk, wait for this event before sending the rest (proves the client
     wrote the first chunk before the answer was complete). `fail_mid_stream`: an error event
@@ -89,17 +87,7 @@ class StreamingEndpoint:
                 self._event(chunk({}, "stop"))
                 self._event("[DONE]")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, port)
 
 
 class Recorder(io.StringIO):
@@ -126,12 +114,6 @@ def endpoint():
 
 def make_chat(base_url: str, **kw) -> Chat:
     return Chat(base_url, out=Recorder(), err=io.StringIO(), **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_history_is_sent_with_each_turn(endpoint):

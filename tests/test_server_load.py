@@ -9,7 +9,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from doctune.server import KEY_ENV, create_app
-from tests.endpoints import wait_until_healthy
+from tests.endpoints import free_port, wait_until_healthy
 
 KEY = "load-test-key"
 # `doctune serve` has no --max-batch: it batches as many rows as create_app does by default.
@@ -207,17 +206,11 @@ def run_round(url: str) -> list[tuple[str, dict | None, str | None]]:
         return list(pool.map(one, calls))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serving(model: str, log: Path):
     """`doctune serve` in its own process group, its output in `log` (a pipe nobody reads would
     fill up and block the server mid-load)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "doctune.cli", "serve", "--model", model, "--name", NAME, "--no-promoted",
            "--port", str(port), "--max-body-mb", str(BODY_LIMIT_MB)]
