@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nightly_cost import free_port, services  # bench/ is this script's folder on sys.path
+from nightly_cost import cpu_seconds, free_port, services  # bench/ is this script's folder on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("invoice warranty shipment router lamp kettle customer refund policy office server backup "
@@ -78,17 +78,7 @@ def write_files(folder: Path, n: int, seed: int = 0) -> dict[str, int]:
 
 def server_cpu(run_dir: Path) -> float:
     """CPU seconds of the Prefect server process and its children so far."""
-    import psutil
-
-    proc = psutil.Process(int((run_dir / "prefect.pid").read_text()))
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return cpu_seconds(int((run_dir / "prefect.pid").read_text()))
 
 
 def flows():

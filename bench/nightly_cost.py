@@ -70,6 +70,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU so far of a process, its threads and its child processes (a server that
+    works in a spawned child, as `transformers serve` 5.25 does, is counted whole)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def services(env: dict, *args: str) -> None:
     done = subprocess.run(["bash", str(ROOT / "scripts/services.sh"), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)

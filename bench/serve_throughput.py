@@ -42,7 +42,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nightly_cost import free_port  # bench/ is this script's folder on sys.path
+from nightly_cost import cpu_seconds, free_port  # bench/ is this script's folder on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -96,12 +96,6 @@ def messages(kind: str, index: int) -> list[dict]:
         return [{"role": "system", "content": "Answer from the passage only."},
                 {"role": "user", "content": " ".join(sentences) + "\n\nWhich of these items is the lightest?"}]
     raise ValueError(f"--kinds: unknown prompt kind {kind!r}; choose from fewshot, short, passage")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and all its threads so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_busy_seconds() -> float:
@@ -195,7 +189,7 @@ def measure(server: Server, idle: Server, kind: str, clients: int, max_tokens: i
                 results.append(out)
                 server.texts[(kind, first_index + i)] = out["text"]
 
-    cpu0 = (_cpu_seconds(server.proc.pid), _cpu_seconds(idle.proc.pid), _cpu_seconds(os.getpid()),
+    cpu0 = (cpu_seconds(server.proc.pid), cpu_seconds(idle.proc.pid), cpu_seconds(os.getpid()),
             _machine_busy_seconds())
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -203,7 +197,7 @@ def measure(server: Server, idle: Server, kind: str, clients: int, max_tokens: i
             f.result()
     wall = time.perf_counter() - t0
     ours, idle_cpu, bench, machine = (b - a for a, b in zip(cpu0, (
-        _cpu_seconds(server.proc.pid), _cpu_seconds(idle.proc.pid), _cpu_seconds(os.getpid()),
+        cpu_seconds(server.proc.pid), cpu_seconds(idle.proc.pid), cpu_seconds(os.getpid()),
         _machine_busy_seconds())))
     latency = sorted(r["latency"] for r in results)
     ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)

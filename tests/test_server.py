@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from doctune.base_model import prepare_base_model
-from doctune.server import _PrefixStore, _streamable, check_exposure, create_app, plan_models, run_server
+from doctune.server import (Engine, GenJob, _PrefixStore, _streamable, check_exposure, create_app, plan_models,
+                            run_server)
 from tests.endpoints import serving_in_thread, wait_until_healthy
 
 KEY = "test-key"
@@ -350,6 +351,79 @@ def test_a_prompt_seen_before_prefills_only_its_end_and_answers_the_same(tiny, i
         before = engine.stats["cached_prompt_tokens"]
         tiny.client.chat.completions.create(model=model, messages=briefly, temperature=0, max_tokens=2)
         assert (engine.stats["cached_prompt_tokens"] > before) == found, model
+
+
+class _Recorder:
+    """What the engine sends a request (the HTTP side's queue, without the HTTP)."""
+
+    cancelled = False
+
+    def __init__(self):
+        self.events = []
+
+    def send(self, *event):
+        self.events.append(event)
+
+    def fail(self, message):
+        self.events.append(("error", message))
+
+    def text(self) -> str:
+        return next(e[2] for e in self.events if e[0] == "done")
+
+
+@pytest.fixture
+def alpha_engine(tiny_model, runs):
+    """The engine driven step by step in this thread, serving adapter alpha."""
+    engine = Engine(tiny_model, adapters={"alpha": str(runs["alpha"] / "adapter")}, prefix_cache_mb=0)
+    say = engine.encode_chat(SAY)
+
+    def job(max_new: int) -> GenJob:
+        return GenJob(say, max_new, temperature=0, top_p=1, presence=0, frequency=0, seed=None, stops=[], n=1,
+                      adapter="alpha", stream=False, reply=_Recorder())
+
+    engine.job = job
+    with torch.inference_mode():
+        yield engine
+
+
+def _serve_running_then_newcomer(engine, before_newcomer=lambda: None):
+    running, newcomer = engine.job(4 * WORDS), engine.job(WORDS)
+    engine.submit(running)
+    engine._admit()
+    for _ in range(3):
+        engine._step()
+    before_newcomer()
+    engine.submit(newcomer)
+    engine._admit()
+    while engine._rows:
+        engine._step()
+    return running.reply, newcomer.reply
+
+
+def test_a_newcomer_is_prefilled_in_the_running_rows_decode_step_and_answers_as_alone(alpha_engine, in_process):
+    running, newcomer = _serve_running_then_newcomer(alpha_engine)
+    assert alpha_engine.stats["prefilled_in_decode_step"] == 1
+    assert newcomer.text() == in_process["alpha"]
+    assert running.text().startswith(in_process["alpha"])
+
+
+def test_a_failed_shared_step_leaves_the_running_rows_as_they_were_and_prefills_the_newcomer_apart(
+        alpha_engine, in_process):
+    def fail_once(module, args, kwargs):
+        if kwargs.get("ragged") is not None:
+            hook.remove()
+            raise RuntimeError("injected fault")  # after layer 0 appended the running rows' keys
+
+    def arm():
+        nonlocal hook
+        hook = alpha_engine.lm.model.layers[1].self_attn.register_forward_pre_hook(fail_once, with_kwargs=True)
+
+    hook = None
+    running, newcomer = _serve_running_then_newcomer(alpha_engine, arm)
+    assert hook is not None and not alpha_engine.lm.model.layers[1].self_attn._forward_pre_hooks
+    assert alpha_engine.stats["prefilled_in_decode_step"] == 0
+    assert newcomer.text() == in_process["alpha"]
+    assert running.text().startswith(in_process["alpha"])
 
 
 def test_prefix_store_finds_whole_prefixes_and_drops_the_deepest_blocks_first():
