@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from doctune.base_model import prepare_base_model
-from doctune.server import (Engine, GenJob, _PrefixStore, _streamable, check_exposure, create_app, plan_models,
+from doctune.server import (Engine, GenJob, _GreedyHead, _PrefixStore, _streamable, check_exposure, create_app, plan_models,
                             run_server)
 from tests.endpoints import serving_in_thread, wait_until_healthy
 
@@ -99,6 +99,23 @@ def test_chat_returns_text_and_usage(client):
     usage = resp.usage
     assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 16
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.slow
+def test_greedy_answers_are_what_transformers_generates(server, greedy, model_path):
+    """The engine applies the head itself (bf16 candidates checked in fp32, where faster) and
+    prefills newcomers inside decode steps: greedy text must still be transformers' own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    for prompt in (PROMPT, EMOJI_PROMPT, "Give one word that rhymes with cat."):
+        ids = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=False), add_special_tokens=False, return_tensors="pt")
+        with torch.inference_mode():
+            seq = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        assert greedy(prompt) == tok.decode(seq[0, ids["input_ids"].shape[1]:], skip_special_tokens=True), prompt
+    assert server.app.state.stats["greedy_rows_rechecked_in_fp32"] < server.app.state.stats["completion_tokens"]
 
 
 @pytest.mark.slow
@@ -424,6 +441,39 @@ def test_a_failed_shared_step_leaves_the_running_rows_as_they_were_and_prefills_
     assert alpha_engine.stats["prefilled_in_decode_step"] == 0
     assert newcomer.text() == in_process["alpha"]
     assert running.text().startswith(in_process["alpha"])
+
+
+def _head_and_hidden(seed: int = 0, vocab: int = 4096, dim: int = 64, rows: int = 256):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, dim, generator=g) * 0.1
+    hidden = torch.randn(rows, dim, generator=g) * 5
+    hidden[:, 3] *= 20  # one massive activation, as LLM hidden states have
+    return weight, hidden
+
+
+def test_greedy_head_bounds_the_bf16_error_and_gives_the_fp32_argmax():
+    weight, hidden = _head_and_hidden()
+    head = _GreedyHead(weight)
+    exact = hidden @ weight.t()
+    approx = torch.nn.functional.linear(hidden.bfloat16(), head.wb).float()
+    bound = approx.abs() * 2.0**-8 + head.gamma * head.norms[None] * hidden.norm(dim=1, keepdim=True)
+    assert bool(((approx - exact).abs() <= bound).all()), "the bf16 error exceeded the bound the head relies on"
+    assert head.argmax(hidden) == exact.argmax(-1).tolist()
+    assert head.fallbacks < len(hidden) // 10  # it is faster only if the bound settles most rows
+
+
+def test_greedy_head_rechecks_a_near_tie_in_fp32():
+    weight, hidden = _head_and_hidden(rows=4)
+    top = (hidden @ weight.t()).argmax(-1)
+    # More near-copies of each row's top token than the head takes candidates: bf16 cannot tell
+    # them apart (their logits differ by ~1e-5), so some stay outside the candidates, unsettled.
+    head_k = _GreedyHead.k
+    for r in range(4):
+        twins = torch.arange(100 + r * 2 * head_k, 100 + (r + 1) * 2 * head_k)
+        weight[twins] = weight[top[r]] * (1 + 1e-5 * torch.linspace(-1, 1, len(twins)))[:, None]
+    head = _GreedyHead(weight)
+    assert head.argmax(hidden) == (hidden @ weight.t()).argmax(-1).tolist()
+    assert head.fallbacks == 4
 
 
 def test_prefix_store_finds_whole_prefixes_and_drops_the_deepest_blocks_first():
