@@ -383,7 +383,7 @@ class _GreedyHead:
     def __init__(self, weight: torch.Tensor):
         self.w, self.wb = weight, weight.bfloat16()
         self.norms = weight.norm(dim=1)  # |w_v|, fp32
-        self.rows = self.fallbacks = 0
+        self.fallbacks = 0  # rows rechecked in fp32
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.w)
@@ -398,7 +398,6 @@ class _GreedyHead:
             self.norms.expand_as(approx), hidden.norm(dim=1, keepdim=True).expand_as(approx), value=self.gamma)
         ceiling.scatter_(1, top, float("-inf"))
         unsettled = ceiling.max(-1).values >= best
-        self.rows += len(tokens)
         if fallback and bool(unsettled.any()):
             self.fallbacks += int(unsettled.sum())
             tokens[unsettled] = self.logits(hidden[unsettled]).argmax(-1)
@@ -716,8 +715,7 @@ class Engine:
             self._prefill_group(group, [cached[id(job)] for job in group])
 
     def _prefill_group(self, jobs: list[GenJob], cached: list[list]) -> None:
-        batch = _Batch(requests=len(jobs), rows=sum(j.n for j in jobs),
-                       prompt_tokens=sum(len(j.prompt) for j in jobs), joined=len(self._rows))
+        batch = self._new_batch(jobs)
         rows, have = [], []  # have: each row's prompt tokens found in the prefix store
         block = self._prefixes.block if self._prefixes else 0
         for job, blocks in zip(jobs, cached):
@@ -738,14 +736,7 @@ class Engine:
             mask[k, past + width - rest:] = 1
             pos[k, width - rest:] = torch.arange(h, len(row.job.prompt))
         ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
-        cache = self._new_cache()
-        if past:
-            by_row = [blocks for job, blocks in zip(jobs, cached) for _ in range(job.n)]
-            some = next(blocks for blocks in by_row if blocks)
-            for li, layer in enumerate(cache.layers):
-                blank = some[0][li][0][:, :0]  # [heads, 0, head_dim]: a row with nothing stored
-                layer.set_rows([tuple(torch.cat([b[li][j] for b in blocks] or [blank], dim=-2)[None] for j in (0, 1))
-                                for blocks in by_row], past, room=width + layer.room)
+        cache = self._cache_of([blocks for job, blocks in zip(jobs, cached) for _ in range(job.n)], past, room=width)
         try:
             last = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
         except Exception as exc:  # the running rows are untouched; fail only the newcomers
@@ -753,25 +744,48 @@ class Engine:
             for job in jobs:
                 job.reply.fail(f"generation failed: {type(exc).__name__}: {exc}")
             return
-        self.stats["requests"] += len(jobs)
-        self.stats["batches"] += 1
-        self.stats["prompt_tokens"] += batch.prompt_tokens
-        self.stats["cached_prompt_tokens"] += sum(block * len(blocks) for blocks in cached)
+        self._count_admitted(batch, cached)
         if self._prefixes is not None:
             k = 0
             for job, blocks in zip(jobs, cached):
-                start = past + width - (len(job.prompt) - block * len(blocks))  # column of its first new token
-
-                def block_kv(i, k=k, start=start, skip=block * len(blocks)):
-                    lo = start + i * block - skip
-                    return [(layer.keys[k, :, lo: lo + block], layer.values[k, :, lo: lo + block])
-                            for layer in cache.layers]
-
-                self._prefixes.store(job.adapter, job.prompt, len(blocks), block_kv)
+                self._store_prefix(job, len(blocks), cache, k, first_new=past + width - (len(job.prompt) - block * len(blocks)))
                 k += job.n
         self._join(rows, [(cache, mask)])
         self._sample(rows, last)
         self._drop_finished()
+
+    def _new_batch(self, jobs: list[GenJob]) -> _Batch:
+        return _Batch(requests=len(jobs), rows=sum(j.n for j in jobs),
+                      prompt_tokens=sum(len(j.prompt) for j in jobs), joined=len(self._rows))
+
+    def _cache_of(self, by_row: list[list], past: int, room: int):
+        """A new cache holding each row's stored prefix blocks, left-padded to `past` columns, with
+        room for `room` more positions."""
+        cache = self._new_cache()
+        if past:
+            some = next(blocks for blocks in by_row if blocks)
+            for li, layer in enumerate(cache.layers):
+                blank = some[0][li][0][:, :0]  # [heads, 0, head_dim]: a row with nothing stored
+                layer.set_rows([tuple(torch.cat([b[li][j] for b in blocks] or [blank], dim=-2)[None] for j in (0, 1))
+                                for blocks in by_row], past, room=room + layer.room)
+        return cache
+
+    def _count_admitted(self, batch: _Batch, cached: list[list]) -> None:
+        self.stats["requests"] += batch.requests
+        self.stats["batches"] += 1
+        self.stats["prompt_tokens"] += batch.prompt_tokens
+        self.stats["cached_prompt_tokens"] += sum(len(blocks) for blocks in cached) * (self._prefixes.block if self._prefixes else 0)
+
+    def _store_prefix(self, job: GenJob, stored: int, cache, row: int, first_new: int) -> None:
+        """Keep the whole blocks of `job`'s prompt after its `stored` ones, read from `row` of
+        `cache`, where the prompt's first token not found in the store sits at column `first_new`."""
+        block = self._prefixes.block
+
+        def block_kv(i):
+            lo = first_new + (i - stored) * block
+            return [(layer.keys[row, :, lo: lo + block], layer.values[row, :, lo: lo + block]) for layer in cache.layers]
+
+        self._prefixes.store(job.adapter, job.prompt, stored, block_kv)
 
     def _new_row(self, job: GenJob, index: int, batch: _Batch) -> _Row:
         gen = None
@@ -810,12 +824,9 @@ class Engine:
             self._mask = F.pad(self._mask, (0, 1), value=1)
         ragged = _Ragged(len(running), self._cache, self._mask[:, None, None, :].bool() if running else None)
         for job, blocks in zip(jobs, cached):
-            have, cache = block * len(blocks), self._new_cache()
+            have = block * len(blocks)
             rest = len(job.prompt) - have
-            if blocks:
-                for li, layer in enumerate(cache.layers):
-                    layer.set_rows([tuple(torch.cat([b[li][j] for b in blocks], dim=-2)[None] for j in (0, 1))],
-                                   have, room=rest + layer.room)
+            cache = self._cache_of([blocks], have, room=rest)
             # Causal over its own tokens, every stored one visible; without stored ones SDPA's causal flag.
             mask = torch.ones(rest, have + rest, dtype=torch.bool, device=self.device).tril(have)[None, None] if have else None
             ragged.parts.append((len(ids), len(ids) + rest, cache, mask))
@@ -842,8 +853,7 @@ class Engine:
         last = out.logits[0].float()  # logits, or with self._head hidden states
         for row in running:
             row.pos += 1
-        batch = _Batch(requests=len(jobs), rows=sum(j.n for j in jobs),
-                       prompt_tokens=sum(len(j.prompt) for j in jobs), joined=len(running))
+        batch = self._new_batch(jobs)
         rows, parts, index = [], [], list(range(len(running)))
         for k, (job, (_, _, cache, _)) in enumerate(zip(jobs, ragged.parts)):
             for i in range(job.n):
@@ -851,14 +861,9 @@ class Engine:
                 parts.append((cache, torch.ones((1, len(job.prompt)), dtype=torch.long, device=self.device)))
                 index.append(len(running) + k)
             if self._prefixes is not None:
-                self._prefixes.store(job.adapter, job.prompt, len(cached[k]), lambda i, c=cache: [
-                    (layer.keys[0, :, i * block: (i + 1) * block], layer.values[0, :, i * block: (i + 1) * block])
-                    for layer in c.layers])
+                self._store_prefix(job, len(cached[k]), cache, 0, first_new=block * len(cached[k]))
         batch.open = len(rows)
-        self.stats["requests"] += len(jobs)
-        self.stats["batches"] += 1
-        self.stats["prompt_tokens"] += batch.prompt_tokens
-        self.stats["cached_prompt_tokens"] += sum(block * len(blocks) for blocks in cached)
+        self._count_admitted(batch, cached)
         self.stats["prefilled_in_decode_step"] += len(jobs) if running else 0
         self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(running) + len(rows))
         self._join(rows, parts)
