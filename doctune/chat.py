@@ -8,19 +8,24 @@ otherwise, so a pipe or a script gets one answer per line and the end of input e
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import ipaddress
 import os
 import sys
 from typing import Iterator, TextIO
 from urllib.parse import urlparse
 
-import httpx
 import openai
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8765/v1"
 DEFAULT_KEY_ENV = "DOCTUNE_SERVE_API_KEY"
 # A dead endpoint should say so at once; a busy CPU server may think for minutes before its first token.
-TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+TIMEOUT = openai.Timeout(300.0, connect=5.0)
+# A stream that breaks mid-answer raises the HTTP library's own error, not an OpenAIError. Newer
+# openai releases run on httpx2 (and refuse an httpx.Timeout), older ones on httpx: catch either.
+TRANSPORT_ERRORS = tuple(importlib.import_module(name).HTTPError for name in ("httpx", "httpx2")
+                        if importlib.util.find_spec(name))
 
 HELP = """\
 Type a question and press Enter; the whole conversation is sent with each question.
@@ -109,13 +114,17 @@ class Chat:
         serves = f"it serves: {', '.join(served)}" if served else "it lists no models"
         return f"{self.base_url} does not serve the model {model!r}; {serves}. Switch with /model NAME or pass MODEL"
 
-    def explain(self, exc: Exception) -> str:
-        """One line naming the endpoint, what went wrong and the fix."""
+    def explain(self, exc: Exception, mid_answer: bool = False) -> str:
+        """One line naming the endpoint, what went wrong and the fix; `mid_answer`: the answer had
+        begun to stream (so the endpoint was reached)."""
         url = self.base_url
         if isinstance(exc, ChatError):
             return str(exc)
         if isinstance(exc, openai.APITimeoutError):
             return f"{url} sent no answer within {TIMEOUT.read:.0f} s; is the server overloaded? /retry asks again"
+        if isinstance(exc, (openai.APIConnectionError, *TRANSPORT_ERRORS)) and mid_answer:
+            why = _one_line(exc.__cause__ or exc) or type(exc).__name__
+            return f"the connection to {url} broke mid-answer ({why}); /retry asks again"
         if isinstance(exc, openai.APIConnectionError):
             cause = _one_line(exc.__cause__ or exc)
             hint = "start it with `doctune serve`" if is_loopback(url) else "is the server up?"
@@ -138,9 +147,8 @@ class Chat:
             return f"{url} answered HTTP {exc.status_code}: {_server_message(exc)}{hint}"
         if isinstance(exc, openai.APIError):  # an error event in the middle of a stream
             return f"{url} failed mid-answer: {_server_message(exc)}; /retry asks again"
-        if isinstance(exc, httpx.HTTPError):
-            why = _one_line(exc) or type(exc).__name__
-            return f"the connection to {url} broke mid-answer ({why}); /retry asks again"
+        if isinstance(exc, TRANSPORT_ERRORS):
+            return self.explain(exc, mid_answer=True)
         return f"{url}: {type(exc).__name__}: {_one_line(exc)}"
 
     def _pieces(self, stream: openai.Stream) -> Iterator[tuple[str, str | None]]:
@@ -164,11 +172,13 @@ class Chat:
         """Stream the answer to `out`; True when it arrived (whole, or as far as Ctrl-C let it)."""
         parts: list[str] = []
         finish = None
+        streaming = False
         try:
             model = self.pick_model()
             messages = self.messages() + [{"role": "user", "content": question}]
             with self.client.chat.completions.create(model=model, messages=messages, stream=True,
                                                      **self.params) as stream:
+                streaming = True
                 for text, reason in self._pieces(stream):
                     finish = reason or finish
                     if text:
@@ -177,11 +187,11 @@ class Chat:
                         self.out.flush()
         except KeyboardInterrupt:
             finish = "interrupted"  # leaving the `with` closed the stream: the server stops generating
-        except (openai.OpenAIError, ChatError, httpx.HTTPError) as exc:
+        except (openai.OpenAIError, ChatError, *TRANSPORT_ERRORS) as exc:
             if parts:
                 self.out.write("\n")
             self.out.flush()
-            self.note(f"error: {self.explain(exc)}")
+            self.note(f"error: {self.explain(exc, mid_answer=streaming)}")
             self.last_failed = question
             self.failures += 1
             return False

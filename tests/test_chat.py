@@ -36,7 +36,8 @@ class StreamingEndpoint(LoopbackServer):
     """Streams `answer_pieces` as server-sent events and records every chat request.
     `gate`: after the first chunk, wait for this event before sending the rest (proves the client
     wrote the first chunk before the answer was complete). `fail_mid_stream`: an error event
-    after the first chunk, once."""
+    after the first chunk, once. `drop_mid_stream`: a chunked body cut off after the first chunk,
+    once, as when the server dies (the client's HTTP library raises, not openai)."""
 
     def __init__(self, models=("scripted",), port: int = 0, api_key: str | None = None):
         self.models = list(models)
@@ -45,6 +46,7 @@ class StreamingEndpoint(LoopbackServer):
         self.gate: threading.Event | None = None
         self.gate_opened: bool | None = None
         self.fail_mid_stream = False
+        self.drop_mid_stream = False
         outer = self
 
         class Handler(JSONHandler):
@@ -68,13 +70,26 @@ class StreamingEndpoint(LoopbackServer):
                     return self._send(404, {"error": {"message": f"The model {body['model']!r} does not exist",
                                                       "code": "model_not_found"}})
                 outer.requests.append(body)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()  # HTTP/1.0: the body ends when the connection closes
 
                 def chunk(delta: dict, finish: str | None = None) -> dict:
                     return {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+                if outer.drop_mid_stream:
+                    outer.drop_mid_stream = False
+                    self.protocol_version = "HTTP/1.1"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    event = f"data: {json.dumps(chunk({'content': 'Answer'}))}\n\n".encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event) + b"400\r\npartial")
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()  # HTTP/1.0: the body ends when the connection closes
 
                 self._event(chunk({"role": "assistant", "content": ""}))
                 for i, piece in enumerate(answer_pieces(body["messages"])):
@@ -231,6 +246,18 @@ def test_error_mid_answer_leaves_the_history_as_it_was(endpoint):
     chat.handle("three")
     assert [m["content"] for m in endpoint.requests[-1]["messages"]] == ["one", "Answer 1 to <one>.", "three"]
     assert chat.out.getvalue() == "Answer 1 to <one>.\nAnswer 2\nAnswer 2 to <three>.\n"
+
+
+def test_a_connection_dropped_mid_answer_is_explained_and_retried(endpoint):
+    chat = make_chat(endpoint.base_url)
+    endpoint.drop_mid_stream = True
+    assert chat.ask("one") is False
+    error = chat.err.getvalue().strip()
+    assert error.startswith(f"error: the connection to {endpoint.base_url} broke mid-answer (")
+    assert error.endswith("/retry asks again") and chat.history == []
+    chat.handle("/retry")
+    assert chat.history[-1]["content"] == "Answer 1 to <one>."
+    assert chat.out.getvalue() == "Answer\nAnswer 1 to <one>.\n"
 
 
 def test_refused_key_names_the_env_var(monkeypatch):
