@@ -122,7 +122,8 @@ class Chat:
             return str(exc)
         if isinstance(exc, openai.APITimeoutError):
             return f"{url} sent no answer within {TIMEOUT.read:.0f} s; is the server overloaded? /retry asks again"
-        if isinstance(exc, (openai.APIConnectionError, *TRANSPORT_ERRORS)) and mid_answer:
+        # The HTTP library raises its own error only while a stream is read; openai wraps the rest.
+        if isinstance(exc, TRANSPORT_ERRORS) or (mid_answer and isinstance(exc, openai.APIConnectionError)):
             why = _one_line(exc.__cause__ or exc) or type(exc).__name__
             return f"the connection to {url} broke mid-answer ({why}); /retry asks again"
         if isinstance(exc, openai.APIConnectionError):
@@ -147,8 +148,6 @@ class Chat:
             return f"{url} answered HTTP {exc.status_code}: {_server_message(exc)}{hint}"
         if isinstance(exc, openai.APIError):  # an error event in the middle of a stream
             return f"{url} failed mid-answer: {_server_message(exc)}; /retry asks again"
-        if isinstance(exc, TRANSPORT_ERRORS):
-            return self.explain(exc, mid_answer=True)
         return f"{url}: {type(exc).__name__}: {_one_line(exc)}"
 
     def _pieces(self, stream: openai.Stream) -> Iterator[tuple[str, str | None]]:
