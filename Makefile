@@ -25,10 +25,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(ENV) doctune prepare-model
 	touch $@
 
-# After a dependency change: install the newest the ranges in pyproject.toml allow, pass the tests,
+# After a dependency change: install the newest the ranges in pyproject.toml allow (eager: what our
+# dependencies pull in too, such as openai's httpx2), pass the tests,
 # then commit the new constraints.txt this writes.
 constraints:
-	$(VENV)/bin/pip install -q --upgrade -e '.[dev]'
+	$(VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
 	$(ENV) OMP_WAIT_POLICY=PASSIVE pytest -q -p no:cacheprovider
 	{ sed -n '/^#/p' constraints.txt; $(VENV)/bin/pip list --format=freeze | grep -v -i -E '^(doctune|torch|pip|setuptools)=='; } > constraints.new
 	mv constraints.new constraints.txt
