@@ -13,11 +13,11 @@ import json
 import logging
 from pathlib import Path
 
+from doctune.model_settings import load_train_settings
 from doctune.settings import BuildSettings, IngestSettings
 from flows.build_dataset import build_dataset
 from flows.evaluate import evaluate
 from flows.train import train
-from tasks.train import load_train_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

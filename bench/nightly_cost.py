@@ -99,7 +99,7 @@ def tiny_llama(path: Path, base: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.train import load_tokenizer
+    from doctune.training.model import load_tokenizer
 
     tok = load_tokenizer(base)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -131,7 +131,7 @@ def stats_counter(base_url: str):
 def scripted_counter(endpoint, base: str):
     """Calls the scripted endpoint answered, with their tokens counted as doctune serve counts them
     (the chat template's text, then the reply), since its own usage numbers are made up."""
-    from tasks.train import load_tokenizer
+    from doctune.training.model import load_tokenizer
     from tests.endpoints import scripted_reply
 
     tok = load_tokenizer(base)

@@ -231,7 +231,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from doctune.base_model import prepare_base_model
-    from doctune.server import KEY_ENV
+    from doctune.serving import KEY_ENV
 
     model = str(prepare_base_model())
     logs = Path(tempfile.mkdtemp(prefix="serve-bench-"))

@@ -68,7 +68,7 @@ def peak(device: str) -> dict:
 
 
 def settings_for(args):
-    from tasks.train import TrainSettings
+    from doctune.model_settings import TrainSettings
 
     return TrainSettings(
         base_model=args.model, max_steps=args.steps, per_device_batch_size=args.batch_size,
@@ -101,7 +101,8 @@ def run_trainer(args, compute: str) -> dict:
 
     from datasets import Dataset
 
-    from tasks.train import load_tokenizer, load_train_split, tokenize_split
+    from doctune.training.data import load_train_split, tokenize_split
+    from doctune.training.model import load_tokenizer
 
     s = settings_for(args)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"

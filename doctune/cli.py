@@ -21,17 +21,16 @@ def _main() -> None:
 
 
 def load_settings(path: Optional[Path], cls):
-    """A YAML file validated against a settings model; errors name the file and the key."""
+    """A YAML file validated against a settings model before anything starts; errors name the file,
+    the key and the fix."""
     if path is None:
         return cls()
-    from pydantic import ValidationError
+    from doctune.model_settings import load_settings_file
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise typer.BadParameter(f"{path}: {problems}") from None
+        return load_settings_file(path, cls)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command("prepare-model")
@@ -68,7 +67,7 @@ def serve(
     /v1/models lists each name with its folder as `root`; restart the server to pick up a newer promotion.
 
     All adapters must share the base they were trained on (run.json base_model); --model must be that base."""
-    from doctune.server import check_exposure, plan_models
+    from doctune.serving import check_exposure, plan_models
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = os.environ.get(api_key_env) or None
@@ -79,7 +78,7 @@ def serve(
         typer.echo(f"doctune serve: {exc}", err=True)
         raise typer.Exit(2) from None
     from doctune.base_model import prepare_base_model
-    from doctune.server import run_server
+    from doctune.serving import run_server
 
     run_server(base or str(prepare_base_model()), host=host, port=port, served_name=name, api_key=api_key,
                adapters=adapters, max_body_mb=max_body_mb)
@@ -105,7 +104,7 @@ def train(
 ):
     """Run the train flow (LoRA on CPU, QLoRA on CUDA) and print the run folder."""
     from flows.train import train as train_flow
-    from tasks.train import load_train_settings
+    from doctune.model_settings import load_train_settings
 
     try:
         settings = load_train_settings(config)  # before any model loads
@@ -115,7 +114,7 @@ def train(
 
 
 def _echo_metrics(rows: list[dict]) -> None:
-    """The metrics table of an evaluation (tasks.evaluate.metrics_table rows)."""
+    """The metrics table of an evaluation (the rows of the evaluate flow's result)."""
     typer.echo(f"\n{'metric':<12} {'set':<5} {'lang':<4} {'n':>3} {'base':>7} {'tuned':>7} {'delta':>7}")
     for r in rows:
         typer.echo(f"{r['metric']:<12} {r['set']:<5} {r['language']:<4} {r['n']:>3} {r['base']:>7.3f} "
@@ -132,7 +131,7 @@ def evaluate(
 ):
     """Run the evaluate flow: base vs fine-tuned, then the promotion rule; prints the comparison."""
     from flows.evaluate import evaluate as evaluate_flow
-    from tasks.evaluate import EvalSettings
+    from doctune.model_settings import EvalSettings
 
     result = evaluate_flow(str(run_dir), str(dataset_dir) if dataset_dir else None, str(gold) if gold else None,
                            load_settings(settings, EvalSettings), str(output_dir))
@@ -152,7 +151,7 @@ def export(
 ):
     """Run the export flow: merged/ model, GGUF files and an Ollama Modelfile, checked with llama.cpp."""
     from flows.export import export_model
-    from tasks.export import ExportSettings
+    from doctune.model_settings import ExportSettings
 
     conf = load_settings(settings, ExportSettings)
     if gguf:
@@ -186,7 +185,7 @@ def nightly(
     from prefect.deployments import run_deployment
 
     from doctune.nightly import NightlySettings
-    from tasks.train import load_train_settings
+    from doctune.model_settings import load_train_settings
 
     async def defaults() -> dict:
         async with get_client() as client:

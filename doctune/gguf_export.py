@@ -2,9 +2,9 @@
 with the `gguf` package alone (no llama.cpp checkout or binary).
 
 Supported: the Llama family (SmolLM, Llama 2/3, 3.1+ with "llama3" rope scaling) and Qwen2/Qwen2.5, with a
-byte-level BPE tokenizer. The points where a hand-made file goes wrong without failing (measured, see
-FINDINGS.md): Llama q/k rows must be permuted into llama.cpp's rotary layout (else it loads and answers in
-loops); merges are written as "a b"; tied embeddings get no output tensor; quantizers need float32; rope
+byte-level BPE tokenizer. The points where a hand-made file goes wrong without failing (each measured
+on SmolLM2-135M with llama.cpp itself): Llama q/k rows must be permuted into llama.cpp's rotary layout
+(without it the file still loads, and answers in loops); merges are written as "a b"; tied embeddings get no output tensor; quantizers need float32; rope
 theta lives in `config.rope_parameters` in transformers 5; and llama.cpp picks its pre-tokenizer regex by
 name (`tokenizer.ggml.pre`), found here the way llama.cpp's own converter finds it: by hashing the ids of a
 fixed probe text."""

@@ -11,11 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from doctune.model_settings import EvalSettings, ExportSettings, TrainSettings
 from doctune.registry import earlier_decision, read_current
+from doctune.runs import settings_hash
 from doctune.settings import BuildSettings
-from tasks.evaluate import EvalSettings
-from tasks.export import ExportSettings
-from tasks.train import TrainSettings, settings_hash
 
 
 class NightlySettings(BaseModel):

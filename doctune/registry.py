@@ -23,6 +23,23 @@ def read_current(registry_dir: str | Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+def append_decision(registry_dir: str | Path, decision: dict) -> None:
+    """Add one evaluated candidate to decisions.jsonl (never rewritten: the history stays whole)."""
+    registry = Path(registry_dir)
+    registry.mkdir(parents=True, exist_ok=True)
+    with (registry / "decisions.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(decision, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def write_current(registry_dir: str | Path, record: dict) -> None:
+    """Replace current.json atomically: a reader sees the old promoted model or the new one, never half."""
+    registry = Path(registry_dir)
+    registry.mkdir(parents=True, exist_ok=True)
+    tmp = registry / "current.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(registry / "current.json")
+
+
 def read_decisions(registry_dir: str | Path) -> list[dict]:
     path = Path(registry_dir) / "decisions.jsonl"
     if not path.exists():

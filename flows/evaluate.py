@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow
 
 from doctune.logs import our_loggers_at_info
-from tasks.evaluate import EvalSettings, evaluate_task, metrics_table, promote_task
+from doctune.model_settings import EvalSettings
+from doctune.runs import base_model_of
+from tasks.evaluate import evaluate_task, metrics_table, promote_task
 
 
 @flow(name="evaluate", log_prints=True)
@@ -16,7 +17,7 @@ def evaluate(run_dir: str, dataset_dir: str | None = None, gold_path: str | None
              settings: EvalSettings = EvalSettings(), output_dir: str = "outputs") -> dict:
     """Returns the metrics table and the promotion decision."""
     our_loggers_at_info()
-    base_model = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))["base_model"]
+    base_model = base_model_of(run_dir)
     report = evaluate_task(base_model, run_dir, dataset_dir, gold_path, settings, output_dir)
     decision = promote_task(report, str(Path(output_dir) / "registry"), settings.promotion_margin)
     print(f"evaluation: {report.eval_dir}")

@@ -9,7 +9,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from doctune.logs import our_loggers_at_info
-from tasks.export import ExportSettings, export_task
+from doctune.model_settings import ExportSettings
+from tasks.export import export_task
 
 
 @flow(name="export", log_prints=True)

@@ -19,11 +19,11 @@ from doctune import local_llm
 from doctune.nightly import (NightlySettings, build_settings, child_failure, nothing_new, registry_dir,
                              summary_markdown, train_settings)
 from doctune.registry import publish_registry, read_decisions
+from doctune.runs import dataset_hash, run_dir_for
 from flows.build_dataset import build_dataset
 from flows.evaluate import evaluate
 from flows.export import export_model
 from tasks.evaluate import EvalReport, metrics_table
-from tasks.train import dataset_hash, run_dir_for
 
 
 def _run_child(kind: str, name: str, parameters: dict, settings: NightlySettings):

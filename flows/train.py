@@ -7,7 +7,9 @@ from __future__ import annotations
 from prefect import flow
 
 from doctune.logs import our_loggers_at_info
-from tasks.train import TrainSettings, dataset_hash, train_task
+from doctune.model_settings import TrainSettings
+from doctune.runs import dataset_hash
+from tasks.train import train_task
 
 
 @flow(name="train", log_prints=True)

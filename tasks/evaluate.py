@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,47 +23,20 @@ from typing import Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
 from doctune.generation import chat_prompts, generate_greedy
 from doctune.metrics import (Language, answer_facts, chrf, detect_language, facts_found, fmt_score, key_facts,
                              rouge_l)
 from doctune.prefect_utils import CACHE
+from doctune.model_settings import EvalSettings, MetricName
 from doctune.prompts import PROMPTS_DIR, render
-from doctune.registry import read_current
 from doctune.records import read_jsonl, sha256_bytes, sha256_text, write_jsonl
-from doctune.settings import DatasetSettings, LLMSettings
+from doctune.registry import append_decision, read_current, write_current
+from doctune.runs import base_model_of, dataset_system_prompt
+from doctune.settings import LLMSettings
 
 log = logging.getLogger(__name__)
-
-MetricName = Literal["fact_recall", "rouge_l", "chrf", "judge"]
-
-
-class EvalSettings(BaseModel):
-    # A misspelt key must fail loudly instead of silently keeping the default.
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest reply generated per question (greedy).")
-    batch_size: int = Field(8, ge=1, le=256, description="Questions generated together in one left-padded batch.")
-    max_test_examples: int = Field(
-        50, ge=0,
-        description="Held-out test-split questions to evaluate (the first N of the seeded split); 0 skips them.",
-    )
-    system_prompt: str | None = Field(
-        None, description="System prompt for gold questions; None uses the one the dataset was built with."
-    )
-    judge: bool = Field(False, description="Also score replies 1-5 with an LLM judge (costs one call per reply).")
-    judge_llm: LLMSettings = Field(default_factory=LLMSettings, description="Endpoint of the LLM judge.")
-    promotion_margin: float = Field(
-        0.05, ge=0, le=1, description="How much the candidate must beat the current model by on the gold set."
-    )
-    promotion_metric: MetricName = Field("fact_recall", description="Gold-set metric that decides promotion.")
-
-    @model_validator(mode="after")
-    def _judge_metric_needs_judge(self) -> "EvalSettings":
-        if self.promotion_metric == "judge" and not self.judge:
-            raise ValueError("promotion_metric='judge' needs judge=true (or pick fact_recall, rouge_l or chrf)")
-        return self
 
 
 # --------------------------------------------------------------------------- LLM judge
@@ -147,7 +119,7 @@ def load_model(model_ref: str | Path):
             raise FileNotFoundError(f"{ref}/adapter/adapter_config.json is missing: did training finish?")
         from peft import PeftModel
 
-        base = json.loads((ref / "run.json").read_text(encoding="utf-8"))["base_model"]
+        base = base_model_of(ref)
         tok_dir = ref / "adapter" if (ref / "adapter" / "tokenizer_config.json").exists() else base
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
@@ -286,18 +258,6 @@ def load_test_split(dataset_dir: str | Path, limit: int) -> list[EvalItem]:
     ]
 
 
-def dataset_system_prompt(dataset_dir: str | Path | None) -> str:
-    """The system prompt the model was trained with: the commonest one in the dataset."""
-    if dataset_dir and (Path(dataset_dir) / "hf").exists():
-        from datasets import load_from_disk
-
-        splits = load_from_disk(str(Path(dataset_dir) / "hf"))
-        systems = Counter(s for split in splits.values() for s in split["system"])
-        if systems:
-            return systems.most_common(1)[0][0]
-    return DatasetSettings().system_prompt
-
-
 def score_reply(reply: str, item: EvalItem) -> dict:
     found = facts_found(reply, item.facts)
     return {
@@ -342,7 +302,7 @@ def model_fingerprint(model_ref: str | Path) -> str:
         return f"id:{model_ref}"
     if (ref / "run.json").exists():
         files = [ref / "run.json", *sorted((ref / "adapter").glob("*"))]
-        base = json.loads((ref / "run.json").read_text(encoding="utf-8"))["base_model"]
+        base = base_model_of(ref)
         extra = model_fingerprint(base)
     else:
         files, extra = sorted(ref.glob("*")), ""
@@ -602,9 +562,7 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
         settings_sha256=trained.get("settings_sha256"),
         scores={f"{m.set}/{m.language}/{m.metric}": m.tuned for m in report.metrics},
     )
-    registry.mkdir(parents=True, exist_ok=True)
-    with (registry / "decisions.jsonl").open("a", encoding="utf-8") as f:
-        f.write(decision.model_dump_json() + "\n")
+    append_decision(registry, decision.model_dump(mode="json"))
     rescored = bool(current and current["run_dir"] == report.candidate and row is not None)
     if promoted or rescored:
         record = {
@@ -615,9 +573,7 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
             "previous": current["previous"] if rescored else (current["run_dir"] if current else None),
             "scores": decision.scores,
         }
-        tmp = registry / "current.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(registry / "current.json")
+        write_current(registry, record)
     return decision
 
 

@@ -13,64 +13,21 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
 
 from doctune.gguf_export import GGUF_TYPES, ExportError, write_gguf
 from doctune.metrics import fmt_score
+from doctune.model_settings import ExportSettings, GGUFType
 from doctune.records import sha256_text
+from doctune.runs import base_model_of, resolve_run, trained_system_prompt
 
 log = logging.getLogger(__name__)
 
-GGUFType = Literal["F16", "Q8_0", "Q5_0", "Q4_0"]
 assert set(GGUFType.__args__) == set(GGUF_TYPES)
 
 
-class ExportSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    gguf_types: list[GGUFType] = Field(
-        ["F16", "Q8_0"],
-        description="GGUF files to write. F16: lossless for a bf16/fp16 model; Q8_0: half the size, small drift; "
-        "Q5_0/Q4_0: smaller again, the embedding kept at Q8_0 (small models lose most there).",
-    )
-    modelfile: bool = Field(True, description="Write an Ollama Modelfile beside the GGUF files.")
-    check: Literal["auto", "required", "off"] = Field(
-        "auto",
-        description="Answer the check questions with llama.cpp on every GGUF file and compare with the merged model. "
-        "auto: when node and node-llama-cpp are installed; required: fail without them; off: skip.",
-    )
-    check_questions: str | None = Field(
-        "data/gold/gold.jsonl",
-        description="JSONL of questions (a `question` key per line) for the check; missing or None: the run's test split.",
-    )
-    check_max_questions: int = Field(30, ge=1, description="At most this many check questions.")
-    check_max_tokens: int = Field(48, ge=1, le=1024, description="Greedy tokens per answer in the check.")
-    temperature: float = Field(0.2, ge=0, le=2, description="Modelfile sampling temperature (Ollama's default is 0.8).")
-    top_p: float = Field(0.9, gt=0, le=1, description="Modelfile nucleus sampling.")
-    num_ctx: int = Field(2048, ge=128, description="Modelfile context window (Ollama's num_ctx).")
-
-
-# ----------------------------------------------------------------------------- which run
-
-
-def resolve_run(ref: str, output_dir: str | Path = "outputs") -> Path:
-    """A run folder from 'promoted' (the registry's current model) or a path."""
-    from doctune.registry import read_current
-
-    if ref == "promoted":
-        current = read_current(Path(output_dir) / "registry")
-        if current is None:
-            raise FileNotFoundError(f"{output_dir}/registry/current.json is missing: no model is promoted yet; "
-                                    "run `doctune nightly` (or export a run folder by its path)")
-        ref = current["run_dir"]
-    run_dir = Path(ref)
-    if not (run_dir / "run.json").exists() or not (run_dir / "adapter" / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{run_dir}: not a finished training run (run.json and adapter/ are written when "
-                                "training ends); pass outputs/models/<run> or 'promoted'")
-    return run_dir
+# ----------------------------------------------------------------------------- which folder
 
 
 def export_dir_for(run_dir: Path, settings: ExportSettings, output_dir: str | Path) -> Path:
@@ -82,16 +39,9 @@ def export_dir_for(run_dir: Path, settings: ExportSettings, output_dir: str | Pa
 
 def merge_run(run_dir: Path, out: Path) -> Path:
     """Base + adapter folded into one model in the base's own dtype, saved with the tokenizer and chat template."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from doctune.training.merge import merge_adapter  # here: torch loads only when a merge runs
 
-    base = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["base_model"]
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    merged = PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return merge_adapter(base_model_of(run_dir), run_dir / "adapter", out)
 
 
 _OLLAMA_TEMPLATES = {
@@ -233,18 +183,6 @@ def run_check(merged_dir: Path, files: list[Path], items: list[dict], system: st
 
 
 # ----------------------------------------------------------------------------- the whole export
-
-
-def trained_system_prompt(run_dir: Path, dataset_dir: str | None) -> str:
-    """The system prompt training used: the run's own setting, else the dataset's (as training chose it)."""
-    import yaml
-
-    from tasks.evaluate import dataset_system_prompt
-
-    saved = run_dir / "settings.yaml"
-    own = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("system_prompt") if saved.exists() else None
-    return own or dataset_system_prompt(dataset_dir)
-
 
 
 def export(run_ref: str, output_dir: str | Path = "outputs", settings: ExportSettings = ExportSettings()) -> Path:

@@ -34,9 +34,9 @@ def scripted():
 @pytest.fixture(scope="session")
 def tokenizer():
     from doctune.base_model import prepare_base_model
-    from tasks import train as tr
+    from doctune.training.model import load_tokenizer
 
-    return tr.load_tokenizer(str(prepare_base_model()))
+    return load_tokenizer(str(prepare_base_model()))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Real HTTP servers on 127.0.0.1 for tests that need an endpoint with known behaviour:
 a scripted OpenAI-compatible server (prompt/parsing/caching tests) and a fault-injecting one.
-The real local model server is tested in test_server.py; these keep flow tests fast."""
+The real local model server is tested in tests/serving/; these keep flow tests fast."""
 
 from __future__ import annotations
 

@@ -291,7 +291,7 @@ def test_against_our_own_server(tiny_model):
     """Our server's SSE, read by the chat, gives the same greedy answer as a non-streamed request."""
     import openai
 
-    from doctune.server import create_app
+    from doctune.serving import create_app
 
     with serving_in_thread(create_app(tiny_model, served_name="tiny")) as srv:
         base_url = f"{srv.url}/v1"

@@ -7,9 +7,8 @@ import typing
 import pytest
 import yaml
 
+from doctune.model_settings import EvalSettings, load_train_settings
 from doctune.settings import BuildSettings
-from tasks.evaluate import EvalSettings
-from tasks.train import load_train_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -127,8 +127,9 @@ def test_empty_splits_get_no_entry_and_no_openai_file(tmp_path):
 def test_a_dataset_without_held_out_rows_loads_for_training_and_evaluation(tmp_path):
     """Fewer than 10 rows (or nothing but passage/cloze/replay rows) leave validation and test
     empty: training and evaluation must still read the folder (datasets cannot load an empty split)."""
-    from tasks.evaluate import dataset_system_prompt, load_test_split
-    from tasks.train import load_train_split, load_validation
+    from doctune.runs import dataset_system_prompt
+    from tasks.evaluate import load_test_split
+    from doctune.training.data import load_train_split, load_validation
 
     pairs = [QAPair(question=f"What is item {i}?", answer=f"Item {i}.", source="synthesized") for i in range(4)]
     out = write_dataset(pairs, [], {}, DatasetSettings(system_prompt="S"), tmp_path)

@@ -12,9 +12,10 @@ import pytest
 from pydantic import ValidationError
 
 from doctune.metrics import chrf, rouge_l
+from doctune.model_settings import EvalSettings
 from doctune.settings import LLMSettings
 from tasks import evaluate as ev
-from tasks.evaluate import EvalReport, EvalSettings, MetricRow, decide_promotion, parse_judge_reply
+from tasks.evaluate import EvalReport, MetricRow, decide_promotion, parse_judge_reply
 from tests.endpoints import JSONHandler
 
 

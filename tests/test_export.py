@@ -11,7 +11,9 @@ import torch
 
 from doctune import llamacpp
 from doctune.gguf_export import ExportError, llama3_rope_factors, read_metadata, write_gguf
-from tasks.export import ExportSettings, export, modelfile_text, resolve_run, template_family
+from doctune.model_settings import ExportSettings
+from doctune.runs import resolve_run
+from tasks.export import export, modelfile_text, template_family
 
 needs_llamacpp = pytest.mark.skipif(llamacpp.unavailable() is not None,
                                     reason=f"llama.cpp check unavailable: {llamacpp.unavailable()}")

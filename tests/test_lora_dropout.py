@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from doctune.lora_dropout import SharedDropout, keep_mask, share_lora_dropout
-from tasks import train as tr
+from doctune.model_settings import TrainSettings
+from doctune.training.model import initial_plan, load_model
 
 
 def lora_dropouts(model) -> dict[str, nn.Module]:
@@ -11,8 +12,8 @@ def lora_dropouts(model) -> dict[str, nn.Module]:
             if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)}
 
 
-def settings(tiny_model, **kw) -> tr.TrainSettings:
-    return tr.TrainSettings(**{**dict(base_model=tiny_model, device="cpu", lora_r=8, lora_alpha=16,
+def settings(tiny_model, **kw) -> TrainSettings:
+    return TrainSettings(**{**dict(base_model=tiny_model, device="cpu", lora_r=8, lora_alpha=16,
                                       lora_dropout=0.2, save_every_steps=0), **kw})
 
 
@@ -56,7 +57,7 @@ def test_consumers_share_one_mask_then_the_next_input_gets_a_fresh_one():
 
 def test_siblings_reading_one_input_share_a_dropout(tiny_model):
     s = settings(tiny_model)
-    model = tr.load_model(tiny_model, tr.initial_plan(s), s)
+    model = load_model(tiny_model, initial_plan(s), s)
     drops = lora_dropouts(model)
     assert len(drops) == 2 * 7 and all(isinstance(d, SharedDropout) for d in drops.values())
     for layer in range(2):
@@ -70,7 +71,7 @@ def test_siblings_reading_one_input_share_a_dropout(tiny_model):
         assert q.p == 0.2
 
     off = settings(tiny_model, fast_lora_dropout=False)
-    plain = tr.load_model(tiny_model, tr.initial_plan(off), off)
+    plain = load_model(tiny_model, initial_plan(off), off)
     assert all(type(d) is nn.Dropout for d in lora_dropouts(plain).values())
     assert share_lora_dropout(nn.Linear(2, 2), {}) == {"replaced": 0, "inputs": 0}
 
@@ -78,7 +79,7 @@ def test_siblings_reading_one_input_share_a_dropout(tiny_model):
 def _lora_grads(tiny_model, checkpointing: bool) -> dict[str, torch.Tensor]:
     s = settings(tiny_model, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
-    model = tr.load_model(tiny_model, tr.initial_plan(s), s).train()
+    model = load_model(tiny_model, initial_plan(s), s).train()
     with torch.no_grad():  # B starts at zero: give it values, so every LoRA weight gets a gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -4,7 +4,7 @@ import json
 
 from doctune.nightly import NightlySettings, nothing_new, train_settings
 from doctune.registry import earlier_decision, read_decisions, registry_markdown
-from tasks.train import settings_hash
+from doctune.runs import settings_hash
 
 
 def write_registry(root, current: dict | None, decisions: list[dict]):

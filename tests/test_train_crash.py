@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from doctune.runs import run_dir_for
+from doctune.training.checkpoint import _step_of, checkpoints
 from tasks import train as tr
 from tasks.train import TrainingInterrupted, train
-from tests.test_train import adapter_weights, dataset_dir, one_thread, tiny_settings  # noqa: F401 (fixtures)
+from tests.training.common import adapter_weights, dataset_dir, one_thread, tiny_settings  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,6 +94,7 @@ def assert_same_run(run_dir: Path, straight: Path) -> None:
 @pytest.fixture
 def train_log(caplog):
     caplog.set_level(logging.INFO, logger="tasks.train")
+    caplog.set_level(logging.INFO, logger="doctune.training")  # checkpoint clean-up logs from there
     return caplog
 
 
@@ -106,68 +109,6 @@ def _spy_loads(monkeypatch) -> list[str]:
     return loaded
 
 
-# --------------------------------------------------------------------------- what counts as a checkpoint
-
-
-def _fake_checkpoint(folder: Path, step: int, state: str | None = None, without: tuple[str, ...] = ()) -> Path:
-    path = folder / f"step-{step}"
-    for name in tr.CHECKPOINT_FILES:
-        if name not in without:
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            (path / name).write_bytes(b"x")
-    (path / "state.json").write_text(json.dumps({"step": step}) if state is None else state)
-    return path
-
-
-def test_only_complete_checkpoints_count_and_a_resume_clears_the_rest(tmp_path, train_log):
-    folder = tmp_path / "checkpoints"
-    _fake_checkpoint(folder, 2)
-    _fake_checkpoint(folder, 4, state='{"step": 4, "micro_')  # state.json cut short
-    _fake_checkpoint(folder, 6, without=("optimizer.pt",))  # a prune stopped halfway
-    _fake_checkpoint(folder, 8, state=json.dumps({"step": 6}))  # a folder that is not what its name says
-    (_fake_checkpoint(folder, 10) / "state.json").unlink()  # state.json, written last, never came
-    (_fake_checkpoint(folder, 12) / "rng.pt").write_bytes(b"")  # a file that never reached the disk
-    _fake_checkpoint(folder, 14).rename(folder / ".tmp-step-14")  # killed before the rename
-    (folder / "step-16").write_text("not a folder")
-    (folder / "step-x").mkdir()
-
-    assert [p.name for p in tr.checkpoints(tmp_path)] == ["step-2"]
-    assert tr.resume_checkpoint(tmp_path) == folder / "step-2"
-    assert sorted(p.name for p in folder.iterdir()) == ["step-16", "step-2", "step-x"]
-    removed = [r.getMessage() for r in train_log.records if "unfinished checkpoint" in r.getMessage()]
-    assert len(removed) == 6 and any(".tmp-step-14" in m for m in removed)
-
-    assert tr.resume_checkpoint(tmp_path / "fresh") is None  # a run that never saved: nothing to clear
-
-
-def test_a_checkpoint_is_on_disk_before_it_gets_its_name(tiny_model, tmp_path, monkeypatch):
-    """Every file and folder of the checkpoint is fsynced while it is still .tmp-step-N (the path an
-    fsynced descriptor points at tells when), then the folder holding the renamed one."""
-    from transformers import get_scheduler
-
-    settings = tiny_settings(tiny_model, cpu_dtype="fp32")
-    plan = tr.initial_plan(settings)
-    model = tr.load_model(tiny_model, plan, settings)
-    optimizer = tr.make_optimizer(model, plan, settings)
-    scheduler = get_scheduler("constant", optimizer)
-    synced, fsync = [], os.fsync
-
-    def recording(fd):
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    monkeypatch.setattr(tr.os, "fsync", recording)
-    state = {"step": 2, "micro_batches": 2, "losses": []}
-    final = tr.save_checkpoint(tmp_path, model, optimizer, scheduler, state).resolve()
-
-    tmp = final.with_name(".tmp-step-2")
-    inside = {p.relative_to(tmp) for p in synced if p.is_relative_to(tmp)}
-    on_disk = {p.relative_to(final) for p in final.rglob("*")} | {Path(".")}
-    assert inside == on_disk and Path("state.json") in inside
-    assert synced[-2:] == [final.parent, tmp_path.resolve()]  # the rename itself, and the checkpoints/ entry
-    assert [p.resolve() for p in tr.checkpoints(tmp_path)] == [final]
-
-
 # --------------------------------------------------------------------------- crashes
 
 
@@ -176,7 +117,7 @@ def test_a_checkpoint_is_on_disk_before_it_gets_its_name(tiny_model, tmp_path, m
 def test_sigkill_then_resume_matches_an_uninterrupted_run(crash_settings, dataset_dir, straight, outputs, kill_at,
                                                           train_log, monkeypatch):
     before = promoted_files(outputs)
-    run_dir = tr.run_dir_for(dataset_dir, crash_settings, outputs)
+    run_dir = run_dir_for(dataset_dir, crash_settings, outputs)
     folder = run_dir / "checkpoints"
     log_path = outputs.parent / "child.log"
     with log_path.open("wb") as child_log:
@@ -198,7 +139,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(crash_settings, datase
     left = sorted(p.name for p in folder.iterdir())
     assert not (run_dir / "run.json").exists(), f"the run finished before the kill; left {left}"
     # Known independently of checkpoints(): our writer renames a folder to step-N only once state.json is in.
-    complete = sorted((p for p in folder.glob("step-*") if (p / "state.json").exists()), key=tr._step_of)
+    complete = sorted((p for p in folder.glob("step-*") if (p / "state.json").exists()), key=_step_of)
     assert complete, f"nothing to resume from: {left}"
     loaded = _spy_loads(monkeypatch)
 
@@ -210,7 +151,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(crash_settings, datase
     for name in left:
         if name.startswith(".tmp-"):
             assert any(name in m and "unfinished checkpoint" in m for m in messages), left
-    assert not list(folder.glob(".tmp-*")) and [p.name for p in tr.checkpoints(resumed)] == ["step-6", "step-8"]
+    assert not list(folder.glob(".tmp-*")) and [p.name for p in checkpoints(resumed)] == ["step-6", "step-8"]
     assert_same_run(resumed, straight)
     assert promoted_files(outputs) == before
 
@@ -220,7 +161,7 @@ def test_a_torn_checkpoint_is_ignored(crash_settings, dataset_dir, straight, out
     before = promoted_files(outputs)
     with pytest.raises(TrainingInterrupted):
         train(dataset_dir, crash_settings, outputs, progress=False, stop_after_steps=4)
-    run_dir = tr.run_dir_for(dataset_dir, crash_settings, outputs)
+    run_dir = run_dir_for(dataset_dir, crash_settings, outputs)
     folder = run_dir / "checkpoints"
     # What a torn write of step 4 leaves: its .tmp- folder half full, and a step-4 whose last file,
     # state.json, never reached the disk.
@@ -228,7 +169,7 @@ def test_a_torn_checkpoint_is_ignored(crash_settings, dataset_dir, straight, out
     (folder / ".tmp-step-4" / "optimizer.pt").unlink()
     (folder / ".tmp-step-4" / "state.json").unlink()
     (folder / "step-4" / "state.json").unlink()
-    assert [p.name for p in tr.checkpoints(run_dir)] == ["step-2"]
+    assert [p.name for p in checkpoints(run_dir)] == ["step-2"]
     loaded = _spy_loads(monkeypatch)
 
     resumed = train(dataset_dir, crash_settings, outputs, resume=True, progress=False)

@@ -90,7 +90,7 @@ def test_a_canary_key_leaves_no_trace_after_a_build(tmp_path, monkeypatch, capfd
 
 
 def test_doctune_serve_never_echoes_or_logs_a_key(tiny_model, capfd, caplog):
-    from doctune.server import create_app
+    from doctune.serving import create_app
     from tests.endpoints import serving_in_thread
 
     caplog.set_level(logging.DEBUG)

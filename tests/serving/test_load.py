@@ -24,7 +24,7 @@ import pytest
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from doctune.server import KEY_ENV, create_app
+from doctune.serving import KEY_ENV, create_app
 from tests.endpoints import free_port, wait_until_healthy
 
 KEY = "load-test-key"

@@ -1,0 +1,232 @@
+"""The settings of the model-side stages (train, evaluate, export) and the one friendly validator of a
+settings file: the contracts that the CLI, the nightly flow, the tasks and the deployments' UI forms share.
+
+They live apart from `doctune/settings.py` (the build stages' settings) on purpose: every build task's
+cache key digests that file, so a new word in a training field's description must not re-synthesize
+every document. A run folder is named after `settings_hash(TrainSettings)` (doctune/runs.py), so the
+fields' names, order, types and defaults are part of that name: change them knowingly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from doctune.settings import LLMSettings
+
+M = TypeVar("M", bound=BaseModel)
+
+# ------------------------------------------------------------------------------------------- train
+
+
+class TrainSettings(BaseModel):
+    # A misspelt key must fail loudly instead of silently keeping the default.
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(
+        "", description="Local folder or HF id of the model to fine-tune; empty: the offline SmolLM2-135M-Instruct."
+    )
+    system_prompt: str | None = Field(
+        None, description="Replaces the dataset's system message in every example; None keeps the dataset's."
+    )
+    max_seq_len: int = Field(
+        512, ge=16, le=131072, description="Examples longer than this (in tokens) are dropped with a reason."
+    )
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank: more capacity and memory as it grows.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scale numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (regularises small data).")
+    fast_lora_dropout: bool = Field(
+        True,
+        description="One LoRA dropout mask per input tensor, shared by the projections that read it (q/k/v, "
+        "gate/up; as peft does for a fused qkv projection), cut from 64-bit random words on a CPU (p rounded to "
+        "1/65536): a CPU step ~15-25% faster. False: peft's own nn.Dropout in every module.",
+    )
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' (every projection but the output head) or a list of module names."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate after warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent ramping the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
+    max_steps: int = Field(60, ge=0, description="Optimizer steps to run; 0: use num_epochs instead.")
+    num_epochs: float | None = Field(
+        None, gt=0, description="Passes over the training split; used only when max_steps is 0."
+    )
+    per_device_batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    batching: Literal["packed", "length_grouped", "padded"] = Field(
+        "packed",
+        description="packed: each micro-batch's examples share rows without padding (attention kept apart by "
+        "position ids); length_grouped: similar lengths batched together, padded; padded: random order, padded.",
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory, ~25% slower."
+    )
+    save_every_steps: int = Field(20, ge=0, description="Checkpoint interval for resuming; 0: never.")
+    neftune_alpha: float = Field(
+        0, ge=0, le=100,
+        description="NEFTune: uniform noise of size alpha / sqrt(sequence length x hidden size) on the input "
+        "embeddings while training, so the model does not lean on the exact tokens of its training questions; "
+        "0: off.",
+    )
+    seed: int = Field(0, description="Seed for LoRA init, data order, dropout and NEFTune noise.")
+    method: Literal["auto", "qlora", "lora"] = Field(
+        "auto", description="auto: QLoRA (4-bit NF4 base) on CUDA, LoRA on CPU."
+    )
+    cpu_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="CPU compute dtype; auto: bf16 only if the CPU has bf16 units and a timed probe says faster."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    init_adapter: str | None = Field(
+        None,
+        description="A LoRA adapter folder to continue from instead of fresh LoRA weights (the nightly flow's "
+        "init_from: promoted puts the promoted model's adapter here); its rank and target modules are used.",
+    )
+    merge: bool = Field(False, description="Also write merged/: the adapter folded into a full model.")
+    logging_steps: int = Field(5, ge=1, description="Log the loss every this many steps.")
+    eval_every_steps: int = Field(
+        0, ge=0,
+        description="Every N steps, answer the dataset's validation questions greedily and score fact recall "
+        "(held-out paraphrases: does the model know the facts, not just the training wording?); 0: never.",
+    )
+    eval_max_questions: int = Field(48, ge=1, description="Validation questions scored at each evaluation.")
+    select_checkpoint: Literal["last", "best"] = Field(
+        "last",
+        description="last: the adapter after the final step; best: the evaluated step with the highest validation "
+        "fact recall (the later step on a tie): small models over-trained on a few facts drift into answering with "
+        "the same memorised sentences, so the last step is often not the best.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSettings":
+        if self.select_checkpoint == "best" and not self.eval_every_steps:
+            raise ValueError("select_checkpoint='best' needs eval_every_steps > 0 (how often to score validation)")
+        if self.max_steps == 0 and not self.num_epochs:
+            raise ValueError("max_steps is 0 and num_epochs is unset; set max_steps > 0 or num_epochs > 0")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is an empty list; use 'all-linear' or name the modules")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+MetricName = Literal["fact_recall", "rouge_l", "chrf", "judge"]
+
+
+class EvalSettings(BaseModel):
+    # A misspelt key must fail loudly instead of silently keeping the default.
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest reply generated per question (greedy).")
+    batch_size: int = Field(8, ge=1, le=256, description="Questions generated together in one left-padded batch.")
+    max_test_examples: int = Field(
+        50, ge=0,
+        description="Held-out test-split questions to evaluate (the first N of the seeded split); 0 skips them.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System prompt for gold questions; None uses the one the dataset was built with."
+    )
+    judge: bool = Field(False, description="Also score replies 1-5 with an LLM judge (costs one call per reply).")
+    judge_llm: LLMSettings = Field(default_factory=LLMSettings, description="Endpoint of the LLM judge.")
+    promotion_margin: float = Field(
+        0.05, ge=0, le=1, description="How much the candidate must beat the current model by on the gold set."
+    )
+    promotion_metric: MetricName = Field("fact_recall", description="Gold-set metric that decides promotion.")
+
+    @model_validator(mode="after")
+    def _judge_metric_needs_judge(self) -> "EvalSettings":
+        if self.promotion_metric == "judge" and not self.judge:
+            raise ValueError("promotion_metric='judge' needs judge=true (or pick fact_recall, rouge_l or chrf)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- export
+
+GGUFType = Literal["F16", "Q8_0", "Q5_0", "Q4_0"]
+
+
+class ExportSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gguf_types: list[GGUFType] = Field(
+        ["F16", "Q8_0"],
+        description="GGUF files to write. F16: lossless for a bf16/fp16 model; Q8_0: half the size, small drift; "
+        "Q5_0/Q4_0: smaller again, the embedding kept at Q8_0 (small models lose most there).",
+    )
+    modelfile: bool = Field(True, description="Write an Ollama Modelfile beside the GGUF files.")
+    check: Literal["auto", "required", "off"] = Field(
+        "auto",
+        description="Answer the check questions with llama.cpp on every GGUF file and compare with the merged model. "
+        "auto: when node and node-llama-cpp are installed; required: fail without them; off: skip.",
+    )
+    check_questions: str | None = Field(
+        "data/gold/gold.jsonl",
+        description="JSONL of questions (a `question` key per line) for the check; missing or None: the run's test split.",
+    )
+    check_max_questions: int = Field(30, ge=1, description="At most this many check questions.")
+    check_max_tokens: int = Field(48, ge=1, le=1024, description="Greedy tokens per answer in the check.")
+    temperature: float = Field(0.2, ge=0, le=2, description="Modelfile sampling temperature (Ollama's default is 0.8).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Modelfile nucleus sampling.")
+    num_ctx: int = Field(2048, ge=128, description="Modelfile context window (Ollama's num_ctx).")
+
+
+# ----------------------------------------------------------------------------- the settings-file validator
+
+_CONSTRAINT_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _explain(error: dict) -> str:
+    """One pydantic error as '<key> must be > 0 (got -1)'."""
+    key = ".".join(str(p) for p in error["loc"]) or "settings"
+    ctx, got = error.get("ctx") or {}, error.get("input")
+    for kind, word in _CONSTRAINT_WORDS.items():
+        if error["type"] == kind:
+            bound = next(iter(ctx.values()))
+            return f"{key} must be {word} {bound} (got {got!r})"
+    if error["type"] == "literal_error":
+        return f"{key} must be one of {ctx.get('expected')} (got {got!r})"
+    if error["type"] == "value_error":  # our own cross-field checks already say what to do
+        return str(ctx.get("error", error["msg"]))
+    return f"{key}: {error['msg']} (got {got!r})"
+
+
+def validate_settings(data: dict, cls: type[M], source: str = "settings") -> M:
+    """Validate a plain mapping against a settings model; an unknown key (with the closest known one) or a
+    bad value raises ValueError naming the source, the key and the fix."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    known = list(cls.model_fields)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise ValueError(f"{source}: unknown key {key!r}; {hint}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"{source}: " + "; ".join(_explain(e) for e in exc.errors())) from None
+
+
+def load_settings_file(path: str | Path, cls: type[M]) -> M:
+    """A YAML file of `cls` fields, validated before anything expensive starts (an empty file: defaults)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    return validate_settings(data, cls, source=str(path))
+
+
+def validate_train_settings(data: dict, source: str = "settings") -> TrainSettings:
+    return validate_settings(data, TrainSettings, source)
+
+
+def load_train_settings(path: str | Path) -> TrainSettings:
+    return load_settings_file(path, TrainSettings)

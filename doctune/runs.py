@@ -1,0 +1,188 @@
+"""The run folder: what training writes, and what evaluation, export, serving and the nightly flow read.
+
+A run is named after what it learned from and how, so the same dataset trained with the same settings
+is the same folder, found again instead of trained again:
+
+    outputs/models/<dataset_sha256[:12]>-<settings_sha256[:8]>/
+        settings.yaml      the TrainSettings of the run (written first, before any model loads)
+        checkpoints/       step-N/: adapter/, optimizer.pt, scheduler.pt, rng.pt, state.json (written last;
+                           a folder without it was never finished); the two newest are kept for resuming
+        best/              while training with select_checkpoint=best: the best adapter so far
+        adapter/           the LoRA adapter chosen (peft's adapter_config.json + adapter_model.safetensors)
+                           and the tokenizer with its chat template
+        merged/            with merge: true, the adapter folded into a full model
+        loss.png           loss curve (and validation fact recall when evaluated)
+        metrics.json       losses, validation scores, tokens/s, peak memory, the precision plan
+        run.json           written last: its presence marks the run finished. base_model (the model the
+                           adapter belongs on), dataset_dir, dataset_sha256, settings_sha256, init_adapter,
+                           method, device, optimizer, probe, created, steps, selected_step
+
+`dataset_sha256` is the content hash of the dataset's hf/ folder and `settings_sha256` the hash of the
+settings' JSON (`settings_hash`): field names, order, types and defaults of TrainSettings are part of
+every run's name. The registry (`doctune/registry.py`) names the promoted run by its folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from doctune.model_settings import TrainSettings
+from doctune.registry import read_current
+
+PROMOTED = "promoted"  # the name a run is asked for by when the registry's current model is meant
+
+
+def dataset_hash(dataset_dir: str | Path) -> str:
+    """Content hash of the hf/ folder, so a rebuilt dataset gets a new run folder."""
+    hf = Path(dataset_dir) / "hf"
+    h = hashlib.sha256()
+    for p in sorted(x for x in hf.rglob("*") if x.is_file()):
+        h.update(str(p.relative_to(hf)).encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def settings_hash(settings: TrainSettings) -> str:
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()
+
+
+def run_dir_for(dataset_dir: str | Path, settings: TrainSettings, output_root: str | Path) -> Path:
+    return Path(output_root) / "models" / f"{dataset_hash(dataset_dir)[:12]}-{settings_hash(settings)[:8]}"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and a rename: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run or registry file; a broken one raises ValueError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); restore it from the run that wrote it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / "run.json").exists() and (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+def base_model_of(run_dir: str | Path) -> str:
+    """The model a run's adapter was trained on (run.json's base_model)."""
+    run_json = Path(run_dir) / "run.json"
+    if not run_json.is_file():
+        raise FileNotFoundError(f"{run_json} is missing: {run_dir} is not a finished training run (run.json is "
+                                "written when training ends); pass outputs/models/<run>")
+    return read_json(run_json)["base_model"]
+
+
+def resolve_run(ref: str, output_dir: str | Path = "outputs") -> Path:
+    """A run folder from 'promoted' (the registry's current model) or a path."""
+    if ref == PROMOTED:
+        current = read_current(Path(output_dir) / "registry")
+        if current is None:
+            raise FileNotFoundError(f"{output_dir}/registry/current.json is missing: no model is promoted yet; "
+                                    "run `doctune nightly` (or export a run folder by its path)")
+        ref = current["run_dir"]
+    run_dir = Path(ref)
+    if not is_finished(run_dir):
+        raise FileNotFoundError(f"{run_dir}: not a finished training run (run.json and adapter/ are written when "
+                                "training ends); pass outputs/models/<run> or 'promoted'")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- the system prompt
+
+
+def dataset_system_prompt(dataset_dir: str | Path | None) -> str:
+    """The system prompt the model was trained with: the commonest one in the dataset."""
+    if dataset_dir and (Path(dataset_dir) / "hf").exists():
+        from datasets import load_from_disk
+
+        splits = load_from_disk(str(Path(dataset_dir) / "hf"))
+        systems = Counter(s for split in splits.values() for s in split["system"])
+        if systems:
+            return systems.most_common(1)[0][0]
+    from doctune.settings import DatasetSettings
+
+    return DatasetSettings().system_prompt
+
+
+def trained_system_prompt(run_dir: Path, dataset_dir: str | None) -> str:
+    """The system prompt training used: the run's own setting, else the dataset's (as training chose it)."""
+    import yaml
+
+    saved = run_dir / "settings.yaml"
+    own = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("system_prompt") if saved.exists() else None
+    return own or dataset_system_prompt(dataset_dir)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class AdapterSource:
+    name: str
+    folder: Path  # holds adapter_config.json
+    base_model: str  # the model it was trained on
+    said_by: Path  # the file that names base_model
+
+
+def find_adapter(name: str, path: Path, what: str | None = None) -> AdapterSource:
+    """The adapter of a run folder (`<run>/adapter/` + `<run>/run.json`) or an adapter folder itself,
+    with the base model it was trained on. `what` names where `path` came from, for errors."""
+    what = what or f"--adapter {name}={path}"
+    if (path / "adapter_config.json").is_file():
+        folder, run_json = path, path.parent / "run.json"
+    elif (path / "adapter" / "adapter_config.json").is_file():
+        folder, run_json = path / "adapter", path / "run.json"
+    elif not path.exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist; give a run folder (outputs/models/<run>) "
+                                "or its adapter/ folder")
+    else:
+        raise FileNotFoundError(f"{what}: {path} has neither adapter/adapter_config.json (a run folder) nor "
+                                "adapter_config.json (an adapter folder); is the run finished (run.json is "
+                                "written last)?")
+    if run_json.is_file():
+        said_by, base = run_json, read_json(run_json).get("base_model")
+    else:  # an adapter folder outside a run: peft records the base it was made on
+        said_by = folder / "adapter_config.json"
+        base = read_json(said_by).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{what}: {said_by} names no base model (base_model / base_model_name_or_path); "
+                         "pass the base it was trained on with --model")
+    return AdapterSource(name, folder, str(base), said_by)
+
+
+def promoted_adapter(outputs: Path) -> AdapterSource | None:
+    """The registry's promoted adapter under `outputs`, or None when nothing was promoted yet."""
+    current_json = outputs / "registry" / "current.json"
+    if not current_json.is_file():
+        return None
+    run_dir = read_json(current_json).get("run_dir")
+    if not run_dir:
+        raise ValueError(f"{current_json}: no run_dir field; it is written by the evaluate stage's promotion, "
+                         "restore it or serve without it (--no-promoted)")
+    # run_dir is as the worker wrote it, maybe relative to another working directory; the run is
+    # also found under this outputs folder by its name.
+    tried = [Path(run_dir)]
+    if not tried[0].is_absolute():
+        tried.append(outputs / "models" / tried[0].name)
+    for path in tried:
+        if path.exists():
+            return find_adapter(PROMOTED, path, what=f"{current_json}: run_dir")
+    raise FileNotFoundError(f"{current_json}: run_dir {run_dir!r} does not exist (looked in "
+                            f"{', '.join(map(str, tried))}); restore the run folder, or serve without it "
+                            "(--no-promoted)")

@@ -1,0 +1,130 @@
+"""Checkpoints and adapters on disk, written so that a crash at any moment leaves either the old
+folder or the new one: files go into a .tmp- sibling, are fsynced, and the folder is renamed. A
+checkpoint (checkpoints/step-N/) is complete once its state.json, written last, is in; resuming
+clears the torn folders a crash left and continues from the newest complete one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# What a checkpoint holds; state.json is written last, so a folder without it was never finished.
+CHECKPOINT_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt",
+                    "scheduler.pt", "rng.pt")
+
+
+def atomic_dir(final: Path) -> Path:
+    """An empty .tmp- sibling of `final` to write into; renamed to `final` once complete."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then the folders holding them: a rename is durable only once
+    what it points at is on disk, else a power cut can leave a complete-looking folder of empty files."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("step") != _step_of(path):
+        return False
+    return all((path / name).is_file() and (path / name).stat().st_size > 0 for name in CHECKPOINT_FILES)
+
+
+def _step_folders(run_dir: Path) -> list[Path]:
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=_step_of)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first; `.tmp-*` folders and torn `step-*` ones are skipped."""
+    return [p for p in _step_folders(run_dir) if _is_complete(p)]
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, after removing what an interrupted save or prune left behind."""
+    folder = run_dir / "checkpoints"
+    stale = sorted(folder.glob(".tmp-*")) + [p for p in _step_folders(run_dir) if not _is_complete(p)]
+    for path in stale:
+        log.info("removing %s: an unfinished checkpoint (the run stopped while writing or deleting it)", path)
+        shutil.rmtree(path)
+    found = checkpoints(run_dir)
+    if not found and folder.exists():
+        log.info("%s has no complete checkpoint; training from step 0", run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+    final = run_dir / "checkpoints" / f"step-{state['step']}"
+    tmp = atomic_dir(final)
+    model.save_pretrained(tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # a torn folder of the same step, from before a crash
+    tmp.rename(final)  # a crash mid-save leaves only a .tmp- folder, never a half checkpoint
+    _fsync_dir(final.parent)
+    _fsync_dir(run_dir)  # the checkpoints/ entry itself, after the first save
+    for old in checkpoints(run_dir)[:-keep]:
+        # state.json first: a crash while deleting leaves a folder checkpoints() no longer lists.
+        (old / "state.json").unlink()
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: python's RNG state is a tuple
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text())
+
+
+def save_adapter(run_dir: Path, model, tokenizer, name: str = "adapter") -> None:
+    tmp = atomic_dir(run_dir / name)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(run_dir / name, ignore_errors=True)
+    tmp.rename(run_dir / name)

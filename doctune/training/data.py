@@ -1,0 +1,114 @@
+"""Training data: conversations rendered through the model's own chat template, with labels on the
+assistant's reply only, and the dataset folder's train and validation splits (its hf/ folder, as the
+build_dataset flow writes it)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from doctune.metrics import answer_facts
+from doctune.model_settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label value cross-entropy skips
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE everywhere but the reply and its end-of-turn token
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The conversation (role and content only) with `system_prompt`, when given, as its system message."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if system_prompt is None:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": system_prompt}] + messages[1:]
+    return [{"role": "system", "content": system_prompt}] + messages
+
+
+def _template_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    # transformers 5 returns a BatchEncoding here; older versions a plain list.
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return {i for i in ids if i is not None}
+
+
+def render_example(tokenizer, messages: list[dict], system_prompt: str | None, max_seq_len: int) -> Example | str:
+    """Tokenize one conversation through the model's own chat template; a string is a drop reason.
+
+    The prompt is rendered on its own (with the generation prompt) and must be a token prefix of the
+    full conversation: everything in that prefix is masked, so the loss sees only the reply."""
+    messages = with_system(messages, system_prompt)
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        return "last message is not an assistant reply"
+    prompt = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = _template_ids(tokenizer, messages)
+    if full[: len(prompt)] != prompt:
+        return "chat template renders the prompt differently inside the full conversation"
+    reply = full[len(prompt):]
+    # Cut what the template writes after the end-of-turn token (ChatML's newline): not the reply.
+    ends = end_of_turn_ids(tokenizer)
+    last_end = max((i for i, t in enumerate(reply) if t in ends), default=None)
+    if last_end is not None:
+        reply = reply[: last_end + 1]
+    if not reply:
+        return "empty reply"
+    if len(prompt) + len(reply) > max_seq_len:
+        return "longer than max_seq_len"
+    return Example(prompt + reply, [IGNORE] * len(prompt) + reply)
+
+
+def load_train_split(dataset_dir: str | Path):
+    from datasets import load_from_disk
+
+    hf = Path(dataset_dir) / "hf"
+    if not hf.exists():
+        raise FileNotFoundError(f"{hf} is missing; build the dataset first (the build_dataset flow writes it)")
+    data = load_from_disk(str(hf))
+    if "train" not in data:
+        raise ValueError(f"{hf}: no 'train' split (found {list(data)})")
+    if "messages" not in data["train"].column_names:
+        raise ValueError(f"{hf}: the train split has no 'messages' column")
+    return data["train"]
+
+
+def load_validation(dataset_dir: str | Path, limit: int) -> list[dict]:
+    """Validation questions with the key facts a correct reply must contain (those the question
+    does not already give away). Datasets written before the split existed have none."""
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(Path(dataset_dir) / "hf"))
+    if "validation" not in data:
+        return []
+    rows = data["validation"].select(range(min(limit, len(data["validation"]))))
+    return [{"question": r["question"], "answer": r["answer"], "system": r["system"],
+             "facts": answer_facts(r["question"], r["answer"], r["language"])} for r in rows]
+
+
+def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Example], dict[str, int]]:
+    examples, dropped = [], {}
+    for messages in rows["messages"]:
+        out = render_example(tokenizer, messages, settings.system_prompt, settings.max_seq_len)
+        if isinstance(out, str):
+            dropped[out] = dropped.get(out, 0) + 1
+        else:
+            examples.append(out)
+    if dropped:
+        log.warning("dropped %d of %d training examples: %s", sum(dropped.values()), len(rows), dropped)
+    if not examples:
+        raise ValueError(f"no trainable examples left (dropped: {dropped}); check max_seq_len and the chat template")
+    return examples, dropped

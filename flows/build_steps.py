@@ -1,0 +1,167 @@
+"""The steps of the build_dataset flow that are more than one task call: ingest in batches, plan and run
+the per-document synthesis, the policy when every document failed, and the optional stages that may
+fail without failing the run. flows/build_dataset.py reads as the list of stages; this is how each runs.
+
+No task is defined here, so no cache key depends on this file: moving a line here re-synthesizes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from doctune import artifacts
+from doctune.llm import EndpointError, scrub
+from doctune.prefect_utils import synthesis_runner, with_network_retries
+from doctune.records import Chunk, Document, QAPair, SkippedFile
+from doctune.settings import BuildSettings, LLMSettings
+from tasks.ingest import discover
+from tasks.prepare import prepare_batch_task
+from tasks.synthesize import SynthResult, synthesize_document_task
+
+
+def usage_row(stage: str, result, state, reused: int = 0) -> dict:
+    """A token-usage row: the calls and tokens `result` cost this run (none when `state` says it came
+    from the cache), and how many task results were reused."""
+    cached = state is not None and state.name == "Cached"
+    cost = (lambda name: 0) if cached else (lambda name: getattr(result, name, 0))
+    return {"stage": stage, "calls": cost("calls"), "failed_calls": cost("failed_calls"),
+            "prompt_tokens": cost("prompt_tokens"), "completion_tokens": cost("completion_tokens"),
+            "from_cache": reused + cached}
+
+
+def failure_row(stage: str, what: str, state) -> dict:
+    # The task's message quotes the endpoint's reply, which may quote the key it was sent.
+    return {"stage": stage, "document": what, "error": scrub(str(state.message))[:500]}
+
+
+# ----------------------------------------------------------------------------- 1-2. ingest and chunk
+
+
+@dataclass
+class Prepared:
+    files: int
+    documents: list[Document]
+    given: list[QAPair]  # ready-made pairs (FAQ exports, Alpaca, chat logs)
+    skipped: list[SkippedFile]
+    chunks: dict[str, list[Chunk]]  # by document path, in folder order
+
+    @property
+    def all_chunks(self) -> list[Chunk]:
+        return [c for cs in self.chunks.values() for c in cs]
+
+
+def ingest_folder(root: Path, settings: BuildSettings) -> Prepared:
+    """Ingest and chunk a batch of files per task run (each file cached on its own content), with a
+    progress bar and the skipped-files and ingest artifacts."""
+    refs = discover(root, settings.ingest)
+    n = settings.ingest.files_per_task
+    progress = create_progress_artifact(0.0, key="ingest-progress", description="Files ingested and chunked")
+    prepared, from_cache = [], 0
+    for i in range(0, len(refs), n):
+        batch = prepare_batch_task(str(root), refs[i:i + n], settings.ingest, settings.chunk)
+        prepared += batch.files
+        from_cache += batch.from_cache
+        update_progress_artifact(progress, 100.0 * min(i + n, len(refs)) / len(refs))
+    update_progress_artifact(progress, 100.0)
+    out = Prepared(
+        files=len(refs),
+        documents=[d for f in prepared for d in f.ingested.documents],
+        given=[p for f in prepared for p in f.ingested.pairs],
+        skipped=[s for f in prepared for s in f.ingested.skipped],
+        chunks={d.path: cs for f in prepared for d, cs in zip(f.ingested.documents, f.chunks)},
+    )
+    n_chunks = len(out.all_chunks)
+    artifacts.skipped_files(out.skipped, len(refs))
+    artifacts.ingest_summary({"files": len(refs), "from the cache": from_cache, "read now": len(refs) - from_cache,
+                              "documents": len(out.documents), "chunks": n_chunks,
+                              "ready-made pairs": len(out.given), "skipped": len(out.skipped),
+                              "task runs": -(-len(refs) // n)})
+    get_run_logger().info("ingested %d files (%d from the cache): %d documents, %d chunks, %d ready-made pairs, "
+                          "%d skipped", len(refs), from_cache, len(out.documents), n_chunks, len(out.given),
+                          len(out.skipped))
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. synthesize
+
+
+def synthesis_jobs(chunks: dict[str, list[Chunk]], faq: list[Chunk], mode: str,
+                   skip_languages: dict[str, str]) -> list[tuple[str, list[Chunk], str]]:
+    """(document path, its chunks, mode) per synthesis task: every document in the chosen mode, each FAQ
+    export's answers in fact mode, chunks of a skipped language left out, empty jobs dropped."""
+    jobs = [(path, cs, mode) for path, cs in chunks.items()]
+    faq_by_path: dict[str, list[Chunk]] = {}
+    for c in faq:
+        faq_by_path.setdefault(c.path, []).append(c)
+    jobs += [(path, cs, "fact") for path, cs in faq_by_path.items()]
+    jobs = [(path, [c for c in cs if c.language not in skip_languages], m) for path, cs, m in jobs]
+    return [job for job in jobs if job[1]]
+
+
+@dataclass
+class Synthesized:
+    result: SynthResult = field(default_factory=SynthResult)  # every document's, in document order
+    made: SynthResult = field(default_factory=SynthResult)  # what this run asked the endpoint
+    reused: int = 0  # results taken from the cache
+    failures: list[dict] = field(default_factory=list)
+
+
+def synthesize_documents(jobs: list[tuple[str, list[Chunk], str]], llm: LLMSettings,
+                         settings: BuildSettings) -> Synthesized:
+    """documents_at_once documents at a time, on threads or Dask, with a progress bar; merged in
+    document order, so the dataset does not depend on which finished first. A failed document is a
+    failure row; the others go on."""
+    out = Synthesized()
+    progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
+    synthesize = with_network_retries(synthesize_document_task, llm)
+    with synthesis_runner(settings.runner, settings.documents_at_once, settings.dask_address) as runner:
+        futures = [runner.submit(synthesize, {"path": path, "chunks": cs, "llm": llm, "settings": settings.synth,
+                                              "mode": mode})
+                   for path, cs, mode in jobs]
+        for i, _ in enumerate(as_completed(futures), start=1):
+            update_progress_artifact(progress, 100.0 * i / len(futures))
+        for (path, _, _), future in zip(jobs, futures):
+            future.wait()  # sets the final state; before it, .state may still read Pending
+            if future.state.is_completed():
+                out.result = out.result.merge(future.result())
+                if future.state.name == "Cached":
+                    out.reused += 1
+                else:
+                    out.made = out.made.merge(future.result())
+            else:
+                out.failures.append(failure_row("synthesize", path, future.state))
+    update_progress_artifact(progress, 100.0)
+    return out
+
+
+def stop_if_every_document_failed(jobs: list, failures: list[dict], llm: LLMSettings) -> None:
+    """An outage, not an empty folder: say so, and what a re-run will do."""
+    if jobs and len(failures) == len(jobs):
+        raise EndpointError(
+            f"synthesis failed for all {len(jobs)} documents at the endpoint (base_url={llm.base_url!r}, "
+            f"model={llm.model!r}), after {llm.max_retries} retries per call and {llm.task_retries} per document; "
+            f"the documents are not the problem. First error: {failures[0]['error']}\n"
+            "Fix: make the endpoint answer again (the error says what failed), then re-run: every document that "
+            "finishes is cached, so a re-run synthesizes only the ones still missing.")
+
+
+# ----------------------------------------------------------------------------- 4-5. optional stages
+
+
+def optional_stage(stage: str, what: str, task, llm: LLMSettings, *args, failures: list[dict], usage: list[dict]):
+    """Run a stage that only adds to the dataset (translation, replay): its result, or None when the
+    endpoint failed it, listed in `failures`, so the run goes on with what synthesis made."""
+    state = with_network_retries(task, llm)(*args, return_state=True)
+    if not state.is_completed():
+        failures.append(failure_row(stage, what, state))
+        get_run_logger().warning("%s failed; the dataset is built without it: %s",
+                                 "translation" if stage == "translate" else stage, failures[-1]["error"])
+        return None
+    result = state.result()
+    usage.append(usage_row(stage, result, state))
+    return result

@@ -1,0 +1,53 @@
+"""The run folder as a contract: its name must not move when code moves, and its readers explain
+what is missing."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from doctune.model_settings import TrainSettings, load_train_settings
+from doctune.runs import base_model_of, find_adapter, resolve_run, run_dir_for, settings_hash, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dataset(tmp_path: Path) -> Path:
+    d = tmp_path / "ds"
+    (d / "hf" / "train").mkdir(parents=True)
+    (d / "hf" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (d / "hf" / "train" / "data-00000-of-00001.arrow").write_bytes(bytes(range(256)) * 5)
+    return d
+
+
+def test_run_folder_names_are_pinned(tmp_path):
+    # Values computed before TrainSettings and the run helpers left tasks/train.py: a run trained
+    # then is found again now. A change here re-trains every nightly candidate; make it knowingly.
+    assert settings_hash(TrainSettings()) == "a9a38fadfc0990626d1f9ba1269538cc31e6fdbf02564afbbc3ad2efcb5b6396"
+    assert settings_hash(load_train_settings(ROOT / "configs" / "demo.yaml")).startswith("4fefeb3b3dd6e583")
+    ds = _dataset(tmp_path)
+    assert run_dir_for(ds, TrainSettings(), "outputs") == Path("outputs/models/287415a9db4a-a9a38fad")
+    assert run_dir_for(ds, TrainSettings(lora_r=8, seed=3), "outputs").name == "287415a9db4a-add3366a"
+
+
+def test_base_model_and_resolve_name_the_missing_file(tmp_path):
+    run = tmp_path / "models" / "r1"
+    run.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="run.json is missing"):
+        base_model_of(run)
+    with pytest.raises(FileNotFoundError, match="not a finished training run"):
+        resolve_run(str(run), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model is promoted yet"):
+        resolve_run("promoted", tmp_path)
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    write_json(run / "run.json", {"base_model": "some/base"})
+    assert base_model_of(run) == "some/base"
+    assert resolve_run(str(run), tmp_path) == run
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "current.json").write_text(json.dumps({"run_dir": str(run)}))
+    assert resolve_run("promoted", tmp_path) == run
+    assert find_adapter("tuned", run).base_model == "some/base"
+    (run / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match="run.json: not valid JSON"):
+        base_model_of(run)

@@ -1,0 +1,29 @@
+"""Reply-only labels: the chat template renders the prompt, which is masked; the reply and its
+end-of-turn token are trained."""
+
+from __future__ import annotations
+
+from doctune.training.data import IGNORE, render_example
+from tests.training.common import SYSTEM
+
+
+def test_only_the_reply_and_end_token_are_trained(tokenizer):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "How much is the X2?"},
+                {"role": "assistant", "content": "The X2 costs 149 euros."}]
+    ex = render_example(tokenizer, messages, None, 512)
+    kept = [t for t in ex.labels if t != IGNORE]
+    assert tokenizer.decode(kept) == "The X2 costs 149 euros.<|im_end|>"
+    # The masked part is exactly the prompt, and the input ends right after the end-of-turn token.
+    assert ex.labels[: len(ex.labels) - len(kept)] == [IGNORE] * (len(ex.labels) - len(kept))
+    assert ex.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert "How much is the X2?" in tokenizer.decode(ex.input_ids)
+
+
+def test_system_prompt_override_and_drop_reasons(tokenizer):
+    messages = [{"role": "system", "content": "old"}, {"role": "user", "content": "Q?"},
+                {"role": "assistant", "content": "A."}]
+    ex = render_example(tokenizer, messages, "NEW SYSTEM", 512)
+    text = tokenizer.decode(ex.input_ids)
+    assert "NEW SYSTEM" in text and "old" not in text
+    assert render_example(tokenizer, messages, None, 8) == "longer than max_seq_len"
+    assert render_example(tokenizer, messages[:2], None, 512) == "last message is not an assistant reply"
