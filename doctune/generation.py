@@ -1,9 +1,14 @@
-"""Greedy chat replies from a model already in memory: used by evaluation (base vs fine-tuned) and
-by training (scoring held-out questions while the adapter learns)."""
+"""Greedy chat replies: from a model already in memory (training scores held-out questions while the
+adapter learns) or from a model, merged folder or training run loaded for it (evaluation: base vs
+fine-tuned)."""
 
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
+from pathlib import Path
+
+from doctune.runs import base_model_of
 
 
 def chat_prompts(tokenizer, questions: list[str], systems: list[str]) -> list[str]:
@@ -47,3 +52,64 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     finally:
         tokenizer.padding_side = side
     return replies
+
+
+def load_model(model_ref: str | Path):
+    """(model, tokenizer), ready for batched greedy generation, for a base model path or hub id, a merged model folder, or a training run
+    folder (run.json + adapter/), which loads run.json's base model with the peft adapter on top."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = Path(model_ref)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if (ref / "adapter_config.json").exists():
+        raise ValueError(f"{ref} is a bare adapter folder; pass its run folder ({ref.parent}, with run.json)")
+    if (ref / "run.json").exists():
+        if not (ref / "adapter" / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{ref}/adapter/adapter_config.json is missing: did training finish?")
+        from peft import PeftModel
+
+        base = base_model_of(ref)
+        tok_dir = ref / "adapter" if (ref / "adapter" / "tokenizer_config.json").exists() else base
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = PeftModel.from_pretrained(model, ref / "adapter")
+    elif ref.exists() and not (ref / "config.json").exists():
+        raise FileNotFoundError(f"{ref}: neither a model folder (config.json) nor a run folder (run.json + adapter/)")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_ref)
+        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{model_ref}: the tokenizer has no chat template; evaluate an instruct/chat model")
+    # Decoder-only models continue from the last position: pad on the left so every prompt ends there.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def generate_answers(
+    model_ref: str | Path,
+    questions: list[str],
+    system_prompt: str | list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy replies, one per question, in order. `system_prompt` is one for all or one per
+    question ("" sends no system message; the chat template may then add its own default)."""
+    import torch
+
+    if not questions:
+        return []
+    systems = [system_prompt] * len(questions) if isinstance(system_prompt, str) else list(system_prompt)
+    model, tokenizer = load_model(model_ref)
+    try:
+        return generate_greedy(model, tokenizer, chat_prompts(tokenizer, questions, systems), max_new_tokens,
+                               batch_size, desc=f"answering with {Path(model_ref).name}")
+    finally:
+        # Base and candidate are loaded one after the other: free the first before the second.
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -9,7 +9,8 @@ from prefect import flow
 from doctune.logs import our_loggers_at_info
 from doctune.model_settings import EvalSettings
 from doctune.runs import base_model_of
-from tasks.evaluate import evaluate_task, metrics_table, promote_task
+from tasks.evaluate import evaluate_task, metrics_table
+from tasks.promote import promote_task
 
 
 @flow(name="evaluate", log_prints=True)

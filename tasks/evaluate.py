@@ -4,164 +4,34 @@ Base and candidate answer the hand-written gold questions and the held-out test 
 reply is scored by fact recall (are the key facts in it), ROUGE-L and chrF, and optionally by an
 LLM judge; scores are aggregated per set and per language. Text is tokenised so that Chinese is
 scored on characters, never on whitespace "words": that mistake is why Chinese BLEU/ROUGE so
-often comes out 0.0. `decide_promotion` then lets a candidate replace the current model only
-when it beats it on the gold set by a margin.
+often comes out 0.0. tasks/promote.py then lets a candidate replace the current model only when it
+beats it on the gold set by a margin. The LLM judge is doctune/judge.py; loading a model or a run for
+greedy answers is doctune/generation.py.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
 from typing import Literal
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel, Field
 
-from doctune.generation import chat_prompts, generate_greedy
+from doctune.generation import generate_answers
+from doctune.judge import judge_replies
 from doctune.metrics import (Language, answer_facts, chrf, detect_language, facts_found, fmt_score, key_facts,
                              rouge_l)
-from doctune.prefect_utils import CACHE
 from doctune.model_settings import EvalSettings, MetricName
-from doctune.prompts import PROMPTS_DIR, render
+from doctune.prefect_utils import CACHE
 from doctune.records import read_jsonl, sha256_bytes, sha256_text, write_jsonl
-from doctune.registry import append_decision, read_current, write_current
 from doctune.runs import base_model_of, dataset_system_prompt
-from doctune.settings import LLMSettings
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- LLM judge
-
-class JudgeScore(BaseModel):
-    score: int | None = Field(description="1-5, or None when the judge's reply could not be read.")
-    reason: str
-
-
-def parse_judge_reply(text: str) -> JudgeScore:
-    """Lenient: a JSON object anywhere (code fences allowed), else `score: N`, else a bare digit."""
-    match = re.search(r"\{.*\}", text, re.DOTALL)
-    if match:
-        try:
-            obj = json.loads(match.group(0))
-            score = round(float(obj.get("score")))
-            if 1 <= score <= 5:
-                return JudgeScore(score=score, reason=str(obj.get("reason", "")).strip())
-        except (ValueError, TypeError, AttributeError):
-            pass
-    match = (re.search(r"(?:score|评分|分数)\W{0,3}([1-5])(?!\d)", text, re.IGNORECASE)
-             or re.fullmatch(r"\s*([1-5])\s*", text))
-    if match:
-        return JudgeScore(score=int(match.group(1)), reason=text.strip()[:300])
-    return JudgeScore(score=None, reason=f"unreadable judge reply: {text.strip()[:200]!r}")
-
-
-def judge_prompt(question: str, reference: str, reply: str, language: Language) -> str:
-    name = "judge_zh.md" if language == "zh" else "judge.md"
-    template = (PROMPTS_DIR / name).read_text(encoding="utf-8")
-    return render(template, question=question, reference=reference, reply=reply)
-
-
-def judge_replies(llm: LLMSettings, items: list[tuple[str, str, str, Language]]) -> list[JudgeScore]:
-    """Score (question, reference, reply, language) tuples concurrently. Calls that still fail after
-    their own retries are asked again in up to `llm.task_retries` later rounds (spaced and jittered
-    like task retries: a retry of the evaluation task would regenerate every reply); one that fails
-    throughout gives a None score with the reason instead of losing the whole evaluation."""
-    from doctune.llm import EndpointError, chat, make_client, retry_delays
-
-    client = make_client(llm)
-
-    def one(item: tuple[str, str, str, Language]) -> tuple[JudgeScore, bool]:
-        prompt = judge_prompt(*item)
-        try:
-            result = chat(client, llm, [{"role": "user", "content": prompt}], temperature=0, max_tokens=200)
-        except EndpointError as exc:
-            return JudgeScore(score=None, reason=f"judge call failed: {exc}"), exc.transient
-        return parse_judge_reply(result.text), False
-
-    with ThreadPoolExecutor(max_workers=llm.concurrency) as pool:
-        results = list(pool.map(one, items))
-        for round_no, delay in enumerate(retry_delays(llm), start=1):
-            again = [i for i, (_, retry) in enumerate(results) if retry]
-            if not again:
-                break
-            log.warning("judge: %d of %d calls failed (%s); round %d of %d in %.1f s", len(again), len(items),
-                        results[again[0]][0].reason[:200], round_no, llm.task_retries, delay)
-            time.sleep(delay)
-            for i, result in zip(again, pool.map(one, [items[i] for i in again])):
-                results[i] = result
-    return [score for score, _ in results]
-
-
-# --------------------------------------------------------------------------- generation
-
-def load_model(model_ref: str | Path):
-    """(model, tokenizer) for a base model path or hub id, a merged model folder, or a training run
-    folder (run.json + adapter/), which loads run.json's base model with the peft adapter on top."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ref = Path(model_ref)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if (ref / "adapter_config.json").exists():
-        raise ValueError(f"{ref} is a bare adapter folder; pass its run folder ({ref.parent}, with run.json)")
-    if (ref / "run.json").exists():
-        if not (ref / "adapter" / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{ref}/adapter/adapter_config.json is missing: did training finish?")
-        from peft import PeftModel
-
-        base = base_model_of(ref)
-        tok_dir = ref / "adapter" if (ref / "adapter" / "tokenizer_config.json").exists() else base
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-        model = PeftModel.from_pretrained(model, ref / "adapter")
-    elif ref.exists() and not (ref / "config.json").exists():
-        raise FileNotFoundError(f"{ref}: neither a model folder (config.json) nor a run folder (run.json + adapter/)")
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(model_ref)
-        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{model_ref}: the tokenizer has no chat template; evaluate an instruct/chat model")
-    # Decoder-only models continue from the last position: pad on the left so every prompt ends there.
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
-
-
-def generate_answers(
-    model_ref: str | Path,
-    questions: list[str],
-    system_prompt: str | list[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-) -> list[str]:
-    """Greedy replies, one per question, in order. `system_prompt` is one for all or one per
-    question ("" sends no system message; the chat template may then add its own default)."""
-    import torch
-
-    if not questions:
-        return []
-    systems = [system_prompt] * len(questions) if isinstance(system_prompt, str) else list(system_prompt)
-    model, tokenizer = load_model(model_ref)
-    try:
-        return generate_greedy(model, tokenizer, chat_prompts(tokenizer, questions, systems), max_new_tokens,
-                               batch_size, desc=f"answering with {Path(model_ref).name}")
-    finally:
-        # Base and candidate are loaded one after the other: free the first before the second.
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -475,14 +345,14 @@ def report_markdown(report: EvalReport, examples: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _in_prefect_run() -> bool:
+def in_prefect_run() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
 
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 def publish_eval_artifacts(report: EvalReport, examples: list[dict]) -> None:
-    if not _in_prefect_run():
+    if not in_prefect_run():
         return
     from prefect.artifacts import create_table_artifact
 
@@ -490,104 +360,6 @@ def publish_eval_artifacts(report: EvalReport, examples: list[dict]) -> None:
                           description=f"Base vs fine-tuned, {report.name}")
     create_table_artifact(side_by_side_table(examples), key="eval-side-by-side",
                           description="Most improved and most regressed answers (✓ = every key fact found)")
-
-
-# --------------------------------------------------------------------------- promotion
-
-class Decision(BaseModel):
-    promoted: bool
-    reason: str
-    compared_to: str = Field(description="'current:<run_dir>' or 'base:<model>'; '' when nothing was comparable.")
-    candidate: str
-    metric: str
-    candidate_score: float | None
-    reference_score: float | None
-    margin: float
-    eval_dir: str
-    decided_at: str
-    # What the candidate was trained on and how (from its run.json), so the registry can tell
-    # "documents unchanged" apart from "new data", and its scores on every set and language.
-    dataset_dir: str | None = None
-    dataset_sha256: str | None = None
-    settings_sha256: str | None = None
-    scores: dict[str, float | None] = Field(default_factory=dict)
-
-
-def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float | None = None) -> Decision:
-    """Promote the candidate only if it beats the current promoted model (or, when none, the base
-    model in this report) on the gold set by at least `margin`. Every decision is appended to
-    decisions.jsonl; a promotion rewrites current.json atomically."""
-    registry = Path(registry_dir)
-    metric = report.settings.promotion_metric
-    margin = report.settings.promotion_margin if margin is None else margin
-    row = report.get(metric, "gold")
-    current = read_current(registry)
-    candidate_score = row.tuned if row else None
-    reference_score, compared_to = None, ""
-    if row is None:
-        promoted, reason = False, (f"no gold-set {metric} in {report.eval_dir}: nothing to compare; add questions "
-                                   "with facts to the gold file")
-    elif current and current["run_dir"] == report.candidate:
-        # Evaluating the current model again (say, on an edited gold file) refreshes its scores,
-        # which is how a registry becomes comparable again after the gold set changed.
-        promoted, reason = False, (f"{report.candidate} is already the current model; its scores in "
-                                   f"{registry / 'current.json'} now come from {report.eval_dir}")
-    elif current and current.get("gold_sha256") != report.gold_sha256:
-        promoted, reason = False, (
-            f"the current model {current['run_dir']} was scored on another gold file (sha256 "
-            f"{str(current.get('gold_sha256'))[:12]} vs {str(report.gold_sha256)[:12]}), so its {metric} is not "
-            f"comparable; evaluate {current['run_dir']} on this gold file and decide on that report (it updates "
-            f"{registry / 'current.json'}), or delete that file to compare against the base model again")
-        compared_to = f"current:{current['run_dir']}"
-    elif current and current.get("scores", {}).get(f"gold/all/{metric}") is None:
-        promoted, reason = False, (f"the current model {current['run_dir']} has no gold {metric} score in "
-                                   f"{registry / 'current.json'}; promote by another metric or re-evaluate it")
-        compared_to = f"current:{current['run_dir']}"
-    else:
-        if current:
-            reference_score, compared_to = current["scores"][f"gold/all/{metric}"], f"current:{current['run_dir']}"
-        else:
-            reference_score, compared_to = row.base, f"base:{report.base_model}"
-        gain = round(candidate_score - reference_score, 9)  # 0.35 - 0.30 must count as 0.05
-        promoted = gain >= margin
-        reason = (f"gold {metric}: candidate {candidate_score:.3f} vs {compared_to.split(':')[0]} "
-                  f"{reference_score:.3f} ({gain:+.3f}); promotion needs at least +{margin:.3f}")
-    run_json = Path(report.candidate) / "run.json"
-    trained = json.loads(run_json.read_text(encoding="utf-8")) if run_json.exists() else {}
-    decision = Decision(
-        promoted=promoted, reason=reason, compared_to=compared_to, candidate=report.candidate, metric=metric,
-        candidate_score=candidate_score, reference_score=reference_score, margin=margin, eval_dir=report.eval_dir,
-        decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        dataset_dir=trained.get("dataset_dir"), dataset_sha256=trained.get("dataset_sha256"),
-        settings_sha256=trained.get("settings_sha256"),
-        scores={f"{m.set}/{m.language}/{m.metric}": m.tuned for m in report.metrics},
-    )
-    append_decision(registry, decision.model_dump(mode="json"))
-    rescored = bool(current and current["run_dir"] == report.candidate and row is not None)
-    if promoted or rescored:
-        record = {
-            "run_dir": report.candidate, "base_model": report.base_model, "metric": metric, "score": candidate_score,
-            "gold_sha256": report.gold_sha256, "eval_dir": report.eval_dir,
-            "dataset_sha256": decision.dataset_sha256, "settings_sha256": decision.settings_sha256,
-            "promoted_at": decision.decided_at if promoted else current["promoted_at"],
-            "previous": current["previous"] if rescored else (current["run_dir"] if current else None),
-            "scores": decision.scores,
-        }
-        write_current(registry, record)
-    return decision
-
-
-def publish_decision_artifact(decision: Decision) -> None:
-    if not _in_prefect_run():
-        return
-    from prefect.artifacts import create_markdown_artifact
-
-    verdict = "✅ promoted" if decision.promoted else "⛔ not promoted"
-    create_markdown_artifact(
-        f"## {verdict}: `{decision.candidate}`\n\n{decision.reason}\n\n"
-        f"- compared to: `{decision.compared_to or '–'}`\n- evaluation: `{decision.eval_dir}`\n",
-        key="promotion-decision", description="Did the candidate replace the current model?",
-    )
 
 
 # --------------------------------------------------------------------------- Prefect tasks
@@ -603,11 +375,3 @@ def _content_key(context, parameters: dict) -> str:
 def evaluate_task(base_model: str, candidate_run_dir: str, dataset_dir: str | None, gold_path: str | None,
                   settings: EvalSettings, output_root: str) -> EvalReport:
     return evaluate(base_model, candidate_run_dir, dataset_dir, gold_path, settings, output_root)
-
-
-# Never cached: the answer depends on the registry, which other runs change.
-@task(cache_policy=NO_CACHE)
-def promote_task(report: EvalReport, registry_dir: str, margin: float | None = None) -> Decision:
-    decision = decide_promotion(report, registry_dir, margin)
-    publish_decision_artifact(decision)
-    return decision

@@ -9,7 +9,7 @@ ids). Measured on this 2-core CPU with SmolLM2-135M, batch 8: 1.6-1.9x the non-p
 plain Trainer with padding (bench/train_throughput.py), and the same cost per token as ideally
 length-grouped batches, without grouping's same-length batches.
 
-    settings = load_train_settings("configs/train.yaml")   # validated before any model loads
+    settings = load_train_settings("configs/train.yaml")   # doctune.model_settings; validated first
     run_dir = train("outputs/datasets/<id>", settings, "outputs")
 
 The pieces are in doctune/training/ (data, batching, model, checkpoint, merge, report); this module is
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from doctune.generation import chat_prompts, generate_greedy
 from doctune.metrics import fact_recall, rouge_l
-from doctune.model_settings import TrainSettings, load_train_settings, validate_train_settings  # noqa: F401 (the recipe's face)
+from doctune.model_settings import TrainSettings
 from doctune.prefect_utils import CACHE
 from doctune.runs import dataset_hash, run_dir_for, settings_hash, write_json
 from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps

@@ -1,11 +1,10 @@
-"""Evaluation: the judge's parsing and wire call, the promotion rule, and evaluate() end to end on
-a tiny random model (the metrics themselves: tests/test_metrics.py)."""
+"""Evaluation: settings, evaluate() end to end on a tiny random model and through its Prefect tasks (the
+metrics themselves: tests/test_metrics.py; the judge: tests/test_judge.py; the promotion rule:
+tests/test_promote.py)."""
 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -13,88 +12,9 @@ from pydantic import ValidationError
 
 from doctune.metrics import chrf, rouge_l
 from doctune.model_settings import EvalSettings
-from doctune.settings import LLMSettings
 from tasks import evaluate as ev
-from tasks.evaluate import EvalReport, MetricRow, decide_promotion, parse_judge_reply
-from tests.endpoints import JSONHandler
-
-
-# --------------------------------------------------------------------------- LLM judge
-
-def test_parse_judge_reply_is_lenient():
-    assert parse_judge_reply('```json\n{"score": 4, "reason": "has the price"}\n```').score == 4
-    assert parse_judge_reply('Sure! {"score": "5", "reason": "all facts"} Hope this helps').score == 5
-    assert parse_judge_reply("Score: 2/5, the number is wrong").score == 2
-    assert parse_judge_reply("评分：3分").score == 3
-    assert parse_judge_reply("4").score == 4
-    bad = parse_judge_reply('{"score": 9}')
-    assert bad.score is None and "unreadable" in bad.reason
-
-
-def test_judge_calls_an_openai_compatible_endpoint():
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            body = json.dumps({
-                "id": "x", "object": "chat.completion", "created": 0, "model": "judge",
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": '{"score": 4, "reason": "price right"}'}}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-            }).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        llm = LLMSettings(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="judge", max_retries=0)
-        scores = ev.judge_replies(llm, [("How much is the X2?", "149 euros.", "It costs 149 euros.", "en"),
-                                        ("退货期限是多久？", "30天。", "30天", "zh")])
-    finally:
-        server.shutdown()
-    assert [s.score for s in scores] == [4, 4]
-    prompts = sorted(r["messages"][0]["content"] for r in seen)
-    assert "How much is the X2?" in prompts[0] and "It costs 149 euros." in prompts[0]
-    assert "退货期限是多久？" in prompts[1] and "参考答案" in prompts[1]
-    assert all(r["temperature"] == 0 for r in seen)
-
-
-@pytest.mark.parametrize("task_retries, scored", [(1, [4, 4]), (0, [None, None])])
-def test_judge_calls_failing_past_their_own_retries_get_a_later_round(task_retries, scored):
-    """The judge endpoint answers 500 to its first 4 requests: each call's own retry (max_retries=1)
-    is spent, and only a later round (task_retries) scores the replies."""
-    seen = []
-
-    class Handler(JSONHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            seen.append(1)
-            if len(seen) <= 4:
-                return self._send(500, {"error": {"message": "overloaded"}})
-            self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
-                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                 "role": "assistant", "content": '{"score": 4, "reason": "ok"}'}}]})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        llm = LLMSettings(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="judge", max_retries=1,
-                          task_retries=task_retries, retry_delays_s=[0.1])
-        scores = ev.judge_replies(llm, [("Q1?", "A.", "A.", "en"), ("Q2?", "B.", "B.", "en")])
-    finally:
-        server.shutdown()
-    assert [s.score for s in scores] == scored
-    assert len(seen) == 4 + (2 if task_retries else 0)
-    if not task_retries:
-        assert all("judge call failed" in s.reason and "HTTP 500" in s.reason for s in scores)
+from tasks import promote
+from tasks.promote import decide_promotion
 
 
 def test_eval_settings_validate():
@@ -103,70 +23,6 @@ def test_eval_settings_validate():
         EvalSettings(max_new_token=8)  # misspelt key
     with pytest.raises(ValidationError, match="judge=true"):
         EvalSettings(promotion_metric="judge")
-
-
-# --------------------------------------------------------------------------- promotion
-
-def make_report(tmp_path: Path, candidate: str, base: float, tuned: float, gold_sha: str = "g1") -> EvalReport:
-    row = MetricRow(set="gold", language="all", metric="fact_recall", n=10, base=base, tuned=tuned,
-                    delta=round(tuned - base, 4), better=0, worse=0)
-    return EvalReport(
-        name=candidate, eval_dir=str(tmp_path / "evals" / candidate), created="now", fingerprint="f",
-        base_model="base", candidate=candidate, gold_path="gold.jsonl", gold_sha256=gold_sha, dataset_dir=None,
-        settings=EvalSettings(), counts={"gold": 10, "test": 0, "dropped": 0}, dropped=[], metrics=[row],
-    )
-
-
-def decisions(registry: Path) -> list[dict]:
-    return [json.loads(line) for line in (registry / "decisions.jsonl").read_text().splitlines()]
-
-
-def test_promoted_over_base_when_no_current(tmp_path):
-    registry = tmp_path / "registry"
-    d = decide_promotion(make_report(tmp_path, "runs/r1", base=0.2, tuned=0.6), registry, margin=0.05)
-    assert d.promoted and d.compared_to == "base:base"
-    current = json.loads((registry / "current.json").read_text())
-    assert current["run_dir"] == "runs/r1" and current["score"] == 0.6
-    assert current["scores"]["gold/all/fact_recall"] == 0.6
-    assert len(decisions(registry)) == 1 and not (registry / "current.json.tmp").exists()
-
-
-def test_not_promoted_below_margin_and_reason_has_both_numbers(tmp_path):
-    registry = tmp_path / "registry"
-    d = decide_promotion(make_report(tmp_path, "runs/r1", base=0.30, tuned=0.33), registry, margin=0.05)
-    assert not d.promoted
-    assert "0.330" in d.reason and "0.300" in d.reason and "0.050" in d.reason
-    assert not (registry / "current.json").exists()
-    assert decisions(registry)[0]["promoted"] is False
-    # Exactly the margin counts, despite 0.35 - 0.30 == 0.04999... in floating point.
-    assert decide_promotion(make_report(tmp_path, "runs/r2", base=0.30, tuned=0.35), registry, margin=0.05).promoted
-
-
-def test_not_promoted_when_current_model_is_better_than_base(tmp_path):
-    registry = tmp_path / "registry"
-    assert decide_promotion(make_report(tmp_path, "runs/r1", base=0.2, tuned=0.8), registry, margin=0.05).promoted
-    # r2 beats the base by far, but not the current model r1.
-    d = decide_promotion(make_report(tmp_path, "runs/r2", base=0.2, tuned=0.7), registry, margin=0.05)
-    assert not d.promoted and d.compared_to == "current:runs/r1" and "0.800" in d.reason
-    assert json.loads((registry / "current.json").read_text())["run_dir"] == "runs/r1"
-    d3 = decide_promotion(make_report(tmp_path, "runs/r3", base=0.2, tuned=0.9), registry, margin=0.05)
-    assert d3.promoted and json.loads((registry / "current.json").read_text())["previous"] == "runs/r1"
-    assert [x["promoted"] for x in decisions(registry)] == [True, False, True]
-
-
-def test_not_promoted_against_a_current_model_scored_on_another_gold_file(tmp_path):
-    registry = tmp_path / "registry"
-    decide_promotion(make_report(tmp_path, "runs/r1", base=0.2, tuned=0.5, gold_sha="old"), registry, margin=0.05)
-    d = decide_promotion(make_report(tmp_path, "runs/r2", base=0.2, tuned=0.9, gold_sha="new"), registry, margin=0.05)
-    assert not d.promoted and "another gold file" in d.reason
-    # The fix the reason names: evaluate the current model on the new gold file, which re-scores it ...
-    d = decide_promotion(make_report(tmp_path, "runs/r1", base=0.2, tuned=0.4, gold_sha="new"), registry, margin=0.05)
-    assert not d.promoted and "already the current model" in d.reason
-    current = json.loads((registry / "current.json").read_text())
-    assert (current["run_dir"], current["score"], current["gold_sha256"]) == ("runs/r1", 0.4, "new")
-    # ... after which candidates are compared with it again.
-    assert decide_promotion(make_report(tmp_path, "runs/r2", base=0.2, tuned=0.9, gold_sha="new"), registry,
-                            margin=0.05).promoted
 
 
 # --------------------------------------------------------------------------- evaluate() end to end
@@ -337,7 +193,7 @@ def test_tasks_cache_on_content_and_publish_artifacts(tmp_path, monkeypatch, pre
     @flow
     def evaluate_and_promote(out: str):
         report = ev.evaluate_task("base", "runs/c", None, str(gold), EvalSettings(system_prompt="S"), out)
-        return report, ev.promote_task(report, out + "/registry")
+        return report, promote.promote_task(report, out + "/registry")
 
     report, decision = evaluate_and_promote(str(tmp_path / "out"))
     assert decision.promoted and len(calls) == 2
@@ -355,17 +211,3 @@ def test_tasks_cache_on_content_and_publish_artifacts(tmp_path, monkeypatch, pre
             return {a.key for a in await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
 
     assert {"eval-metrics", "eval-side-by-side", "promotion-decision"} <= asyncio.run(artifact_keys())
-
-
-# --------------------------------------------------------------------------- the real base model
-
-@pytest.mark.slow
-def test_generate_answers_with_the_real_base_model():
-    from doctune.base_model import prepare_base_model
-
-    questions = ["What is the capital of France?", "Name a primary colour."]
-    replies = ev.generate_answers(prepare_base_model(), questions, "You are a helpful assistant.",
-                                  max_new_tokens=16, batch_size=2)
-    assert len(replies) == 2 and all(r.strip() for r in replies)
-    assert "Paris" in replies[0]
-    assert not any("<|im_end|>" in r or "<|im_start|>" in r for r in replies)

@@ -17,7 +17,8 @@ from doctune.training.checkpoint import checkpoints
 from doctune.training.model import initial_plan, load_model
 from doctune.training.report import loss_markdown
 from tasks import train as tr
-from tasks.train import TrainSettings, TrainingInterrupted, load_train_settings, train
+from doctune.model_settings import TrainSettings, load_train_settings
+from tasks.train import TrainingInterrupted, train
 from tests.training.common import _row, adapter_weights, dataset_dir, one_thread, tiny_settings  # noqa: F401 (fixtures)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
