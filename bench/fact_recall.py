@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", default=str(ROOT / "data/docs"))
-    ap.add_argument("--gold", default=str(ROOT / "data/gold/gold.jsonl"))
+    ap.add_argument("--gold", default=str(ROOT / "data/docs/gold/gold.jsonl"))
     ap.add_argument("--config", default=str(ROOT / "configs/demo.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one seed is noisy: compare over several")
     ap.add_argument("--output-dir", default=str(ROOT / "outputs/bench"))

@@ -125,7 +125,8 @@ def _echo_metrics(rows: list[dict]) -> None:
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A model run folder written by train."),
     dataset_dir: Optional[Path] = typer.Option(None, help="Dataset whose test split is also scored."),
-    gold: Optional[Path] = typer.Option(Path("data/gold/gold.jsonl"), help="Hand-written gold set."),
+    gold: Optional[Path] = typer.Option(None, help="Hand-written gold questions: a JSONL file or a folder of "
+                                        "them, e.g. the document folder's gold/ (data/docs/gold)."),
     settings: Optional[Path] = typer.Option(None, help="YAML file of EvalSettings."),
     output_dir: Path = typer.Option(Path("outputs")),
 ):

@@ -167,8 +167,9 @@ class ExportSettings(BaseModel):
         "auto: when node and node-llama-cpp are installed; required: fail without them; off: skip.",
     )
     check_questions: str | None = Field(
-        "data/gold/gold.jsonl",
-        description="JSONL of questions (a `question` key per line) for the check; missing or None: the run's test split.",
+        None,
+        description="Questions for the check: a JSONL file (a `question` key per line) or a folder of them, such as "
+        "the document folder's gold/; missing or None: the run's own test split.",
     )
     check_max_questions: int = Field(30, ge=1, description="At most this many check questions.")
     check_max_tokens: int = Field(48, ge=1, le=1024, description="Greedy tokens per answer in the check.")

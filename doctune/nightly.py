@@ -11,10 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from doctune.gold import gold_bytes, gold_digest, gold_files
 from doctune.model_settings import EvalSettings, ExportSettings, TrainSettings
 from doctune.registry import earlier_decision, read_current
 from doctune.runs import settings_hash
 from doctune.settings import BuildSettings
+
+
+AUTO_GOLD = "auto"
 
 
 class NightlySettings(BaseModel):
@@ -29,8 +33,10 @@ class NightlySettings(BaseModel):
         "of both pools must see the same folder.",
     )
     gold_path: str | None = Field(
-        "data/gold/gold.jsonl",
-        description="Hand-written gold questions about the documents; promotion is decided on them.",
+        AUTO_GOLD,
+        description="Hand-written gold questions about the documents; promotion is decided on them when there are "
+        "some. 'auto': every *.jsonl in the folder's own gold/ (left out of training), none when it has no such "
+        "file; a path: that JSONL file or folder of JSONL files; null: no gold (the held-out split only).",
     )
     init_from: Literal["base", "promoted"] = Field(
         "base",
@@ -67,6 +73,32 @@ def build_settings(settings: NightlySettings) -> BuildSettings:
 
 def registry_dir(settings: NightlySettings) -> Path:
     return Path(settings.output_dir) / "registry"
+
+
+def resolve_gold(folder: str | Path, settings: NightlySettings) -> str | None:
+    """Tonight's gold file: the folder's own gold/ ('auto'), or the one gold_path names, copied whole under
+    `<output_dir>/gold/<sha256[:12]>.jsonl` (the training pool sees outputs/, not always the document folder;
+    the copy keeps the questions each decision was made on). None when there is no gold. Files are joined in
+    name order, so one file's copy has that file's own sha256 and the registry can compare its scores."""
+    if settings.gold_path is None:
+        return None
+    if settings.gold_path == AUTO_GOLD:
+        path = Path(folder) / "gold"
+        if not path.is_dir() or not gold_files(path):
+            return None
+    else:
+        path = Path(settings.gold_path)
+        if not path.exists() or not gold_files(path):
+            raise FileNotFoundError(f"gold_path={settings.gold_path!r}: no gold file there; give a JSONL file or a "
+                                    f"folder of them, 'auto' for the document folder's gold/ ({Path(folder) / 'gold'}),"
+                                    f" or null for none")
+    out = Path(settings.output_dir) / "gold" / f"{gold_digest(path)[:12]}.jsonl"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".tmp-{out.name}")
+        tmp.write_bytes(gold_bytes(path))
+        tmp.replace(out)
+    return str(out)
 
 
 def train_settings(settings: NightlySettings) -> TrainSettings:

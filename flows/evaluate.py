@@ -14,7 +14,7 @@ from tasks.promote import promote_task
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(run_dir: str, dataset_dir: str | None = None, gold_path: str | None = "data/gold/gold.jsonl",
+def evaluate(run_dir: str, dataset_dir: str | None = None, gold_path: str | None = None,
              settings: EvalSettings = EvalSettings(), output_dir: str = "outputs") -> dict:
     """Returns the metrics table and the promotion decision."""
     our_loggers_at_info()

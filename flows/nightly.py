@@ -17,7 +17,7 @@ from prefect.settings import PREFECT_UI_URL
 from doctune.logs import our_loggers_at_info
 from doctune import local_llm
 from doctune.nightly import (NightlySettings, build_settings, child_failure, nothing_new, registry_dir,
-                             summary_markdown, train_settings)
+                             resolve_gold, summary_markdown, train_settings)
 from doctune.registry import publish_registry, read_decisions
 from doctune.runs import dataset_hash, run_dir_for
 from flows.build_dataset import build_dataset
@@ -46,6 +46,10 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
         log.info("synthesis endpoint: %s", how)
         dataset_dir = build_dataset(folder, build)
     ds_sha = dataset_hash(dataset_dir)
+    # The folder's own gold questions (gold_path 'auto'), found before any training is spent.
+    gold = resolve_gold(folder, settings)
+    log.info("gold questions: %s", f"{gold} (gold_path {settings.gold_path!r})" if gold else
+             f"none (gold_path {settings.gold_path!r}); promotion needs gold: add {Path(folder) / 'gold'}/*.jsonl")
 
     # 2. Nothing new: stop before any training.
     train = train_settings(settings)
@@ -62,7 +66,7 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
                     "resume": True}, settings)
 
         # 4. Evaluate base vs candidate and apply the promotion rule.
-        args = {"run_dir": run_dir, "dataset_dir": dataset_dir, "gold_path": settings.gold_path,
+        args = {"run_dir": run_dir, "dataset_dir": dataset_dir, "gold_path": gold,
                 "settings": settings.eval.model_dump(mode="json"), "output_dir": out}
         if settings.evaluate_on == "deployment":
             _run_child("evaluation", settings.evaluate_deployment, args, settings)

@@ -23,6 +23,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel, Field
 
 from doctune.generation import generate_answers
+from doctune.gold import gold_digest, gold_files
 from doctune.judge import judge_replies
 from doctune.metrics import (Language, answer_facts, chrf, detect_language, facts_found, fmt_score, key_facts,
                              rouge_l)
@@ -79,12 +80,15 @@ class EvalReport(BaseModel):
 
 
 def load_gold(path: str | Path, system: str) -> tuple[list[EvalItem], list[dict]]:
-    """Gold rows as EvalItems; a malformed line is dropped with a reason instead of failing the run."""
+    """Gold rows (a JSONL file or a folder of them, doctune/gold.py) as EvalItems; a malformed line is dropped
+    with a reason instead of failing the run."""
     items, dropped = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    lines = [(f, n, line) for f in gold_files(path)
+             for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)]
+    for f, n, line in lines:
         if not line.strip():
             continue
-        where = f"{path} line {n}"
+        where = f"{f} line {n}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -100,7 +104,7 @@ def load_gold(path: str | Path, system: str) -> tuple[list[EvalItem], list[dict]
             continue
         facts = [str(f) for f in row.get("facts") or [] if str(f).strip()]
         items.append(EvalItem(
-            set="gold", id=str(row.get("id") or f"gold-{n}"), question=row["question"], reference=row["answer"],
+            set="gold", id=str(row.get("id") or (f"gold-{n}" if f == Path(path) else f"{f.stem}-{n}")), question=row["question"], reference=row["answer"],
             facts=facts or key_facts(row["answer"], language), facts_from="gold" if facts else "key_facts",
             language=language, system=system,
         ))
@@ -182,7 +186,7 @@ def model_fingerprint(model_ref: str | Path) -> str:
 
 def eval_fingerprint(base_model: str, candidate_run_dir: str, gold_path: str | None, test_items: list[EvalItem],
                      settings: EvalSettings) -> str:
-    gold = sha256_bytes(Path(gold_path).read_bytes()) if gold_path else ""
+    gold = gold_digest(gold_path) if gold_path else ""
     test = sha256_text(json.dumps([i.model_dump() for i in test_items], ensure_ascii=False))
     return sha256_text(json.dumps([model_fingerprint(base_model), model_fingerprint(candidate_run_dir), gold, test,
                                    settings.model_dump(mode="json")]))
@@ -201,9 +205,10 @@ def evaluate(
     of the models, the gold file, the test rows and the settings: an identical evaluation returns
     the existing report, and nothing is ever overwritten."""
     base_model, candidate = str(base_model), str(candidate_run_dir)
-    if gold_path is not None and not Path(gold_path).exists():
-        raise FileNotFoundError(f"{gold_path}: gold file missing; write one JSON line per question "
-                                '({"id", "question", "answer", "facts", "language"}) or pass gold_path=None')
+    if gold_path is not None and (not Path(gold_path).exists() or not gold_files(gold_path)):
+        raise FileNotFoundError(f"{gold_path}: no gold file there; write one JSON line per question "
+                                '({"id", "question", "answer", "facts", "language"}) in a .jsonl file (or a folder '
+                                "of them), or pass gold_path=None")
     test_items = load_test_split(dataset_dir, settings.max_test_examples) if dataset_dir else []
     fingerprint = eval_fingerprint(base_model, candidate, str(gold_path) if gold_path else None, test_items, settings)
     name = f"{Path(candidate).name}-{fingerprint[:12]}"
@@ -257,7 +262,7 @@ def evaluate(
         name=name, eval_dir=str(out), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         fingerprint=fingerprint, base_model=base_model, candidate=candidate,
         gold_path=str(gold_path) if gold_path else None,
-        gold_sha256=sha256_bytes(Path(gold_path).read_bytes()) if gold_path else None,
+        gold_sha256=gold_digest(gold_path) if gold_path else None,
         dataset_dir=str(dataset_dir) if dataset_dir else None, settings=settings,
         counts={"gold": len(gold_items), "test": len(test_items), "dropped": len(dropped)},
         dropped=dropped, metrics=aggregate(examples, metrics),

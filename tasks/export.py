@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import task
 
 from doctune.gguf_export import GGUF_TYPES, ExportError, write_gguf
+from doctune.gold import gold_files
 from doctune.metrics import fmt_score
 from doctune.model_settings import ExportSettings, GGUFType
 from doctune.records import sha256_text
@@ -84,7 +85,8 @@ def check_questions(settings: ExportSettings, dataset_dir: str | None) -> tuple[
 
     path = Path(settings.check_questions) if settings.check_questions else None
     if path and path.exists():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for f in gold_files(path) for line in f.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
         items = [{"question": r["question"], "facts": r.get("facts") or key_facts(r.get("answer") or "")}
                  for r in rows if r.get("question")]
         return items[: settings.check_max_questions], str(path)

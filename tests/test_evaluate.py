@@ -171,6 +171,24 @@ def test_evaluate_scores_scripted_replies_per_language(tmp_path, monkeypatch):
     assert d.promoted and "0.667" in d.reason and "0.000" in d.reason
 
 
+def test_a_gold_folder_is_every_jsonl_in_it_and_a_missing_one_names_the_fix(tmp_path, monkeypatch):
+    gold = tmp_path / "docs" / "gold"
+    gold.mkdir(parents=True)
+    (gold / "en.jsonl").write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in GOLD[:2]), encoding="utf-8")
+    (gold / "zh.jsonl").write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in GOLD[2:]),
+                                   encoding="utf-8")
+    (gold / "README.md").write_text("how to write questions")
+    monkeypatch.setattr(ev, "generate_answers", lambda model_ref, questions, *a, **k: ["?"] * len(questions))
+    report = ev.evaluate("base-model", "runs/candidate", None, gold, EvalSettings(system_prompt=SYSTEM),
+                         tmp_path / "out")
+    assert report.counts["gold"] == len(GOLD) and report.gold_path == str(gold)
+    from doctune.gold import gold_digest
+
+    assert report.gold_sha256 == gold_digest(gold)
+    with pytest.raises(FileNotFoundError, match="no gold file there.*gold_path=None"):
+        ev.evaluate("base-model", "runs/candidate", None, tmp_path / "docs", EvalSettings(), tmp_path / "out")
+
+
 # --------------------------------------------------------------------------- Prefect tasks
 
 def test_tasks_cache_on_content_and_publish_artifacts(tmp_path, monkeypatch, prefect_server):

@@ -57,7 +57,8 @@ def workers(tmp_path_factory):
 
 
 def nightly_parameters(folder: Path, out: Path, endpoint, tiny_model: str) -> dict:
-    gold = out / "gold.jsonl"
+    # The folder's own gold/, found by the deployment's gold_path: auto (no path passed).
+    gold = folder / "gold" / "gold.jsonl"
     gold.parent.mkdir(parents=True, exist_ok=True)
     gold.write_text("".join(json.dumps(g) + "\n" for g in GOLD))
     return {"folder": str(folder), "settings": {
@@ -67,7 +68,7 @@ def nightly_parameters(folder: Path, out: Path, endpoint, tiny_model: str) -> di
                   "lora_alpha": 8, "device": "cpu", "cpu_dtype": "fp32", "save_every_steps": 2, "logging_steps": 1},
         # A random model learns no facts: margin 0 lets a tie promote, so the promotion path runs.
         "eval": {"max_new_tokens": 8, "max_test_examples": 4, "promotion_margin": 0.0},
-        "output_dir": str(out), "gold_path": str(gold)}}
+        "output_dir": str(out)}}
 
 
 async def _children(parent_id) -> list:
@@ -117,6 +118,10 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert train_child.work_pool_name == "gpu" and train_child.state.is_completed()
     current = read_current(out / "registry")
     assert current["run_dir"] == result["run_dir"]
+    # Judged on the folder's own gold questions, as copied under outputs/gold/ for the gpu pool.
+    (copy,) = (out / "gold").glob("*.jsonl")
+    assert copy.read_bytes() == (folder / "gold" / "gold.jsonl").read_bytes()
+    assert {r["set"] for r in result["metrics"]} >= {"gold"} and current["gold_sha256"].startswith(copy.stem)
     assert (Path(result["run_dir"]) / "checkpoints").is_dir()  # save_every_steps: 2 wrote checkpoints
     facts_first = scripted.calls["fact"]
     registry = asyncio.run(latest_artifact("model-registry"))
@@ -160,7 +165,7 @@ def test_a_worker_killed_mid_training_leaves_the_promoted_model_and_the_rerun_re
     registry = out / "registry"
     registry.mkdir(parents=True)
     current = {"run_dir": str(out / "models" / "earlier"), "base_model": tiny_model, "metric": "fact_recall",
-               "score": 1.0, "gold_sha256": sha256_bytes((out / "gold.jsonl").read_bytes()),
+               "score": 1.0, "gold_sha256": sha256_bytes((folder / "gold" / "gold.jsonl").read_bytes()),
                "dataset_sha256": "0" * 64, "promoted_at": "2026-12-01T02:00:00+00:00", "previous": None,
                "scores": {"gold/all/fact_recall": 1.0}}
     (registry / "current.json").write_text(json.dumps(current))
