@@ -55,17 +55,19 @@ def test_code_files_follow_imports_and_name_only_the_prompts_a_module_loads():
 
 
 class _Recording:
-    """Stands in for prompts/ and notes which task module opened which prompt file."""
+    """Stands in for prompts/ and notes which task module opened which prompt file (`task`: the module
+    whose task reads through library code called outside a task frame, such as the judge's threads)."""
 
-    def __init__(self, real, seen):
-        self.real, self.seen = real, seen
+    def __init__(self, real, seen, task: str | None = None):
+        self.real, self.seen, self.task = real, seen, task
 
     def __truediv__(self, name):
         import inspect
 
         from doctune.prefect_utils import ROOT
 
-        caller = next(f.filename for f in inspect.stack()[1:] if f.filename.startswith(str(ROOT / "tasks")))
+        caller = next((f.filename for f in inspect.stack()[1:] if f.filename.startswith(str(ROOT / "tasks"))),
+                      self.task)
         path = self.real / name
         self.seen.add((caller, path))
         return path
@@ -82,13 +84,15 @@ def test_every_prompt_a_task_reads_is_in_its_cache_key(tmp_path, monkeypatch, pr
     from doctune.prefect_utils import code_files
     from doctune.settings import BuildSettings, LLMSettings, SynthSettings, TranslateSettings
     from flows.build_dataset import build_dataset
-    from tasks import evaluate
+    from doctune import judge
+    from doctune.prefect_utils import ROOT
     from tests.endpoints import ScriptedEndpoint
     from tests.flows.test_build_dataset import write_docs
 
     seen: set = set()
     monkeypatch.setattr(prompts, "PROMPTS_DIR", _Recording(prompts.PROMPTS_DIR, seen))
-    monkeypatch.setattr(evaluate, "PROMPTS_DIR", _Recording(evaluate.PROMPTS_DIR, seen))
+    # The judge's prompts are read by the evaluate task (through doctune/judge.py, on its own threads).
+    monkeypatch.setattr(judge, "PROMPTS_DIR", _Recording(judge.PROMPTS_DIR, seen, str(ROOT / "tasks" / "evaluate.py")))
     prompts.load_prompt.cache_clear()
     server = ScriptedEndpoint(model=f"prompts-{random.randrange(10**9)}")
     folder = write_docs(tmp_path / "docs")
@@ -102,7 +106,7 @@ def test_every_prompt_a_task_reads_is_in_its_cache_key(tmp_path, monkeypatch, pr
                 synth=SynthSettings(mode=mode, min_pairs=1, min_keep_share=0), translate=TranslateSettings(enabled=True),
                 output_dir=str(tmp_path / mode)))
         for language in ("en", "zh"):
-            evaluate.judge_prompt("q", "reference", "reply", language)
+            judge.judge_prompt("q", "reference", "reply", language)
     finally:
         server.close()
         prompts.load_prompt.cache_clear()
