@@ -66,14 +66,17 @@ def serve(
 
     /v1/models lists each name with its folder as `root`; restart the server to pick up a newer promotion.
 
+    A request to an adapter without a system message gets the system prompt that adapter was trained with.
+
     All adapters must share the base they were trained on (run.json base_model); --model must be that base."""
-    from doctune.serving import check_exposure, plan_models
+    from doctune.serving import adapter_system_prompts, check_exposure, plan_models
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = os.environ.get(api_key_env) or None
     try:
         check_exposure(host, api_key, api_key_env)  # before anything loads
         base, adapters = plan_models(str(model) if model else None, adapter, outputs if promoted else None, name)
+        systems = adapter_system_prompts(adapters)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"doctune serve: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -81,7 +84,7 @@ def serve(
     from doctune.serving import run_server
 
     run_server(base or str(prepare_base_model()), host=host, port=port, served_name=name, api_key=api_key,
-               adapters=adapters, max_body_mb=max_body_mb)
+               adapters=adapters, max_body_mb=max_body_mb, system_prompts=systems)
 
 
 @app.command("build-dataset")

@@ -15,7 +15,9 @@ is the same folder, found again instead of trained again:
         metrics.json       losses, validation scores, tokens/s, peak memory, the precision plan
         run.json           written last: its presence marks the run finished. base_model (the model the
                            adapter belongs on), dataset_dir, dataset_sha256, settings_sha256, init_adapter,
-                           method, device, optimizer, probe, created, steps, selected_step
+                           method, device, optimizer, probe, created, steps, selected_step, system_prompt
+                           (the system message training used: `doctune serve` gives it to requests that
+                           bring none)
 
 `dataset_sha256` is the content hash of the dataset's hf/ folder and `settings_sha256` the hash of the
 settings' JSON (`settings_hash`): field names, order, types and defaults of TrainSettings are part of
@@ -121,9 +123,14 @@ def dataset_system_prompt(dataset_dir: str | Path | None) -> str:
 
 
 def trained_system_prompt(run_dir: Path, dataset_dir: str | None) -> str:
-    """The system prompt training used: the run's own setting, else the dataset's (as training chose it)."""
+    """The system prompt training used: run.json's (written since runs record it), else the run's own
+    setting, else the dataset's (as training chose it)."""
     import yaml
 
+    run_json = run_dir / "run.json"
+    recorded = read_json(run_json).get("system_prompt") if run_json.is_file() else None
+    if recorded is not None:
+        return recorded
     saved = run_dir / "settings.yaml"
     own = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("system_prompt") if saved.exists() else None
     return own or dataset_system_prompt(dataset_dir)
@@ -138,6 +145,14 @@ class AdapterSource:
     folder: Path  # holds adapter_config.json
     base_model: str  # the model it was trained on
     said_by: Path  # the file that names base_model
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt the adapter was trained with; None for an adapter folder outside a run."""
+        run_dir = self.folder.parent
+        if self.said_by != run_dir / "run.json":
+            return None
+        return trained_system_prompt(run_dir, read_json(self.said_by).get("dataset_dir"))
 
 
 def find_adapter(name: str, path: Path, what: str | None = None) -> AdapterSource:

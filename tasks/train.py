@@ -36,7 +36,7 @@ from doctune.generation import chat_prompts, generate_greedy
 from doctune.metrics import fact_recall, rouge_l
 from doctune.model_settings import TrainSettings
 from doctune.prefect_utils import CACHE
-from doctune.runs import dataset_hash, run_dir_for, settings_hash, write_json
+from doctune.runs import dataset_hash, dataset_system_prompt, run_dir_for, settings_hash, write_json
 from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
 from doctune.training.checkpoint import load_checkpoint, resume_checkpoint, save_adapter, save_checkpoint
 from doctune.training.data import IGNORE, load_train_split, load_validation, tokenize_split, with_system
@@ -200,6 +200,9 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "steps": state["step"],
             "selected_step": state["selected_step"],
+            # The system message training used; `doctune serve` gives it to requests that bring none.
+            "system_prompt": settings.system_prompt if settings.system_prompt is not None
+            else dataset_system_prompt(dataset_dir),
         },
     )
 

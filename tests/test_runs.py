@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from doctune.model_settings import TrainSettings, load_train_settings
-from doctune.runs import base_model_of, find_adapter, resolve_run, run_dir_for, settings_hash, write_json
+from doctune.runs import (base_model_of, find_adapter, resolve_run, run_dir_for, settings_hash,
+                          trained_system_prompt, write_json)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,3 +52,23 @@ def test_base_model_and_resolve_name_the_missing_file(tmp_path):
     (run / "run.json").write_text("{not json")
     with pytest.raises(ValueError, match="run.json: not valid JSON"):
         base_model_of(run)
+
+
+def test_the_trained_system_prompt_comes_from_run_json_then_settings_then_the_dataset(tmp_path):
+    run = tmp_path / "models" / "r1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    write_json(run / "run.json", {"base_model": "b"})  # a run from before run.json recorded it
+    from doctune.settings import DatasetSettings
+
+    assert trained_system_prompt(run, None) == DatasetSettings().system_prompt
+    (run / "settings.yaml").write_text("system_prompt: From the settings.\n")
+    assert trained_system_prompt(run, None) == "From the settings."
+    write_json(run / "run.json", {"base_model": "b", "system_prompt": "You answer about Brekke."})
+    assert trained_system_prompt(run, None) == "You answer about Brekke."
+    assert find_adapter("tuned", run).system_prompt == "You answer about Brekke."
+    # An adapter folder outside a run has no training record to read it from.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text('{"base_model_name_or_path": "b"}')
+    assert find_adapter("bare", bare).system_prompt is None

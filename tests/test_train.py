@@ -19,7 +19,7 @@ from doctune.training.report import loss_markdown
 from tasks import train as tr
 from doctune.model_settings import TrainSettings, load_train_settings
 from tasks.train import TrainingInterrupted, train
-from tests.training.common import _row, adapter_weights, dataset_dir, one_thread, tiny_settings  # noqa: F401 (fixtures)
+from tests.training.common import SYSTEM, _row, adapter_weights, dataset_dir, one_thread, tiny_settings  # noqa: F401 (fixtures)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -86,6 +86,7 @@ def test_train_loss_falls_adapter_changes_and_outputs(tiny_model, dataset_dir, t
 
     run = json.loads((run_dir / "run.json").read_text())
     assert run["method"] in ("lora_fp32", "lora_bf16") and run["device"] == "cpu"
+    assert run["system_prompt"] == SYSTEM  # the dataset's: what `doctune serve` gives requests without one
     assert "reason" in run["probe"] or {"fp32_s_per_micro_step", "bf16_s_per_micro_step"} <= set(run["probe"])
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "adapter" / "tokenizer_config.json").exists()

@@ -32,6 +32,6 @@ scanner (doctune/prefect_utils.py) skips relative ones.
 """
 
 from doctune.serving.api import KEY_ENV, check_exposure, create_app, run_server
-from doctune.serving.models import plan_models
+from doctune.serving.models import adapter_system_prompts, plan_models
 
-__all__ = ["KEY_ENV", "check_exposure", "create_app", "plan_models", "run_server"]
+__all__ = ["KEY_ENV", "adapter_system_prompts", "check_exposure", "create_app", "plan_models", "run_server"]

@@ -4,6 +4,7 @@ shape), and the refusal to serve beyond loopback without a key."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import secrets
 import time
 import uuid
@@ -18,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from doctune.serving.engine import Engine
 from doctune.serving.handlers import chat_completion, chat_job, embed, sse
 from doctune.serving.protocol import APIError, ChatRequest, EmbeddingRequest, bad
+
+log = logging.getLogger(__name__)
 
 KEY_ENV = "DOCTUNE_SERVE_API_KEY"
 
@@ -82,9 +85,10 @@ def validation_message(error: dict) -> tuple[str, str]:
 def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_key: str | None = None,
                max_batch: int = 16, batch_wait_ms: float = 10, device="cpu",
                adapters: dict[str, str] | None = None, max_body_mb: float = 8,
-               prefix_cache_mb: float = 256) -> FastAPI:
+               prefix_cache_mb: float = 256, system_prompts: dict[str, str] | None = None) -> FastAPI:
     """An OpenAI-compatible app over the model folder `model_path` (loaded now; the worker starts
-    with the app). `adapters` maps extra model names to LoRA adapter folders over that model.
+    with the app). `adapters` maps extra model names to LoRA adapter folders over that model;
+    `system_prompts` maps a model name to the system message its requests get when they bring none.
     A request body over `max_body_mb` is refused with a 413. Up to `prefix_cache_mb` of prompt
     keys/values are kept for prompts that start alike (0: none)."""
     if adapters and served_name in adapters:
@@ -93,6 +97,8 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
         raise ValueError(f"max_body_mb={max_body_mb}: must be positive")
     engine = Engine(model_path, device=device, adapters=adapters, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                     prefix_cache_mb=prefix_cache_mb)
+    for name, prompt in (system_prompts or {}).items():
+        log.info("model %r: a request without a system message gets its training system prompt %r", name, prompt)
     created = int(time.time())
 
     @asynccontextmanager
@@ -171,7 +177,7 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         adapter = adapter_for(req.model)
-        job = chat_job(req, engine, adapter, max_batch)
+        job = chat_job(req, engine, adapter, max_batch, (system_prompts or {}).get(req.model))
         engine.submit(job)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:

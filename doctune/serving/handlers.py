@@ -69,8 +69,18 @@ def encode_chat(tok, messages: list[dict]) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: int) -> GenJob:
-    """Validate a chat request (400s name the field) and turn it into the worker's job."""
+def with_default_system(messages: list[dict], system: str | None) -> list[dict]:
+    """`messages` with `system` as their system message when they bring none: an adapter answers best under
+    the system prompt it was trained with, and without one the chat template writes its own default."""
+    if not system or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: int,
+             default_system: str | None = None) -> GenJob:
+    """Validate a chat request (400s name the field) and turn it into the worker's job; a request without a
+    system message gets `default_system` (the served adapter's training system prompt)."""
     check_unsupported(req)
     n = req.n or 1
     if n > max_batch:
@@ -78,7 +88,7 @@ def chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: i
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOPS or any(not s for s in stops):
         raise bad("stop", f"give at most {MAX_STOPS} non-empty strings")
-    prompt = encode_chat(engine.tok, message_dicts(req.messages))
+    prompt = encode_chat(engine.tok, with_default_system(message_dicts(req.messages), default_system))
     room = engine.context - len(prompt)
     asked = req.max_completion_tokens or req.max_tokens
     if room < 1:

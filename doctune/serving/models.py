@@ -64,3 +64,10 @@ def plan_models(model: str | None, adapter_specs: list[str], outputs: Path | Non
 
 
 # ---------------------------------------------------------------- reading run folders and the registry
+
+
+def adapter_system_prompts(adapters: dict[str, str]) -> dict[str, str]:
+    """{name: the system prompt that adapter was trained with} for the adapters of training runs (their
+    run.json, else the run's settings or dataset); a request without a system message gets it."""
+    found = {name: find_adapter(name, Path(folder)).system_prompt for name, folder in adapters.items()}
+    return {name: prompt for name, prompt in found.items() if prompt}

@@ -142,6 +142,29 @@ def test_adapter_is_served_by_name_beside_the_base(client, greedy):
     assert both == [base, tuned]
 
 
+def test_a_request_without_a_system_message_gets_the_adapters_training_prompt(tokenizer):
+    """Without one, SmolLM2's chat template writes its own default system line, and an adapter trained
+    under the dataset's system prompt answers worse than the evaluation measured."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from doctune.serving.handlers import chat_job
+    from doctune.serving.protocol import ChatRequest
+
+    engine = SimpleNamespace(tok=tokenizer, context=2048)
+
+    async def prompt(messages: list[dict], system: str | None) -> str:
+        job = chat_job(ChatRequest(model="tuned", messages=messages), engine, "tuned", 8, system)
+        return tokenizer.decode(job.prompt)
+
+    user = [{"role": "user", "content": "When does the Brekke office open?"}]
+    trained = asyncio.run(prompt(user, "You answer questions about Brekke."))
+    assert "You answer questions about Brekke." in trained and "SmolLM" not in trained
+    assert "SmolLM" in asyncio.run(prompt(user, None))  # the template's own default
+    own = asyncio.run(prompt([{"role": "system", "content": "Be brief."}, *user], "You answer questions about Brekke."))
+    assert "Be brief." in own and "about Brekke" not in own  # a request's own system message wins
+
+
 # ---------------------------------------------------------------- the tiny model with two adapters
 
 
