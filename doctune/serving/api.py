@@ -23,6 +23,7 @@ from doctune.serving.protocol import APIError, ChatRequest, EmbeddingRequest, ba
 log = logging.getLogger(__name__)
 
 KEY_ENV = "DOCTUNE_SERVE_API_KEY"
+MIN_KEY_LENGTH = 16  # beyond loopback: a short key is guessed, a blank one cannot be sent
 
 
 class BodyLimit:
@@ -203,7 +204,15 @@ def is_loopback(host: str) -> bool:
 def check_exposure(host: str, api_key: str | None, key_env: str = KEY_ENV) -> None:
     """Refuse (ValueError) to serve beyond loopback without a key: anyone who reaches the port
     could use the model and read every adapter's answers."""
-    if is_loopback(host) or api_key:
+    if is_loopback(host):
+        return
+    if api_key and (len(api_key.strip()) < MIN_KEY_LENGTH or api_key != api_key.strip()):
+        raise ValueError(
+            f"--host {host} is reachable beyond this machine and ${key_env} holds a key of {len(api_key)} characters"
+            f"{' with spaces at its ends' if api_key != api_key.strip() else ''}: too easy to guess, or one no "
+            f"client can send. Use at least {MIN_KEY_LENGTH} characters without surrounding spaces, e.g. "
+            f"`export {key_env}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')`.")
+    if api_key:
         return
     raise ValueError(
         f"--host {host} is reachable beyond this machine and no API key is set (${key_env} is unset or empty), "

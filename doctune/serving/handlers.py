@@ -24,6 +24,20 @@ from doctune.serving.protocol import APIError, ChatMessage, ChatRequest, Embeddi
 # explicit max_tokens we stop it here rather than at 8k tokens.
 DEFAULT_MAX_TOKENS = 1024
 MAX_STOPS = 16
+# Below this a temperature is greedy (vLLM's sampling epsilon): logits / 1e-45 overflow to inf, and the
+# NaN probabilities that follow would fail the sampling of every row in the batch, not only this one.
+MIN_TEMPERATURE = 1e-5
+
+
+def valid_text(field: str, text: str) -> str:
+    """`text` if it can be encoded as UTF-8; a lone surrogate (JSON's "\\ud800") is a 400 naming the field,
+    not a 500 from the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(field, f"is not valid Unicode: {exc.reason} at character {exc.start} "
+                         f"({text[exc.start:exc.end]!r}); send UTF-8 text") from None
+    return text
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -39,7 +53,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                 texts.append(part.text)
             content = "".join(texts)
         # Templates of small chat models know "system" but not OpenAI's newer "developer".
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        out.append({"role": "system" if m.role == "developer" else m.role,
+                    "content": valid_text(f"messages[{i}].content", content or "")})
     return out
 
 
@@ -85,7 +100,7 @@ def chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: i
     n = req.n or 1
     if n > max_batch:
         raise bad("n", f"{n} choices do not fit one batch of this server (max_batch={max_batch})")
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stops = [valid_text("stop", s) for s in ([req.stop] if isinstance(req.stop, str) else list(req.stop or []))]
     if len(stops) > MAX_STOPS or any(not s for s in stops):
         raise bad("stop", f"give at most {MAX_STOPS} non-empty strings")
     prompt = encode_chat(engine.tok, with_default_system(message_dicts(req.messages), default_system))
@@ -100,7 +115,9 @@ def chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: i
                               f"model's context of {engine.context} tokens; ask for at most {room} or shorten "
                               "the messages")
     return GenJob(prompt=prompt, max_new=asked or min(DEFAULT_MAX_TOKENS, room),
-                  temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's default
+                  # OpenAI's default is 1; a temperature too small to divide by is greedy.
+                  temperature=1.0 if req.temperature is None else
+                  (0.0 if req.temperature < MIN_TEMPERATURE else req.temperature),
                   top_p=1.0 if req.top_p is None else req.top_p, presence=req.presence_penalty or 0.0,
                   frequency=req.frequency_penalty or 0.0, seed=req.seed, stops=stops, n=n, adapter=adapter,
                   stream=bool(req.stream), reply=Reply(asyncio.get_running_loop()))
@@ -179,7 +196,7 @@ def embedding_inputs(req: EmbeddingRequest, engine: Engine) -> list[list[int]]:
         raise bad("input", "is empty; send a string or a list of strings")
     inputs = []
     for i, item in enumerate(items):
-        ids = engine.tok(item)["input_ids"] if isinstance(item, str) else list(item)
+        ids = engine.tok(valid_text(f"input[{i}]", item))["input_ids"] if isinstance(item, str) else list(item)
         if not ids:
             raise bad(f"input[{i}]", "is empty; every input needs at least one token")
         if len(ids) > engine.context:

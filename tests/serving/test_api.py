@@ -257,6 +257,11 @@ BAD_REQUESTS = {  # name: (path, headers, body, status, param or code in the err
                            "response_format"),
     "unknown field (embeddings)": ("/v1/embeddings", AUTH, {"model": "tiny", "input": "hi", "x": 1}, 400, "x"),
     "unknown route": ("/v1/completions", AUTH, {"model": "tiny", "prompt": "hi"}, 404, "404"),
+    # json.dumps writes the lone surrogate as the escape "\\ud800", which the server decodes to it.
+    "lone surrogate": ("/v1/chat/completions", AUTH, {**CHAT, "messages": [{"role": "user", "content": "hi \ud800"}]},
+                       400, "messages[0].content"),
+    "lone surrogate (embeddings)": ("/v1/embeddings", AUTH, {"model": "tiny", "input": ["ok", "hi \udc00"]}, 400,
+                                    "input[1]"),
 }
 
 
@@ -295,10 +300,27 @@ def test_loopback_needs_no_key(host):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "myhost"])
 def test_beyond_loopback_needs_a_key(host):
-    check_exposure(host, "a-key")
+    check_exposure(host, "k3y-of-twenty-one-chr")
     with pytest.raises(ValueError, match="--api-key-env") as err:
         check_exposure(host, None)
     assert "DOCTUNE_SERVE_API_KEY" in str(err.value) and host in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["x", " ", "short-key-15chr", " k3y-of-twenty-one-chr"])
+def test_beyond_loopback_a_short_or_blank_key_is_refused(key):
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        check_exposure("0.0.0.0", key)
+    check_exposure("127.0.0.1", key)  # loopback needs none, so any will do
+
+
+def test_a_vanishing_temperature_is_greedy_and_fails_no_other_row(tiny, in_process):
+    """1e-45 passes the 0..2 range check; dividing logits by it gives NaN probabilities, which failed
+    the sampling of every row in the batch (HTTP 500 for all)."""
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda t: tiny.client.chat.completions.create(
+            model="alpha", messages=SAY, temperature=t, max_tokens=WORDS).choices[0].message.content,
+            [1e-45, 0, 1e-45, 0]))
+    assert replies == [in_process["alpha"]] * 4
 
 
 def test_run_server_refuses_before_loading_the_model(tmp_path):
