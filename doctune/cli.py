@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 
 app = typer.Typer(help="doctune: from a document folder to a fine-tuned, evaluated LLM.", no_args_is_help=True)
 
@@ -188,21 +187,23 @@ def nightly(
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    from doctune.model_settings import load_train_settings, read_settings_yaml
     from doctune.nightly import NightlySettings
-    from doctune.model_settings import load_train_settings
+
+    try:  # the files first: a typo must not wait for the server
+        extra = read_settings_yaml(settings) if settings else {}
+        train_extra = load_train_settings(train_config).model_dump(mode="json", exclude_defaults=True) \
+            if train_config else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
     async def defaults() -> dict:
         async with get_client() as client:
             return (await client.read_deployment_by_name(deployment)).parameters
 
     params = asyncio.run(defaults())
-    extra = (yaml.safe_load(settings.read_text(encoding="utf-8")) or {}) if settings else {}
-    if train_config:
-        try:
-            extra = _deep_merge(extra, {"train": load_train_settings(train_config).model_dump(mode="json",
-                                                                                               exclude_defaults=True)})
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
+    if train_extra is not None:
+        extra = _deep_merge(extra, {"train": train_extra})
     merged = _deep_merge(params.get("settings", {}), extra)
     try:
         NightlySettings.model_validate(merged)  # fail here, not in the worker

@@ -215,14 +215,35 @@ def validate_settings(data: dict, cls: type[M], source: str = "settings") -> M:
         raise ValueError(f"{source}: " + "; ".join(_explain(e) for e in exc.errors())) from None
 
 
-def load_settings_file(path: str | Path, cls: type[M]) -> M:
-    """A YAML file of `cls` fields, validated before anything expensive starts (an empty file: defaults)."""
+def read_settings_yaml(path: str | Path) -> dict:
+    """The mapping in a settings YAML file (an empty file: {}); a missing file, a syntax error or a file
+    that is not a mapping raises ValueError in one line naming the file, the line and the fix."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such settings file (working directory {Path.cwd()}); check the path") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a folder, not a settings file; name the YAML file in it") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
-    return validate_settings(data, cls, source=str(path))
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ValueError(f"{path}{where}: not valid YAML ({what}); write one `key: value` per line, nested keys "
+                         "indented by two spaces") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected `key: value` lines (a mapping of settings), found a "
+                         f"{type(data).__name__}")
+    return data
+
+
+def load_settings_file(path: str | Path, cls: type[M]) -> M:
+    """A YAML file of `cls` fields, validated before anything expensive starts (an empty file: defaults)."""
+    return validate_settings(read_settings_yaml(path), cls, source=str(path))
 
 
 def validate_train_settings(data: dict, source: str = "settings") -> TrainSettings:

@@ -1,0 +1,51 @@
+"""The command line's settings files: a missing file, a YAML syntax error or a misspelt key is one line
+that names the file (and the line) with the fix, before any model loads or any server is asked."""
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from doctune.cli import app
+from doctune.model_settings import TrainSettings, load_settings_file
+
+
+def one_line_error(args: list[str]) -> str:
+    """The error typer prints for a bad parameter, with its box and line wrapping taken out."""
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "1000", "TERMINAL_WIDTH": "1000"})
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+
+
+def test_a_missing_settings_file_is_named(tmp_path):
+    out = one_line_error(["train", str(tmp_path), "--config", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml: no such settings file" in out and "check the path" in out
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "build.yaml"
+    bad.write_text("llm:\n  base_url: http://127.0.0.1:8765/v1\n  model: [unclosed\n")
+    out = one_line_error(["build-dataset", str(tmp_path), "--settings", str(bad)])
+    assert "build.yaml, line 4" in out and "not valid YAML" in out and "key: value" in out
+
+
+def test_nightly_checks_its_files_before_asking_the_server(tmp_path, monkeypatch):
+    # No Prefect server answers here: the error must come from the file, at once.
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    bad = tmp_path / "night.yaml"
+    bad.write_text("- a list\n- not settings\n")
+    assert "night.yaml: expected `key: value` lines" in one_line_error(["nightly", "--settings", str(bad)])
+    typo = tmp_path / "train.yaml"
+    typo.write_text("lora_rank: 8\n")
+    assert "unknown key 'lora_rank'; did you mean 'lora_r'?" in one_line_error(
+        ["nightly", "--train-config", str(typo)])
+
+
+def test_an_empty_file_is_the_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert load_settings_file(empty, TrainSettings) == TrainSettings()
+    with pytest.raises(ValueError, match="a folder, not a settings file"):
+        load_settings_file(Path(tmp_path), TrainSettings)
