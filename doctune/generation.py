@@ -55,8 +55,9 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
 
 
 def load_model(model_ref: str | Path):
-    """(model, tokenizer), ready for batched greedy generation, for a base model path or hub id, a merged model folder, or a training run
-    folder (run.json + adapter/), which loads run.json's base model with the peft adapter on top."""
+    """(model, tokenizer), ready for batched greedy generation, for a base model path or hub id, a merged
+    model folder, or a training run folder (run.json + adapter/), which loads run.json's base model with
+    the peft adapter on top."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -5,13 +5,14 @@ the Prefect UI is one form with every field described."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from doctune.gold import gold_bytes, gold_digest, gold_files
+from doctune.gold import gold_bytes, gold_files
 from doctune.model_settings import EvalSettings, ExportSettings, TrainSettings
 from doctune.registry import earlier_decision, read_current
 from doctune.runs import settings_hash
@@ -92,11 +93,12 @@ def resolve_gold(folder: str | Path, settings: NightlySettings) -> str | None:
             raise FileNotFoundError(f"gold_path={settings.gold_path!r}: no gold file there; give a JSONL file or a "
                                     f"folder of them, 'auto' for the document folder's gold/ ({Path(folder) / 'gold'}),"
                                     f" or null for none")
-    out = Path(settings.output_dir) / "gold" / f"{gold_digest(path)[:12]}.jsonl"
+    data = gold_bytes(path)  # read once: its digest names the copy
+    out = Path(settings.output_dir) / "gold" / f"{hashlib.sha256(data).hexdigest()[:12]}.jsonl"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".tmp-{out.name}")
-        tmp.write_bytes(gold_bytes(path))
+        tmp.write_bytes(data)
         tmp.replace(out)
     return str(out)
 
