@@ -79,3 +79,11 @@ def failures(rows: list[dict]) -> None:
 
 def dataset_summary(path: str, card: str) -> None:
     create_markdown_artifact(f"Dataset folder: `{path}`\n\n{card}", key="dataset", description="The dataset written")
+
+
+def exam(rows: list[dict], path: str, skip_languages: dict[str, str], held_out: int) -> None:
+    """The exam per document (doctune/exam.exam_table): a person sees what it asks about each file."""
+    ruled = "".join(f" {language}: questions by rule, as the endpoint does not write it ({_short(why, 120)})."
+                    for language, why in sorted(skip_languages.items()))
+    create_table_artifact(rows, key="exam", description=f"{sum(r['questions'] for r in rows)} exam questions in "
+                          f"{path}; {held_out} training questions held out as their twins.{ruled}")

@@ -117,9 +117,12 @@ def train(
 
 def _echo_metrics(rows: list[dict]) -> None:
     """The metrics table of an evaluation (the rows of the evaluate flow's result)."""
-    typer.echo(f"\n{'metric':<12} {'set':<5} {'lang':<4} {'n':>3} {'base':>7} {'tuned':>7} {'delta':>7}")
+    current = any("current" in r for r in rows)  # the served model, scored beside the candidate
+    typer.echo(f"\n{'metric':<12} {'set':<5} {'lang':<4} {'n':>3} {'base':>7} " + (f"{'current':>7} " if current else "")
+               + f"{'tuned':>7} {'delta':>7}")
     for r in rows:
-        typer.echo(f"{r['metric']:<12} {r['set']:<5} {r['language']:<4} {r['n']:>3} {r['base']:>7.3f} "
+        now = f"{r['current']:>7.3f} " if current and r.get("current") is not None else " " * 8 if current else ""
+        typer.echo(f"{r['metric']:<12} {r['set']:<5} {r['language']:<4} {r['n']:>3} {r['base']:>7.3f} {now}"
                    f"{r['fine-tuned']:>7.3f} {r['delta']:>7}")
 
 

@@ -136,9 +136,14 @@ class EvalSettings(BaseModel):
     judge: bool = Field(False, description="Also score replies 1-5 with an LLM judge (costs one call per reply).")
     judge_llm: LLMSettings = Field(default_factory=LLMSettings, description="Endpoint of the LLM judge.")
     promotion_margin: float = Field(
-        0.05, ge=0, le=1, description="How much the candidate must beat the current model by on the gold set."
+        0.05, ge=0, le=1, description="How much the candidate must beat the model it is compared with by: the lower "
+        "end of the 95% interval of the paired gain, on the gold set or, without gold, on the exam."
     )
-    promotion_metric: MetricName = Field("fact_recall", description="Gold-set metric that decides promotion.")
+    promotion_metric: MetricName = Field(
+        "fact_recall", description="Metric that decides promotion, on the gold set or, without gold, on the exam.")
+    noninferiority_tolerance: float = Field(
+        0.05, ge=0, le=1, description="On questions about documents the current model was trained on, the candidate "
+        "may score at most this much below it (the lower end of the 95% interval of the paired difference).")
 
     @model_validator(mode="after")
     def _judge_metric_needs_judge(self) -> "EvalSettings":

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from doctune.exam import ExamSettings
 from doctune.gold import gold_bytes, gold_files
 from doctune.model_settings import EvalSettings, ExportSettings, TrainSettings
 from doctune.registry import earlier_decision, read_current
@@ -27,6 +28,8 @@ class NightlySettings(BaseModel):
 
     build: BuildSettings = Field(default_factory=BuildSettings, description="Ingest, chunk, synthesize, dedup.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Fine-tuning (see configs/train.yaml).")
+    exam: ExamSettings = Field(default_factory=ExamSettings, description="Questions about every document, kept out "
+                               "of training; they decide promotion when the folder has no gold questions.")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Base vs fine-tuned, and promotion.")
     output_dir: str = Field(
         "outputs",
@@ -37,7 +40,8 @@ class NightlySettings(BaseModel):
         AUTO_GOLD,
         description="Hand-written gold questions about the documents; promotion is decided on them when there are "
         "some. 'auto': every *.jsonl in the folder's own gold/ (left out of training), none when it has no such "
-        "file; a path: that JSONL file or folder of JSONL files; null: no gold (the held-out split only).",
+        "file; a path: that JSONL file or folder of JSONL files; null: no gold. Without gold, the exam the build makes "
+        "from the documents decides.",
     )
     init_from: Literal["base", "promoted"] = Field(
         "base",
@@ -144,6 +148,8 @@ def summary_markdown(folder: str, result: dict) -> str:
     if result.get("eval_dir"):
         lines.append(f"- evaluation: `{result['eval_dir']}/report.md`")
     for r in result.get("metrics", []):
-        if r["set"] in ("gold", "test") and r["language"] == "all" and None not in (r["base"], r["fine-tuned"]):
-            lines.append(f"- {r['set']} {r['metric']}: base {r['base']:.3f}, fine-tuned {r['fine-tuned']:.3f}")
+        if r["set"] in ("gold", "exam", "test") and r["language"] == "all" and None not in (r["base"], r["fine-tuned"]):
+            now = f", current {r['current']:.3f}" if r.get("current") is not None else ""
+            lines.append(f"- {r['set']} {r['metric']} ({r['n']} questions): base {r['base']:.3f}{now}, fine-tuned "
+                         f"{r['fine-tuned']:.3f}")
     return "\n".join(lines) + "\n"

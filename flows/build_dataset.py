@@ -10,17 +10,19 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from doctune import artifacts
+from doctune.exam import ExamSettings, exam_table, write_exam
 from doctune.llm import preflight
 from doctune.logs import our_loggers_at_info
 from doctune.prefect_utils import with_network_retries
 from doctune.quality import check_stage, keep_rate_rows
 from doctune.records import Dropped
 from doctune.settings import BuildSettings
-from flows.build_steps import (ingest_folder, optional_stage, stop_if_every_document_failed, synthesis_jobs,
-                               synthesize_documents, usage_row)
+from flows.build_steps import (exam_documents, ingest_folder, optional_stage, stop_if_every_document_failed,
+                               synthesis_jobs, synthesize_documents, usage_row)
 from tasks.cloze import cloze_task
 from tasks.dataset import write_dataset_task
 from tasks.dedup import dedup_task
+from tasks.exam import hold_out
 from tasks.passages import passage_task
 from tasks.replay import replay_task
 from tasks.synthesize import choose_mode_task, faq_chunks, probe_sample
@@ -35,8 +37,10 @@ def preflight_task(llm) -> str:
 
 
 @flow(name="build_dataset", log_prints=True)
-def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSettings()) -> str:
-    """Build a deduplicated, split Q&A dataset from a document folder; returns the dataset folder."""
+def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSettings(),
+                  exam: ExamSettings = ExamSettings()) -> str:
+    """Build a deduplicated, split Q&A dataset from a document folder, and the exam beside it; returns the
+    dataset folder."""
     our_loggers_at_info()
     log = get_run_logger()
     root = Path(folder).resolve()
@@ -77,6 +81,17 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     # Calls made by this run; a cached result cost nothing tonight ("from_cache" counts them).
     usage = [usage_row("mode probe", choice, probed),
              usage_row("synthesize", synthesized.made, None, synthesized.reused)]
+
+    # 3b. The exam: questions about every document, worded apart from training (tasks/exam.py). Only a
+    #     whole exam is written: a document whose exam failed would leave it silently smaller.
+    made = exam_documents(prep.chunks, faq, llm, exam, sorted(choice.skip_languages)) if exam.enabled else None
+    if made is not None:
+        usage.append(usage_row("exam", made.made, None, made.reused))
+        failures += made.failures
+        if made.failures:
+            log.warning("no exam tonight: %d documents failed (see the failures artifact)", len(made.failures))
+            artifacts.failures(failures)
+            made = None
 
     # 4. Translate (optional); originals are kept. Translation and replay only add to the dataset:
     #    when the endpoint fails them, the run goes on without them (listed in failures).
@@ -119,20 +134,33 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     dropped += dd.dropped
     rates += keep_rate_rows("dedup", len(pairs), dd.dropped)
     check_stage("dedup", len(pairs), len(dd.kept), dd.dropped, settings.synth, llm)
+    kept, exam_items = dd.kept, []
+    if made is not None:  # no exam question was seen in training
+        held = hold_out(made.items, dd.kept, settings.dedup)
+        kept, exam_items, dropped = held.pairs, held.items, dropped + made.dropped + held.dropped
+        rates += keep_rate_rows("exam", len(dd.kept), [d for d in held.dropped if d.reason == "held_out_for_exam"])
     artifacts.dedup_counts(dd.counts)
     artifacts.keep_rates(rates)
     artifacts.dropped_examples(dropped)
     artifacts.usage(usage)
-    artifacts.sample_pairs(dd.kept)
+    artifacts.sample_pairs(kept)
 
     # 9. Dataset folder, named after its content.
     counts = {"files": prep.files, "skipped_files": len(prep.skipped), "documents": len(prep.documents),
               "chunks": len(all_chunks), "given_pairs": len(prep.given), "synthesized_pairs": len(synth.pairs),
               "passage_pairs": len(passages), "cloze_pairs": len(cloze), "after_dedup": len(dd.kept),
+              "exam_questions": len(exam_items), "held_out_for_exam": len(dd.kept) - len(kept),
               "failed_documents": len(failures), "mode": choice.mode,
               "skipped_languages": sorted(choice.skip_languages), "chunks_not_synthesized": len(not_synthesized),
               **{f"dedup_{k}": v for k, v in dd.counts.items()}}
-    path = write_dataset_task(dd.kept, dropped, counts, settings.dataset, str(out))
+    path = write_dataset_task(kept, dropped, counts, settings.dataset, str(out))
     artifacts.dataset_summary(path, (Path(path) / "card.md").read_text(encoding="utf-8"))
+    if made is not None:
+        exam_file, written = write_exam(path, exam_items)
+        log.info("exam: %s (%s)", exam_file, f"{len(exam_items)} questions" if written else
+                 "kept as it was: delete it to have it written again")
+        documents = list(dict.fromkeys([*prep.chunks, *(c.path for c in faq)]))
+        artifacts.exam(exam_table(exam_items, documents), str(exam_file), choice.skip_languages,
+                       len(dd.kept) - len(kept))
     print(f"dataset: {path}")
     return path

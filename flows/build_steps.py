@@ -16,9 +16,12 @@ from prefect.futures import as_completed
 
 from doctune import artifacts
 from doctune.llm import EndpointError, scrub
+from doctune import prefect_utils
 from doctune.prefect_utils import synthesis_runner, with_network_retries
 from doctune.records import Chunk, Document, QAPair, SkippedFile
+from doctune.exam import ExamItem, ExamSettings
 from doctune.settings import BuildSettings, LLMSettings
+from tasks.exam import ExamResult, exam_document_task
 from tasks.ingest import discover
 from tasks.prepare import prepare_batch_task
 from tasks.synthesize import SynthResult, synthesize_document_task
@@ -37,6 +40,15 @@ def usage_row(stage: str, result, state, reused: int = 0) -> dict:
 def failure_row(stage: str, what: str, state) -> dict:
     # The task's message quotes the endpoint's reply, which may quote the key it was sent.
     return {"stage": stage, "document": what, "error": scrub(str(state.message))[:500]}
+
+
+def warm_code_digest(task) -> None:
+    """Compute a task's code digest (its cache key's code part) here, before its runs start side by side on
+    threads: each run would otherwise compute it at once, and Python 3.11's ast.parse fails when two threads
+    parse at the same time ("AST constructor recursion depth mismatch"): that run's result is then not
+    persisted, and the next night repeats its LLM calls."""
+    pu = prefect_utils  # read at call time: ROOT is the tree the tasks key on
+    pu.code_digest(pu._module_path(task.fn.__module__, pu.ROOT) or pu.module_file(task.fn), pu.ROOT)
 
 
 # ----------------------------------------------------------------------------- 1-2. ingest and chunk
@@ -119,6 +131,7 @@ def synthesize_documents(jobs: list[tuple[str, list[Chunk], str]], llm: LLMSetti
     out = Synthesized()
     progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
     synthesize = with_network_retries(synthesize_document_task, llm)
+    warm_code_digest(synthesize)
     with synthesis_runner(settings.runner, settings.documents_at_once, settings.dask_address) as runner:
         futures = [runner.submit(synthesize, {"path": path, "chunks": cs, "llm": llm, "settings": settings.synth,
                                               "mode": mode})
@@ -148,6 +161,45 @@ def stop_if_every_document_failed(jobs: list, failures: list[dict], llm: LLMSett
             f"the documents are not the problem. First error: {failures[0]['error']}\n"
             "Fix: make the endpoint answer again (the error says what failed), then re-run: every document that "
             "finishes is cached, so a re-run synthesizes only the ones still missing.")
+
+
+# ----------------------------------------------------------------------------- 3b. the exam
+
+
+@dataclass
+class Exam:
+    items: list[ExamItem] = field(default_factory=list)  # every document's, in folder order
+    dropped: list = field(default_factory=list)
+    made: ExamResult = field(default_factory=ExamResult)  # what this run asked the endpoint
+    reused: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+
+def exam_documents(chunks: dict[str, list[Chunk]], faq: list[Chunk], llm: LLMSettings, settings: ExamSettings,
+                   skip_languages: list[str]) -> Exam:
+    """One cached exam task per document (a FAQ export's answers count as its document), all submitted at
+    once: the endpoint's concurrency bound keeps the calls in check. A failed document is a failure row."""
+    docs = {path: list(cs) for path, cs in chunks.items() if cs}
+    for c in faq:
+        docs.setdefault(c.path, []).append(c)
+    task = with_network_retries(exam_document_task, llm)
+    warm_code_digest(task)
+    futures = [(path, task.submit(path, cs, llm, settings, sorted(skip_languages))) for path, cs in docs.items()]
+    out = Exam()
+    for path, future in futures:
+        future.wait()
+        if not future.state.is_completed():
+            out.failures.append(failure_row("exam", path, future.state))
+            continue
+        r = future.result()
+        out.items += r.items
+        out.dropped += r.dropped
+        if future.state.name == "Cached":
+            out.reused += 1
+        else:
+            out.made = ExamResult(calls=out.made.calls + r.calls, prompt_tokens=out.made.prompt_tokens + r.prompt_tokens,
+                                  completion_tokens=out.made.completion_tokens + r.completion_tokens)
+    return out
 
 
 # ----------------------------------------------------------------------------- 4-5. optional stages

@@ -1,4 +1,5 @@
-"""evaluate: base vs fine-tuned on the gold set and the held-out split, then the promotion rule."""
+"""evaluate: base, the model being served and the candidate on the gold set, the exam and the held-out split,
+then the promotion rule."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from prefect import flow
 
 from doctune.logs import our_loggers_at_info
 from doctune.model_settings import EvalSettings
+from doctune.registry import read_current
 from doctune.runs import base_model_of
 from tasks.evaluate import evaluate_task, metrics_table
 from tasks.promote import promote_task
@@ -19,8 +21,11 @@ def evaluate(run_dir: str, dataset_dir: str | None = None, gold_path: str | None
     """Returns the metrics table and the promotion decision."""
     our_loggers_at_info()
     base_model = base_model_of(run_dir)
-    report = evaluate_task(base_model, run_dir, dataset_dir, gold_path, settings, output_dir)
-    decision = promote_task(report, str(Path(output_dir) / "registry"), settings.promotion_margin)
+    registry = Path(output_dir) / "registry"
+    current = read_current(registry)  # re-scored on tonight's questions beside the candidate
+    report = evaluate_task(base_model, run_dir, dataset_dir, gold_path, settings, output_dir,
+                           current["run_dir"] if current else None)
+    decision = promote_task(report, str(registry), settings.promotion_margin)
     print(f"evaluation: {report.eval_dir}")
     print(f"promotion: {'PROMOTED' if decision.promoted else 'not promoted'}: {decision.reason}")
     return {"eval_dir": report.eval_dir, "metrics": metrics_table(report), "decision": decision.model_dump()}

@@ -44,12 +44,14 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
     build = build_settings(settings)
     with local_llm.serving(build.llm, start=settings.local_llm == "auto", log_dir=Path(out) / "logs") as how:
         log.info("synthesis endpoint: %s", how)
-        dataset_dir = build_dataset(folder, build)
+        dataset_dir = build_dataset(folder, build, settings.exam)
     ds_sha = dataset_hash(dataset_dir)
-    # The folder's own gold questions (gold_path 'auto'), found before any training is spent.
+    # The folder's own gold questions (gold_path 'auto'), found before any training is spent; without them the
+    # exam beside the dataset decides (tasks/exam.py).
     gold = resolve_gold(folder, settings)
     log.info("gold questions: %s", f"{gold} (gold_path {settings.gold_path!r})" if gold else
-             f"none (gold_path {settings.gold_path!r}); promotion needs gold: add {Path(folder) / 'gold'}/*.jsonl")
+             f"none (gold_path {settings.gold_path!r}); the exam made from the documents decides" +
+             ("" if settings.exam.enabled else f", but exam.enabled is off: add {Path(folder) / 'gold'}/*.jsonl"))
 
     # 2. Nothing new: stop before any training.
     train = train_settings(settings)

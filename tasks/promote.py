@@ -1,6 +1,15 @@
-"""Promotion: does tonight's candidate replace the model being served? Only when it beats it (or, while
-none is promoted, the base model) on the gold set by a margin; every decision is kept in the registry
-with its reason, and shown in the Prefect UI."""
+"""Promotion: does tonight's candidate replace the model being served? Decided on the gold set when the
+folder has gold questions, else on the exam the build made from the documents. Every comparison is paired
+(the same questions, answered by both models) with a 95% interval from a bootstrap over the questions:
+
+- against the base model (nothing promoted yet): the interval's lower end must reach promotion_margin;
+- against the current model, scored on tonight's questions beside the candidate: questions about documents
+  new or changed since the current model was trained must be answered better (lower end above 0), and on
+  the other documents the candidate must not be worse by more than noninferiority_tolerance. A night without
+  new or changed documents promotes only a clearly better candidate (lower end reaching promotion_margin), so
+  reshuffling does not churn the served model.
+
+Every decision is kept in the registry with its reason, and shown in the Prefect UI."""
 
 from __future__ import annotations
 
@@ -8,12 +17,31 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from doctune.records import read_jsonl
 from doctune.registry import append_decision, read_current, write_current
 from tasks.evaluate import EvalReport, in_prefect_run
+
+RESAMPLES = 2000
+
+
+class Part(BaseModel):
+    """A paired comparison on some questions: mean gain of the candidate and its 95% bootstrap interval."""
+    name: str
+    n: int
+    gain: float
+    low: float
+    high: float
+    passed: bool
+    rule: str
+
+    def text(self) -> str:
+        return (f"{self.name}: {self.gain:+.3f} [95% {self.low:+.3f}, {self.high:+.3f}] on {self.n} questions, "
+                f"{'passes' if self.passed else 'fails'} ({self.rule})")
 
 
 class Decision(BaseModel):
@@ -27,6 +55,8 @@ class Decision(BaseModel):
     margin: float
     eval_dir: str
     decided_at: str
+    set: str | None = Field(None, description="'gold' or 'exam': the questions the decision was made on.")
+    parts: list[Part] = Field(default_factory=list)
     # What the candidate was trained on and how (from its run.json), so the registry can tell
     # "documents unchanged" apart from "new data", and its scores on every set and language.
     dataset_dir: str | None = None
@@ -35,51 +65,125 @@ class Decision(BaseModel):
     scores: dict[str, float | None] = Field(default_factory=dict)
 
 
+def paired_interval(diffs: list[float], resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of paired differences (resampling questions)."""
+    d = np.asarray(diffs, dtype=float)
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def compare(examples: list[dict], metric: str, reference: str, name: str, threshold: float, rule: str,
+            strict: bool = False) -> Part:
+    """Candidate minus `reference` ('base' or 'current') on the examples; passes when the interval's lower end
+    reaches `threshold` (is above it, `strict`); `rule` says so in words."""
+    diffs = [e["tuned"][metric] - e[reference][metric] for e in examples]
+    low, high = paired_interval(diffs)
+    gain = sum(diffs) / len(diffs)
+    return Part(name=name, n=len(diffs), gain=round(gain, 4), low=round(low, 4), high=round(high, 4),
+                passed=round(low, 9) > threshold if strict else round(low, 9) >= threshold, rule=rule)
+
+
+def trained_documents(run_dir: str | Path) -> set[str] | None:
+    """doc_ids of every document in the dataset a run was trained on (its chunk ids start with them), or
+    None when that dataset folder is gone."""
+    run_json = Path(run_dir) / "run.json"
+    dataset = json.loads(run_json.read_text(encoding="utf-8")).get("dataset_dir") if run_json.exists() else None
+    files = sorted(Path(dataset).glob("*.messages.jsonl")) if dataset and Path(dataset).is_dir() else []
+    if not files:
+        return None
+    return {str(r.get("chunk_id") or "").split(":")[0] for f in files for r in read_jsonl(f)} - {""}
+
+
+def _scored(examples: list[dict], set_name: str, metric: str, who: tuple[str, ...]) -> list[dict]:
+    return [e for e in examples if e["set"] == set_name and all(e.get(w, {}).get(metric) is not None for w in who)]
+
+
+def against_current(examples: list[dict], set_name: str, metric: str, current_run: str, margin: float,
+                    tolerance: float) -> tuple[bool, list[Part], str]:
+    scored = _scored(examples, set_name, metric, ("current", "tuned"))
+    trained = trained_documents(current_run) if set_name == "exam" else None
+    new = [e for e in scored if trained is not None and e.get("doc_id") and e["doc_id"] not in trained]
+    old = [e for e in scored if e not in new]
+    if not scored:
+        return False, [], f"no {set_name} question with a {metric} for both models"
+    if not new:
+        why = ("no question is about a document new or changed since it was trained" if trained is not None else
+               "which documents it was trained on is unknown (its dataset folder is gone)" if set_name == "exam" else
+               "gold questions are not tied to documents")
+        part = compare(old, metric, "current", "all questions", margin,
+                       f"without new documents, the lower end must reach +{margin:.3f}")
+        return part.passed, [part], why
+    parts = [compare(new, metric, "current", "new or changed documents", 0.0, "better: the lower end must be above 0",
+                     strict=True)]
+    if old:
+        parts.append(compare(old, metric, "current", "unchanged documents", -tolerance,
+                             f"not worse: the lower end must reach -{tolerance:.3f}"))
+    return all(p.passed for p in parts), parts, f"{len(new)} questions about new or changed documents"
+
+
 def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float | None = None) -> Decision:
-    """Promote the candidate only if it beats the current promoted model (or, when none, the base
-    model in this report) on the gold set by at least `margin`. Every decision is appended to
-    decisions.jsonl; a promotion rewrites current.json atomically."""
+    """Promote the candidate only if it beats the current promoted model (or, when none, the base model in
+    this report), as the module docstring says. Every decision is appended to decisions.jsonl; a promotion
+    rewrites current.json atomically."""
     registry = Path(registry_dir)
     metric = report.settings.promotion_metric
     margin = report.settings.promotion_margin if margin is None else margin
-    row = report.get(metric, "gold")
+    set_name = "gold" if report.get(metric, "gold") else "exam" if report.get(metric, "exam") else None
+    row = report.get(metric, set_name) if set_name else None
     current = read_current(registry)
     candidate_score = row.tuned if row else None
-    reference_score, compared_to = None, ""
+    reference_score, compared_to, parts = None, "", []
+    digest = {"gold": report.gold_sha256, "exam": report.exam_sha256}.get(set_name or "")
     if row is None:
-        promoted, reason = False, (f"no gold-set {metric} in {report.eval_dir}: nothing to compare; add questions "
-                                   "with facts to the gold file")
+        promoted, reason = False, (f"no gold question and no exam question with a {metric} in {report.eval_dir}: "
+                                   "nothing to compare; add gold questions to the folder's gold/*.jsonl, or build "
+                                   "with the exam on (exam.enabled) so the documents make their own")
     elif current and current["run_dir"] == report.candidate:
         # Evaluating the current model again (say, on an edited gold file) refreshes its scores,
         # which is how a registry becomes comparable again after the gold set changed.
         promoted, reason = False, (f"{report.candidate} is already the current model; its scores in "
                                    f"{registry / 'current.json'} now come from {report.eval_dir}")
-    elif current and current.get("gold_sha256") != report.gold_sha256:
+    elif current and report.current == current["run_dir"] and row.current is not None:
+        examples = read_jsonl(Path(report.eval_dir) / "examples.jsonl")
+        reference_score, compared_to = row.current, f"current:{current['run_dir']}"
+        promoted, parts, why = against_current(examples, set_name, metric, current["run_dir"], margin,
+                                               report.settings.noninferiority_tolerance)
+        reason = (f"{set_name} {metric}: candidate {candidate_score:.3f} vs current {reference_score:.3f}, both "
+                  f"answering tonight's questions ({why}); " + "; ".join(p.text() for p in parts))
+    elif current and current.get(f"{set_name}_sha256") != digest:
         promoted, reason = False, (
-            f"the current model {current['run_dir']} was scored on another gold file (sha256 "
-            f"{str(current.get('gold_sha256'))[:12]} vs {str(report.gold_sha256)[:12]}), so its {metric} is not "
-            f"comparable; evaluate {current['run_dir']} on this gold file and decide on that report (it updates "
-            f"{registry / 'current.json'}), or delete that file to compare against the base model again")
+            f"the current model {current['run_dir']} was scored on another {set_name} set (sha256 "
+            f"{str(current.get(f'{set_name}_sha256'))[:12]} vs {str(digest)[:12]}) and not tonight, so its {metric} "
+            f"is not comparable; evaluate with it as the current model (the evaluate flow does), or delete "
+            f"{registry / 'current.json'} to compare against the base model again")
         compared_to = f"current:{current['run_dir']}"
-    elif current and current.get("scores", {}).get(f"gold/all/{metric}") is None:
-        promoted, reason = False, (f"the current model {current['run_dir']} has no gold {metric} score in "
+    elif current and current.get("scores", {}).get(f"{set_name}/all/{metric}") is None:
+        promoted, reason = False, (f"the current model {current['run_dir']} has no {set_name} {metric} score in "
                                    f"{registry / 'current.json'}; promote by another metric or re-evaluate it")
         compared_to = f"current:{current['run_dir']}"
-    else:
-        if current:
-            reference_score, compared_to = current["scores"][f"gold/all/{metric}"], f"current:{current['run_dir']}"
-        else:
-            reference_score, compared_to = row.base, f"base:{report.base_model}"
+    elif current:
+        reference_score, compared_to = current["scores"][f"{set_name}/all/{metric}"], f"current:{current['run_dir']}"
         gain = round(candidate_score - reference_score, 9)  # 0.35 - 0.30 must count as 0.05
         promoted = gain >= margin
-        reason = (f"gold {metric}: candidate {candidate_score:.3f} vs {compared_to.split(':')[0]} "
-                  f"{reference_score:.3f} ({gain:+.3f}); promotion needs at least +{margin:.3f}")
+        reason = (f"{set_name} {metric}: candidate {candidate_score:.3f} vs current {reference_score:.3f} as "
+                  f"recorded ({gain:+.3f}); promotion needs at least +{margin:.3f}")
+    else:
+        examples = _scored(read_jsonl(Path(report.eval_dir) / "examples.jsonl"), set_name, metric, ("base", "tuned"))
+        reference_score, compared_to = row.base, f"base:{report.base_model}"
+        if not examples:
+            raise ValueError(f"{report.eval_dir}/examples.jsonl holds no {set_name} example with a {metric} for both "
+                             "models, though its report has one: the folder was changed by hand; evaluate again")
+        parts = [compare(examples, metric, "base", "against the base", margin,
+                         f"the lower end must reach +{margin:.3f}")]
+        promoted = parts[0].passed
+        reason = (f"{set_name} {metric}: candidate {candidate_score:.3f} vs base {reference_score:.3f}; "
+                  + parts[0].text())
     run_json = Path(report.candidate) / "run.json"
     trained = json.loads(run_json.read_text(encoding="utf-8")) if run_json.exists() else {}
     decision = Decision(
         promoted=promoted, reason=reason, compared_to=compared_to, candidate=report.candidate, metric=metric,
         candidate_score=candidate_score, reference_score=reference_score, margin=margin, eval_dir=report.eval_dir,
-        decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), set=set_name, parts=parts,
         dataset_dir=trained.get("dataset_dir"), dataset_sha256=trained.get("dataset_sha256"),
         settings_sha256=trained.get("settings_sha256"),
         scores={f"{m.set}/{m.language}/{m.metric}": m.tuned for m in report.metrics},
@@ -89,7 +193,8 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
     if promoted or rescored:
         record = {
             "run_dir": report.candidate, "base_model": report.base_model, "metric": metric, "score": candidate_score,
-            "gold_sha256": report.gold_sha256, "eval_dir": report.eval_dir,
+            "set": set_name, "gold_sha256": report.gold_sha256, "exam_sha256": report.exam_sha256,
+            "eval_dir": report.eval_dir,
             "dataset_sha256": decision.dataset_sha256, "settings_sha256": decision.settings_sha256,
             "promoted_at": decision.decided_at if promoted else current["promoted_at"],
             "previous": current["previous"] if rescored else (current["run_dir"] if current else None),
@@ -107,7 +212,9 @@ def publish_decision_artifact(decision: Decision) -> None:
     verdict = "✅ promoted" if decision.promoted else "⛔ not promoted"
     create_markdown_artifact(
         f"## {verdict}: `{decision.candidate}`\n\n{decision.reason}\n\n"
-        f"- compared to: `{decision.compared_to or '–'}`\n- evaluation: `{decision.eval_dir}`\n",
+        f"- compared to: `{decision.compared_to or '–'}`\n- decided on: {decision.set or '–'}\n"
+        f"- evaluation: `{decision.eval_dir}/report.md`\n"
+        + "".join(f"- {p.text()}\n" for p in decision.parts),
         key="promotion-decision", description="Did the candidate replace the current model?",
     )
 

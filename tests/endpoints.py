@@ -53,7 +53,7 @@ def _completion(text: str, model: str) -> dict:
 
 
 def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tuple[str, str]:
-    """(kind, reply) for a request: kind is 'fact', 'qa', 'translate' or 'other'."""
+    """(kind, reply) for a request: kind is 'fact', 'qa', 'exam', 'translate' or 'other'."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     last = messages[-1]["content"]
     if "Translate" in system:
@@ -66,6 +66,13 @@ def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tu
         if cannot:
             return "qa", "I cannot do that."
         return "qa", "```json\n" + json.dumps([{"question": "What does the section say?", "answer": first}]) + "\n```"
+    if "new employee" in system or "新员工" in system:  # the exam's prompt family (prompts/exam_questions.*)
+        fact = last.split(":", 1)[-1].split("：", 1)[-1]
+        if cannot:
+            return "exam", "The answer is yes."
+        if re.search(r"[\u4e00-\u9fff]", fact):
+            return "exam", f"{fact[:6]}指的是哪个？"
+        return "exam", "What figure goes with {}?".format(" ".join(re.findall(r"[A-Za-z]{4,}", fact)[:3]))
     if last.startswith(("Fact:", "事实：")):
         fact = re.split(r"\n(?:Answer:|答案：)", last)[0].split(":", 1)[-1].split("：", 1)[-1]
         if cannot:

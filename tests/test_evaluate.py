@@ -99,7 +99,7 @@ def test_evaluate_end_to_end_on_a_tiny_model(tmp_path, tiny_models):
     out = Path(report.eval_dir)
     assert out.parent == tmp_path / "out" / "evals" and out.name.startswith("run-001-")
     assert {p.name for p in out.iterdir()} == {"report.json", "examples.jsonl", "report.md"}
-    assert report.counts == {"gold": 3, "test": 3, "dropped": 1}
+    assert report.counts == {"gold": 3, "exam": 0, "test": 3, "dropped": 1}
     assert "not JSON" in report.dropped[0]["reason"]
     for set_name in ("gold", "test"):
         for metric in ("fact_recall", "rouge_l", "chrf"):
@@ -133,12 +133,44 @@ def test_evaluate_end_to_end_on_a_tiny_model(tmp_path, tiny_models):
     assert (out / "report.json").stat().st_mtime_ns == mtime
     gold.write_text(json.dumps(GOLD[0]) + "\n", encoding="utf-8")
     again = ev.evaluate(base, run, None, gold, settings, tmp_path / "out")
-    assert again.eval_dir != str(out) and again.counts == {"gold": 1, "test": 0, "dropped": 0}
+    assert again.eval_dir != str(out) and again.counts == {"gold": 1, "exam": 0, "test": 0, "dropped": 0}
+
+
+def test_evaluate_scores_the_exam_beside_the_dataset_and_the_current_model_beside_the_candidate(tmp_path, tiny_models):
+    import shutil
+
+    base, run = tiny_models
+    dataset = write_dataset(tmp_path / "ds")
+    exam = [{"id": "e1", "question": "How much does the Kestrel K4 cost?", "answer": "The Kestrel K4 costs 8,950 euros.",
+             "facts": ["8,950"], "language": "en", "path": "prices.md", "doc_id": "aaaa", "chunk_id": "aaaa:0",
+             "source": "llm", "prompt_version": "exam-en-1"},
+            {"id": "e2", "question": "Who leads Tessarine?", "answer": "Tessarine is led by Jonas Villemo.",
+             "facts": ["Jonas Villemo"], "language": "en", "path": "handbook.md", "doc_id": "bbbb",
+             "chunk_id": "bbbb:0", "source": "rule", "prompt_version": "cloze-3"}]
+    (Path(dataset) / "exam.jsonl").write_text("".join(json.dumps(e) + "\n" for e in exam), encoding="utf-8")
+    current = tmp_path / "run-000"
+    shutil.copytree(run, current)  # the same weights under another name: its replies equal the candidate's
+    settings = EvalSettings(max_new_tokens=4, batch_size=8, max_test_examples=0)
+
+    report = ev.evaluate(base, run, dataset, None, settings, tmp_path / "out", current_run_dir=current)
+    assert report.counts == {"gold": 0, "exam": 2, "test": 0, "dropped": 0}
+    assert report.current == str(current) and report.exam_path == str(Path(dataset) / "exam.jsonl")
+    row = report.get("fact_recall", "exam")
+    assert row.n == 2 and row.current == row.tuned
+    examples = [json.loads(line) for line in (Path(report.eval_dir) / "examples.jsonl").read_text().splitlines()]
+    assert [(e["path"], e["doc_id"]) for e in examples] == [("prices.md", "aaaa"), ("handbook.md", "bbbb")]
+    assert all(e["current_reply"] == e["tuned_reply"] for e in examples)
+    md = (Path(report.eval_dir) / "report.md").read_text(encoding="utf-8")
+    assert "per document (exam" in md and "| handbook.md | 1 |" in md and "current" in md
+    # Another exam is another evaluation; the candidate as its own current model is not scored twice.
+    (Path(dataset) / "exam.jsonl").write_text(json.dumps(exam[0]) + "\n", encoding="utf-8")
+    again = ev.evaluate(base, run, dataset, None, settings, tmp_path / "out", current_run_dir=run)
+    assert again.eval_dir != report.eval_dir and again.current is None and again.counts["exam"] == 1
 
 
 def test_evaluate_scores_scripted_replies_per_language(tmp_path, monkeypatch):
     """With generation scripted (the base knows nothing, the candidate knows the gold facts), the
-    aggregates must be exact and the promotion must go to the candidate."""
+    aggregates must be exact; two right answers of three are too few to promote on."""
     gold = tmp_path / "gold.jsonl"
     gold.write_text("\n".join(json.dumps(g, ensure_ascii=False) for g in GOLD), encoding="utf-8")
     tuned_answers = {"How much does the X2 cost?": "It is 149 euros for the X2.",
@@ -168,7 +200,8 @@ def test_evaluate_scores_scripted_replies_per_language(tmp_path, monkeypatch):
     assert {r["metric"] for r in ev.metrics_table(report)} == {"fact_recall", "rouge_l", "chrf"}
 
     d = decide_promotion(report, tmp_path / "registry")
-    assert d.promoted and "0.667" in d.reason and "0.000" in d.reason
+    assert not d.promoted and "0.667" in d.reason and "0.000" in d.reason and "on 3 questions" in d.reason
+    assert d.parts[0].low == 0.0 and d.parts[0].high == 1.0  # the bootstrap sees how few they are
 
 
 def test_a_gold_folder_is_every_jsonl_in_it_and_a_missing_one_names_the_fix(tmp_path, monkeypatch):
@@ -214,7 +247,7 @@ def test_tasks_cache_on_content_and_publish_artifacts(tmp_path, monkeypatch, pre
         return report, promote.promote_task(report, out + "/registry")
 
     report, decision = evaluate_and_promote(str(tmp_path / "out"))
-    assert decision.promoted and len(calls) == 2
+    assert decision.set == "gold" and "95%" in decision.reason and len(calls) == 2
     evaluate_and_promote(str(tmp_path / "out"))
     assert len(calls) == 2  # same content: the evaluation came from the cache
     gold.write_text(json.dumps(GOLD[0]) + "\n", encoding="utf-8")  # edited in place, same path

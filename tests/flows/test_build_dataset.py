@@ -117,13 +117,24 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
         assert (Path(path) / f"{split}.messages.jsonl").exists() and (Path(path) / f"{split}.alpaca.jsonl").exists()
     dropped = read_jsonl(Path(path) / "dropped.jsonl")
     assert all(d["reason"] for d in dropped)
+    # The exam beside the dataset: every document asked about, worded by the exam's own prompt, in no split.
+    exam = read_jsonl(Path(path) / "exam.jsonl")
+    assert {"handbook.md", "products.md"} <= {e["path"] for e in exam}
+    assert all(e["facts"] and e["answer"] and e["chunk_id"].startswith(e["doc_id"]) for e in exam)
+    assert {e["source"] for e in exam} == {"llm"} and scripted.calls["exam"] >= len(exam)
+    assert not {normalize(e["question"]) for e in exam} & {normalize(r["question"]) for r in rows}
+    assert manifest["counts"]["exam_questions"] == len(exam)
+    exam_calls = scripted.calls["exam"]
+    table = {row["document"]: row for row in asyncio.run(latest_table("exam"))}
+    assert table["handbook.md"]["questions"] >= 1 and table["handbook.md"]["by endpoint"] >= 1
 
     # Unchanged folder: no LLM call at all, every synthesis task Cached.
     path2, run_id = run(folder, settings)
-    assert scripted.calls["fact"] == first_calls and path2 == path
+    assert scripted.calls["fact"] == first_calls and path2 == path and scripted.calls["exam"] == exam_calls
     states = asyncio.run(task_states(run_id))
-    synth_states = {n: s for n, s in states.items() if n.startswith("synthesize ")}
-    assert synth_states and set(synth_states.values()) == {"Cached"}, states
+    synth_states = {n: s for n, s in states.items() if n.startswith(("synthesize ", "exam "))}
+    assert len(synth_states) == 6 and set(synth_states.values()) == {"Cached"}, states
+    assert read_jsonl(Path(path) / "exam.jsonl") == exam
     ingest = {row["what"]: row["count"] for row in asyncio.run(latest_table("ingest"))}
     assert ingest["from the cache"] == 3 and ingest["read now"] == 0 and ingest["task runs"] == 1
     usage = {row["stage"]: row for row in asyncio.run(latest_table("token-usage"))}
@@ -139,6 +150,9 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     assert scripted.facts and all(("Vindel" in f or "Fjord" in f) for f in scripted.facts)
     states = asyncio.run(task_states(run_id))
     assert states["synthesize handbook.md"] == "Cached" and states["synthesize products.md"] != "Cached"
+    assert states["exam handbook.md"] == "Cached" and states["exam products.md"] != "Cached"
+    exam3 = read_jsonl(Path(path3) / "exam.jsonl")
+    assert [e for e in exam3 if e["path"] == "handbook.md"] == [e for e in exam if e["path"] == "handbook.md"]
     ingest = {row["what"]: row["count"] for row in asyncio.run(latest_table("ingest"))}
     assert ingest["from the cache"] == 2 and ingest["read now"] == 1  # only the edited file was read again
 

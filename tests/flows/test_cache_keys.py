@@ -58,7 +58,9 @@ def test_an_edit_misses_exactly_the_tasks_that_read_the_file(tmp_path, code_copy
     def files_from_cache() -> int:
         return {r["what"]: r["count"] for r in asyncio.run(latest_table("ingest"))}["from the cache"]
 
-    synthesis = {"synthesize handbook.md", "synthesize products.md", "synthesize faq.csv", "choose_mode_task"}
+    synthesis = {"synthesize handbook.md", "synthesize products.md", "synthesize faq.csv", "choose_mode_task",
+                 # the exam reads fact mode's fact extraction and checks
+                 "exam handbook.md", "exam products.md", "exam faq.csv"}
     try:
         # Tasks without the endpoint among their inputs (prepared files, cloze) may come from earlier tests' runs
         # over the same documents: the copy's code is the same until edited.
@@ -79,6 +81,8 @@ def test_an_edit_misses_exactly_the_tasks_that_read_the_file(tmp_path, code_copy
         assert missed(settings) == synthesis | {"cloze_task"}
         edit("prompts/judge.md")  # the evaluation's prompt: nothing here reads it
         assert missed(settings) == set()
+        edit("prompts/exam_questions.en.yaml")  # the exam's own prompt: the training questions stay
+        assert missed(settings) == {"exam handbook.md", "exam products.md", "exam faq.csv"}
         edit("doctune/llm.py")  # every task that talks to an endpoint, and those importing them
         assert missed(settings) == synthesis | {"cloze_task", "replay_task", "dedup_task"}
         assert files_from_cache() == 3

@@ -122,6 +122,9 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     (copy,) = (out / "gold").glob("*.jsonl")
     assert copy.read_bytes() == (folder / "gold" / "gold.jsonl").read_bytes()
     assert {r["set"] for r in result["metrics"]} >= {"gold"} and current["gold_sha256"].startswith(copy.stem)
+    # The exam the build made beside the dataset is scored too; gold decides when the folder has both.
+    assert (Path(result["dataset_dir"]) / "exam.jsonl").exists() and "exam" in {r["set"] for r in result["metrics"]}
+    assert current["set"] == "gold" and "95%" in result["reason"]
     assert (Path(result["run_dir"]) / "checkpoints").is_dir()  # save_every_steps: 2 wrote checkpoints
     facts_first = scripted.calls["fact"]
     registry = asyncio.run(latest_artifact("model-registry"))
@@ -152,6 +155,8 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
                      "synthesize faq.csv": "Cached"}, synth
     assert 0 < scripted.calls["fact"] - facts_first < facts_first
     assert [d["candidate"] for d in read_decisions(out / "registry")] == [current["run_dir"], result3["run_dir"]]
+    # The served model answered tonight's questions beside the candidate, and the decision compares the two.
+    assert all("current" in r for r in result3["metrics"]) and "vs current" in result3["reason"]
 
 
 def test_a_worker_killed_mid_training_leaves_the_promoted_model_and_the_rerun_resumes(

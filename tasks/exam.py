@@ -1,0 +1,180 @@
+"""The exam of a folder: questions about every document, written apart from the training questions, so
+the nightly can measure what tonight's model learned of the user's own documents (doctune/exam.py has the
+file format and the settings).
+
+- **Which facts**: the fact sentences of a document (fact mode's `extract_facts`) that hold a name or a
+  number to ask for, in an order drawn from the exam's own seed; one question per `facts_per_question`
+  facts, at least one per document.
+- **Worded apart**: the endpoint writes the question from the exam's own prompt family
+  (prompts/exam_questions.*.yaml: other instructions, other examples), sampled with the exam's own seed and
+  temperature, and fact mode's checks drop a bad one (with the reason). A fact the endpoint wrote no usable
+  question for, and every fact of a language the endpoint cannot write (the offline 135M model writes no
+  Chinese), gets a question by the cloze rules instead, marked `source: rule`.
+- **What a right answer holds**: the fact's values that the question does not name (`answer_facts`).
+- **Stable**: one cached task per document, keyed on its chunks: an unchanged document keeps its questions
+  night after night, a changed one gets new ones.
+- **Never seen in training**: `hold_out` compares every exam question with every training question (the
+  character shingles and threshold of the MinHash dedup, computed exactly); a training twin is taken out of
+  the dataset with the reason, and the fact stays taught by its other wordings and its passage. When the twin
+  was written by a person (a FAQ row), the exam question goes instead."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+from prefect import task
+from pydantic import BaseModel, Field
+
+from doctune.exam import ExamItem, ExamSettings
+from doctune.llm import chat, make_client
+from doctune.metrics import answer_facts
+from doctune.prefect_utils import CACHE, network_retries
+from doctune.prompts import load_prompt, render
+from doctune.records import Chunk, Dropped, QAPair, short_hash
+from doctune.settings import DedupSettings, LLMSettings
+from tasks.cloze import chinese_questions, english_questions
+from tasks.dedup import jaccard, normalize, shingles
+from tasks.synthesize import check_question, clean_question, extract_facts, question_targets
+
+STAGE = "exam"
+PROMPT = "exam_questions"
+CLOZE_PROMPT = "cloze"
+HUMAN_WRITTEN = {"faq", "instruction"}
+
+
+class ExamResult(BaseModel):
+    items: list[ExamItem] = Field(default_factory=list)
+    dropped: list[Dropped] = Field(default_factory=list)
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def exam_candidates(chunks: list[Chunk], seed: int) -> list[tuple[Chunk, str, list[str]]]:
+    """(chunk, fact, values to ask for) for every fact sentence with a name or number, in the exam's order."""
+    found = [(c, fact, targets) for c in chunks for fact in extract_facts(c)
+             if (targets := question_targets(fact, c))]
+    return sorted(found, key=lambda x: short_hash(str(seed), x[0].chunk_id, x[1]))
+
+
+def questions_for(n_facts: int, settings: ExamSettings) -> int:
+    return min(settings.max_per_document, math.ceil(n_facts / settings.facts_per_question)) if n_facts else 0
+
+
+def exam_messages(fact: str, language: str) -> tuple[list[dict], str]:
+    prompt = load_prompt(f"{PROMPT}.{language}")
+    messages = [{"role": "system", "content": prompt["system"]}]
+    for ex in prompt["examples"]:
+        messages += [{"role": "user", "content": render(prompt["user"], fact=ex["fact"])},
+                     {"role": "assistant", "content": ex["question"]}]
+    messages.append({"role": "user", "content": render(prompt["user"], fact=fact)})
+    return messages, prompt["version"]
+
+
+def _item(chunk: Chunk, fact: str, question: str, source: str, version: str) -> ExamItem | None:
+    facts = answer_facts(question, fact, chunk.language)
+    if not facts:
+        return None
+    return ExamItem(id=f"exam-{short_hash(chunk.chunk_id, fact, question, n=12)}", question=question, answer=fact,
+                    facts=facts, language=chunk.language, path=chunk.path, doc_id=chunk.doc_id,
+                    chunk_id=chunk.chunk_id, source=source, prompt_version=version)
+
+
+def rule_question(chunk: Chunk, fact: str, targets: list[str], cloze: dict) -> ExamItem | None:
+    """The cloze rules' question for the fact: the value moved to the front where the sentence allows
+    ("How much does … cost?"), else in place ("特萨林深圳办事处共有员工多少人？")."""
+    questions = chinese_questions(fact, cloze) if chunk.language == "zh" else english_questions(fact, targets, cloze)
+    for q in reversed(questions):
+        if item := _item(chunk, fact, q, "rule", cloze["version"]):
+            return item
+    return None
+
+
+def _one_fact(client, llm: LLMSettings, settings: ExamSettings, cloze: dict, use_llm: bool,
+              candidate: tuple[Chunk, str, list[str]]) -> ExamResult:
+    chunk, fact, targets = candidate
+    out = ExamResult()
+    for attempt in range(settings.tries if use_llm else 0):
+        messages, version = exam_messages(fact, chunk.language)
+        # An endpoint error fails the task (and Prefect retries it): a degraded exam must never be cached.
+        reply = chat(client, llm, messages, temperature=settings.temperature, top_p=0.95, max_tokens=64,
+                     stop=["\n"], seed=int(short_hash(str(settings.seed), chunk.chunk_id, fact, str(attempt), n=8),
+                                           16) % 2**31)
+        out.calls += 1
+        out.prompt_tokens += reply.prompt_tokens
+        out.completion_tokens += reply.completion_tokens
+        question = clean_question(reply.text)
+        reason = check_question(question, fact, chunk.language, targets)
+        item = None if reason else _item(chunk, fact, question, "llm", version)
+        if item:
+            out.items.append(item)
+            return out
+        out.dropped.append(Dropped(stage=STAGE, reason=reason or "no_fact_left_to_check", record={
+            "question": question, "fact": fact, "path": chunk.path, "chunk_id": chunk.chunk_id}))
+    if item := rule_question(chunk, fact, targets, cloze):
+        out.items.append(item)
+    return out
+
+
+def make_exam(chunks: list[Chunk], llm: LLMSettings, settings: ExamSettings,
+              skip_languages: list[str]) -> ExamResult:
+    """Exam questions for one document's chunks (see the module docstring)."""
+    candidates = exam_candidates(chunks, settings.seed)
+    wanted = questions_for(len(candidates), settings)
+    cloze = load_prompt(CLOZE_PROMPT, required=("version", "en", "zh"))
+    use_llm = settings.tries > 0 and any(c.language not in skip_languages for c in chunks)
+    client = make_client(llm) if use_llm else None
+    result, rank = ExamResult(), 0
+    with ThreadPoolExecutor(max_workers=llm.concurrency) as pool:
+        # In waves: a fact that gets no question at all gives its place to the next fact in the exam's order.
+        while len(result.items) < wanted and rank < len(candidates):
+            wave = candidates[rank:rank + wanted - len(result.items)]
+            rank += len(wave)
+            for r in pool.map(lambda c: _one_fact(client, llm, settings, cloze,
+                                                  use_llm and c[0].language not in skip_languages, c), wave):
+                result.items += r.items
+                result.dropped += r.dropped
+                result.calls += r.calls
+                result.prompt_tokens += r.prompt_tokens
+                result.completion_tokens += r.completion_tokens
+    return result
+
+
+@task(cache_policy=CACHE, persist_result=True, task_run_name="exam {path}", **network_retries(LLMSettings()))
+def exam_document_task(path: str, chunks: list[Chunk], llm: LLMSettings, settings: ExamSettings,
+                       skip_languages: list[str]) -> ExamResult:
+    return make_exam(chunks, llm, settings, skip_languages)
+
+
+class HeldOut(BaseModel):
+    items: list[ExamItem]
+    pairs: list[QAPair]
+    dropped: list[Dropped]
+
+
+def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings) -> HeldOut:
+    """Keep the exam unseen: a training question whose shingle Jaccard with an exam question reaches
+    dedup.near_threshold leaves the dataset, unless a person wrote it; then the exam question leaves."""
+    train = [shingles(normalize(p.question), dedup.ngram) for p in pairs]
+    t = dedup.near_threshold
+    drop_pairs: dict[int, tuple[ExamItem, float]] = {}
+    kept_items, dropped = [], []
+    for item in items:
+        q = shingles(normalize(item.question), dedup.ngram)
+        twins = [(j, s) for j, other in enumerate(train)
+                 if t * len(q) <= len(other) <= len(q) / t and (s := jaccard(q, other)) >= t]
+        human = next(((j, s) for j, s in twins if pairs[j].source in HUMAN_WRITTEN), None)
+        if human:
+            j, s = human
+            dropped.append(Dropped(stage=STAGE, reason="exam_question_seen_in_training", record=item.model_dump(),
+                                   duplicate_of=pairs[j].pair_id,
+                                   detail=f"question jaccard≈{s:.2f} with a {pairs[j].source} row, which stays"))
+            continue
+        kept_items.append(item)
+        for j, s in twins:
+            drop_pairs.setdefault(j, (item, s))
+    for j, (item, s) in sorted(drop_pairs.items()):
+        dropped.append(Dropped(stage=STAGE, reason="held_out_for_exam", record=pairs[j].model_dump(),
+                               duplicate_of=item.id, detail=f"question jaccard≈{s:.2f} with exam question {item.id}"))
+    return HeldOut(items=kept_items, pairs=[p for j, p in enumerate(pairs) if j not in drop_pairs], dropped=dropped)

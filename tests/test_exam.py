@@ -1,0 +1,118 @@
+"""The exam of a folder (tasks/exam.py, doctune/exam.py): questions about every document, worded apart from
+training, stable for an unchanged document, and never a near twin of a training question."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from doctune.exam import ExamItem, ExamSettings, exam_table, write_exam
+from doctune.llm import EndpointError
+from doctune.metrics import facts_found
+from doctune.records import Document, QAPair
+from doctune.settings import ChunkSettings, DedupSettings, LLMSettings
+from tasks.chunk import chunk_document
+from tasks.exam import hold_out, make_exam
+from tests.endpoints import ScriptedEndpoint
+
+EN = ("# Price sheet\n\nThe Kestrel K4 survey drone costs 8,950 euros. The Heron H2 costs 12,400 euros. "
+      "The Kestrel K4 flies for 42 minutes on one battery. Orders of five or more drones get a 7 percent discount. "
+      "The prices are valid until 31 March 2026. Support for the Heron H2 ends in 2029. "
+      "Repairs are done in Skarvhamn within 10 working days.\n")
+ZH = "# 售后政策\n\n特萨林FjordCell电池的保修期为12个月。红隼K4老用户以旧换新可抵扣900元。深圳办事处共有员工37人。\n"
+
+
+def chunks(text: str, path: str, language: str = "en"):
+    doc = Document(doc_id=path.replace(".", "")[:16].ljust(16, "0"), path=path, sha256="0" * 64, format="md",
+                   title=path, text=text, language=language)
+    return chunk_document(doc, ChunkSettings())
+
+
+def rule_only(**kw) -> ExamSettings:
+    return ExamSettings(tries=0, **kw)
+
+
+def test_rule_made_exam_asks_every_document_in_proportion_to_its_facts_in_its_language():
+    llm = LLMSettings(base_url="http://127.0.0.1:9/v1")  # never called: tries=0
+    en = make_exam(chunks(EN, "prices.md"), llm, rule_only(), [])
+    assert 2 <= len(en.items) <= 3  # 7 facts, one question per 3
+    zh = make_exam(chunks(ZH, "售后政策.md", "zh"), llm, rule_only(), [])
+    assert len(zh.items) == 1 and zh.items[0].language == "zh" and zh.items[0].question.endswith("？")
+    for item in en.items + zh.items:
+        assert item.source == "rule" and item.facts and item.answer
+        assert not any(facts_found(item.question, item.facts))  # the question never gives its answer away
+        assert item.chunk_id.startswith(item.doc_id)
+    assert make_exam(chunks(EN, "prices.md"), llm, rule_only(facts_per_question=1, max_per_document=4), []).items
+    assert len(make_exam(chunks(EN, "prices.md"), llm, rule_only(facts_per_question=1, max_per_document=4),
+                         []).items) == 4
+
+
+def test_an_unchanged_document_keeps_its_questions_and_the_seed_is_the_exams_own():
+    llm = LLMSettings(base_url="http://127.0.0.1:9/v1")
+    first = make_exam(chunks(EN, "prices.md"), llm, rule_only(), [])
+    assert make_exam(chunks(EN, "prices.md"), llm, rule_only(), []) == first
+    others = [make_exam(chunks(EN, "prices.md"), llm, rule_only(seed=s), []).items for s in range(6)]
+    assert any([i.answer for i in o] != [i.answer for i in first.items] for o in others)
+
+
+def test_the_endpoint_writes_the_questions_with_the_exams_prompt_and_rules_step_in_where_it_cannot():
+    good, bad = ScriptedEndpoint(), ScriptedEndpoint(behaviour="garbage")
+    try:
+        settings = ExamSettings(tries=2)
+        made = make_exam(chunks(EN, "prices.md"), LLMSettings(base_url=good.base_url, model=good.model), settings, [])
+        assert made.items and {i.source for i in made.items} == {"llm"}
+        assert all(i.prompt_version == "exam-en-1" for i in made.items)
+        assert good.calls["exam"] == made.calls and good.calls["fact"] == 0  # the training prompt is not used
+        # An endpoint that writes no usable question: each fact tries twice, then gets a rule-made one.
+        poor = make_exam(chunks(EN, "prices.md"), LLMSettings(base_url=bad.base_url, model=bad.model), settings, [])
+        assert poor.items and {i.source for i in poor.items} == {"rule"}
+        assert poor.calls == 2 * len(poor.items) == len(poor.dropped)
+        assert {d.reason for d in poor.dropped} and all(d.stage == "exam" for d in poor.dropped)
+        # A language the endpoint cannot write costs no call.
+        calls = good.calls["exam"]
+        zh = make_exam(chunks(ZH, "售后政策.md", "zh"), LLMSettings(base_url=good.base_url, model=good.model),
+                       settings, ["zh"])
+        assert zh.items and zh.items[0].source == "rule" and good.calls["exam"] == calls
+    finally:
+        good.close()
+        bad.close()
+
+
+def test_an_endpoint_error_fails_the_exam_instead_of_caching_a_smaller_one():
+    down = ScriptedEndpoint(always="500")
+    try:
+        with pytest.raises(EndpointError):
+            make_exam(chunks(EN, "prices.md"), LLMSettings(base_url=down.base_url, model=down.model, max_retries=0),
+                      ExamSettings(tries=1), [])
+    finally:
+        down.close()
+
+
+def item(question: str, answer: str = "The Kestrel K4 costs 8,950 euros.") -> ExamItem:
+    return ExamItem(id=f"exam-{len(question)}", question=question, answer=answer, facts=["8,950"], language="en",
+                    path="prices.md", doc_id="d", chunk_id="d:0", source="rule", prompt_version="cloze-3")
+
+
+def test_a_training_twin_leaves_the_dataset_unless_a_person_wrote_it():
+    exam = [item("How much does the Kestrel K4 cost?"), item("What does the Heron H2 cost?")]
+    pairs = [QAPair(question="How much does the Kestrel K4 cost ?", answer="8,950 euros.", source="cloze"),
+             QAPair(question="The Kestrel K4 costs how much?", answer="8,950 euros.", source="cloze"),
+             QAPair(question="what does the heron h2 cost", answer="12,400 euros.", source="faq")]
+    held = hold_out(exam, pairs, DedupSettings())
+    assert [i.question for i in held.items] == ["How much does the Kestrel K4 cost?"]
+    assert [p.question for p in held.pairs] == ["The Kestrel K4 costs how much?", "what does the heron h2 cost"]
+    reasons = {d.reason: d for d in held.dropped}
+    assert set(reasons) == {"held_out_for_exam", "exam_question_seen_in_training"}
+    assert reasons["held_out_for_exam"].duplicate_of == exam[0].id
+    assert reasons["exam_question_seen_in_training"].duplicate_of == pairs[2].pair_id
+
+
+def test_exam_file_is_written_once_and_a_hand_edit_wins(tmp_path):
+    path, written = write_exam(tmp_path, [item("How much does the Kestrel K4 cost?")])
+    assert written and json.loads(path.read_text(encoding="utf-8"))["facts"] == ["8,950"]
+    path.write_text('{"question": "mine", "answer": "mine"}\n', encoding="utf-8")
+    assert write_exam(tmp_path, [item("How much?")]) == (path, False) and "mine" in path.read_text()
+    rows = exam_table([item("How much does the Kestrel K4 cost?")], ["prices.md", "empty.md"])
+    assert rows[0]["questions"] == 1 and rows[0]["by rule"] == 1 and rows[1]["questions"] == 0
+    assert "8,950" in rows[0]["example"] and "no fact sentence" in rows[1]["example"]
