@@ -114,3 +114,29 @@ def generate_answers(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def answer_nll(model_ref: str | Path, questions: list[str], systems: list[str], answers: list[str]) -> list[float]:
+    """Mean negative log-likelihood per token (nats) of each given answer after its chat prompt, under the
+    model (teacher forcing). Scored on the base model's own answers, it says how far a fine-tuned model moved
+    away from the base's general behaviour, offline. An empty answer scores None."""
+    import torch
+
+    model, tokenizer = load_model(model_ref)
+    try:
+        out = []
+        for prompt, answer in zip(chat_prompts(tokenizer, questions, systems), answers):
+            head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            tail = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            if not tail:
+                out.append(None)
+                continue
+            ids = torch.tensor([head + tail], device=model.device)
+            labels = torch.tensor([[-100] * len(head) + tail], device=model.device)
+            with torch.inference_mode():
+                loss = model(input_ids=ids, labels=labels).loss
+            out.append(round(float(loss), 4))
+        return out
+    finally:
+        del model
+        gc.collect()

@@ -141,6 +141,12 @@ class EvalSettings(BaseModel):
     )
     promotion_metric: MetricName = Field(
         "fact_recall", description="Metric that decides promotion, on the gold set or, without gold, on the exam.")
+    forgetting_check: bool = Field(
+        True, description="Base and candidate answer a few shipped general prompts (prompts/general_check.yaml, "
+        "English and Chinese); a candidate whose loss on the base's own answers rose too much is not promoted.")
+    forgetting_tolerance: float = Field(
+        1.0, ge=0, description="Most the candidate's mean loss (nats per token) on the base model's answers to the "
+        "general prompts may rise above the base's own before the candidate counts as having forgotten them.")
     noninferiority_tolerance: float = Field(
         0.05, ge=0, le=1, description="On questions about documents the current model was trained on, the candidate "
         "may score at most this much below it (the lower end of the 95% interval of the paired difference).")

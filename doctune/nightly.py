@@ -147,6 +147,10 @@ def summary_markdown(folder: str, result: dict) -> str:
         lines.append(f"- candidate: `{result['run_dir']}`")
     if result.get("eval_dir"):
         lines.append(f"- evaluation: `{result['eval_dir']}/report.md`")
+    if g := result.get("general"):
+        lines.append(f"- general prompts (forgetting check): loss shift {g['mean_shift']:+.3f} nats/token on the base's "
+                     f"own answers to {g['prompts']} prompts, tolerance {g['tolerance']:.3f}: "
+                     f"{'kept' if g['passed'] else 'forgotten'}")
     for r in result.get("metrics", []):
         if r["set"] in ("gold", "exam", "test") and r["language"] == "all" and None not in (r["base"], r["fine-tuned"]):
             now = f", current {r['current']:.3f}" if r.get("current") is not None else ""

@@ -79,6 +79,8 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
         result = {"status": "promoted" if decision["promoted"] else "not promoted", "reason": decision["reason"],
                   "dataset_dir": dataset_dir, "run_dir": run_dir, "eval_dir": decision["eval_dir"],
                   "promoted": decision["promoted"], "metrics": metrics_table(report)}
+        if report.general:
+            result["general"] = {k: report.general[k] for k in ("prompts", "mean_shift", "tolerance", "passed")}
         if decision["promoted"] and settings.export_after_promotion:
             result["export_dir"] = export_model(run_dir, out, settings.export)
 

@@ -24,13 +24,14 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel, Field
 
 from doctune.exam import exam_digest, exam_path
-from doctune.generation import generate_answers
+from doctune.generation import answer_nll, generate_answers
 from doctune.gold import gold_digest, gold_files
 from doctune.judge import judge_replies
 from doctune.metrics import (Language, answer_facts, chrf, detect_language, facts_found, fmt_score, key_facts,
                              rouge_l)
 from doctune.model_settings import EvalSettings, MetricName
 from doctune.prefect_utils import CACHE
+from doctune.prompts import PROMPTS_DIR, load_prompt
 from doctune.records import read_jsonl, sha256_bytes, sha256_text, write_jsonl
 from doctune.runs import base_model_of, dataset_system_prompt
 
@@ -82,6 +83,7 @@ class EvalReport(BaseModel):
     gold_sha256: str | None
     exam_path: str | None = None
     exam_sha256: str | None = None
+    general: dict | None = Field(None, description="The forgetting check (general_check): its rows and verdict.")
     current: str | None = Field(None, description="The model being served, scored beside the candidate.")
     dataset_dir: str | None
     settings: EvalSettings
@@ -209,7 +211,34 @@ def eval_fingerprint(base_model: str, candidate_run_dir: str, gold_path: str | N
              settings.model_dump(mode="json")]
     if exam_file or current:
         parts += [exam_digest(exam_file) if exam_file else "", model_fingerprint(current) if current else ""]
+    if settings.forgetting_check:
+        parts.append(sha256_bytes((PROMPTS_DIR / f"{GENERAL_PROMPT}.yaml").read_bytes()))
     return sha256_text(json.dumps(parts))
+
+
+GENERAL_PROMPT = "general_check"
+
+
+def general_check(base_model: str, candidate: str, system: str, settings: EvalSettings) -> dict:
+    """Did the candidate forget how to answer anything but the documents? Base and candidate answer the shipped
+    general prompts; each model's mean loss per token on the base's own answers is compared (offline, no
+    judge): a candidate that moved far from them has lost what the base could do."""
+    prompt = load_prompt(GENERAL_PROMPT, required=("version", "prompts"))
+    rows = [(language, q) for language in ("en", "zh") for q in prompt["prompts"].get(language, [])]
+    questions, systems = [q for _, q in rows], [system] * len(rows)
+    gen = dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    base_replies = generate_answers(base_model, questions, systems, **gen)
+    tuned_replies = generate_answers(candidate, questions, systems, **gen)
+    base_nll = answer_nll(base_model, questions, systems, base_replies)
+    tuned_nll = answer_nll(candidate, questions, systems, base_replies)
+    table = [{"language": language, "prompt": q, "base_reply": b, "tuned_reply": t, "base_nll": bn, "tuned_nll": tn,
+              "shift": None if bn is None or tn is None else round(tn - bn, 4)}
+             for (language, q), b, t, bn, tn in zip(rows, base_replies, tuned_replies, base_nll, tuned_nll)]
+    shifts = [r["shift"] for r in table if r["shift"] is not None]
+    mean_shift = round(fmean(shifts), 4) if shifts else 0.0
+    return {"version": prompt["version"], "prompts": len(rows), "mean_shift": mean_shift,
+            "tolerance": settings.forgetting_tolerance, "passed": mean_shift <= settings.forgetting_tolerance,
+            "rows": sorted(table, key=lambda r: -(r["shift"] or 0.0))}
 
 
 def exam_of(dataset_dir: str | Path | None) -> Path | None:
@@ -288,6 +317,8 @@ def evaluate(
             for s, j in zip(scores[who], judged):
                 s["judge"], s["judge_reason"] = j.score, j.reason
 
+    general = general_check(base_model, candidate, system, settings) if settings.forgetting_check else None
+
     examples = []
     for k, item in enumerate(items):
         base_s, tuned_s = scores["base"][k], scores["tuned"][k]
@@ -308,7 +339,7 @@ def evaluate(
         gold_path=str(gold_path) if gold_path else None,
         gold_sha256=gold_digest(gold_path) if gold_path else None,
         exam_path=str(exam_file) if exam_file else None, exam_sha256=exam_digest(exam_file) if exam_file else None,
-        current=current, dataset_dir=str(dataset_dir) if dataset_dir else None, settings=settings,
+        current=current, general=general, dataset_dir=str(dataset_dir) if dataset_dir else None, settings=settings,
         counts={"gold": len(gold_items), "exam": len(exam_items), "test": len(test_items), "dropped": len(dropped)},
         dropped=dropped, metrics=aggregate(examples, metrics),
     )
@@ -408,6 +439,16 @@ def report_markdown(report: EvalReport, examples: list[dict]) -> str:
     lines += [f"| {m.metric} | {m.set} | {m.language} | {m.n} | {fmt_score(m.base)} | "
               + (f"{fmt_score(m.current)} | " if cur else "") + f"{fmt_score(m.tuned)} | {m.delta:+.3f} |"
               for m in report.metrics]
+    lines += ["", "fact_recall: share of key facts found in the reply (normalised substring); rouge_l: LCS F1 on "
+              "words (English) or characters (Chinese); chrf: character n-gram F-score, 0-1; judge: LLM grade 1-5."]
+    if report.general:
+        g = report.general
+        lines += ["", "## General prompts (the forgetting check)", "",
+                  f"Mean loss shift on the base model's own answers: {g['mean_shift']:+.3f} nats/token "
+                  f"(tolerance {g['tolerance']:.3f}): **{'kept' if g['passed'] else 'forgotten'}**. Most changed first.",
+                  "", "| prompt | shift | base | fine-tuned |", "|---|---|---|---|"]
+        lines += [f"| {_short(r['prompt'], 60)} | {fmt_score(r['shift'])} | {_short(r['base_reply'], 80)} | "
+                  f"{_short(r['tuned_reply'], 80)} |" for r in g["rows"]]
     for set_name in ("exam", "gold"):
         rows = per_document(examples, set_name)
         if rows and any(r["document"] != "–" for r in rows):
@@ -415,8 +456,7 @@ def report_markdown(report: EvalReport, examples: list[dict]) -> str:
             lines += ["", f"## What the models know, per document ({set_name}: questions with every key fact found)",
                       "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in head) + " |" for r in rows]
-    lines += ["", "fact_recall: share of key facts found in the reply (normalised substring); rouge_l: LCS F1 on "
-              "words (English) or characters (Chinese); chrf: character n-gram F-score, 0-1; judge: LLM grade 1-5.", ""]
+    lines.append("")
     best, worst = ranked_examples(examples)
     for title, group in (("Most improved", best), ("Most regressed", worst)):
         lines += [f"## {title}", ""]

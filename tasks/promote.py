@@ -9,7 +9,9 @@ folder has gold questions, else on the exam the build made from the documents. E
   new or changed documents promotes only a clearly better candidate (lower end reaching promotion_margin), so
   reshuffling does not churn the served model.
 
-Every decision is kept in the registry with its reason, and shown in the Prefect UI."""
+A candidate that forgot the base model's general answers (the forgetting check in tasks/evaluate.py) is not
+promoted whatever it learned. Every decision is kept in the registry with its reason, and shown in the
+Prefect UI."""
 
 from __future__ import annotations
 
@@ -121,6 +123,14 @@ def against_current(examples: list[dict], set_name: str, metric: str, current_ru
     return all(p.passed for p in parts), parts, f"{len(new)} questions about new or changed documents"
 
 
+def forgotten(general: dict, n: int = 3) -> str:
+    """Why the forgetting check fails, naming the prompts that changed most."""
+    worst = ", ".join(f"{r['prompt']!r} ({r['shift']:+.2f})" for r in general["rows"][:n] if r["shift"] is not None)
+    return (f"but it forgot the base model's general answers: mean loss shift {general['mean_shift']:+.3f} "
+            f"nats/token on them, tolerance {general['tolerance']:.3f} (forgetting_tolerance); most changed: {worst}. "
+            "More replay (synth.replay_share) or fewer steps keep them")
+
+
 def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float | None = None) -> Decision:
     """Promote the candidate only if it beats the current promoted model (or, when none, the base model in
     this report), as the module docstring says. Every decision is appended to decisions.jsonl; a promotion
@@ -178,6 +188,8 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
         promoted = parts[0].passed
         reason = (f"{set_name} {metric}: candidate {candidate_score:.3f} vs base {reference_score:.3f}; "
                   + parts[0].text())
+    if promoted and report.general and not report.general["passed"]:
+        promoted, reason = False, reason + "; " + forgotten(report.general)
     run_json = Path(report.candidate) / "run.json"
     trained = json.loads(run_json.read_text(encoding="utf-8")) if run_json.exists() else {}
     decision = Decision(

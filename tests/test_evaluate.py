@@ -126,6 +126,12 @@ def test_evaluate_end_to_end_on_a_tiny_model(tmp_path, tiny_models):
     saved = json.loads((out / "report.json").read_text())
     assert {"base", "tuned", "delta"} <= set(saved["metrics"][0])
     assert "| fact_recall | gold | all |" in (out / "report.md").read_text(encoding="utf-8")
+    # The forgetting check: the random adapter moved the model off the base's own general answers.
+    general = report.general
+    assert general["prompts"] == 12 and len(general["rows"]) == 12 and general["mean_shift"] > 0
+    assert {r["language"] for r in general["rows"]} == {"en", "zh"}
+    assert all(r["shift"] == pytest.approx(r["tuned_nll"] - r["base_nll"], abs=1e-3) for r in general["rows"])
+    assert "## General prompts (the forgetting check)" in (out / "report.md").read_text(encoding="utf-8")
 
     # Same inputs: the finished folder is returned untouched. Another gold file: a new folder.
     mtime = (out / "report.json").stat().st_mtime_ns
@@ -150,7 +156,7 @@ def test_evaluate_scores_the_exam_beside_the_dataset_and_the_current_model_besid
     (Path(dataset) / "exam.jsonl").write_text("".join(json.dumps(e) + "\n" for e in exam), encoding="utf-8")
     current = tmp_path / "run-000"
     shutil.copytree(run, current)  # the same weights under another name: its replies equal the candidate's
-    settings = EvalSettings(max_new_tokens=4, batch_size=8, max_test_examples=0)
+    settings = EvalSettings(max_new_tokens=4, batch_size=8, max_test_examples=0, forgetting_check=False)
 
     report = ev.evaluate(base, run, dataset, None, settings, tmp_path / "out", current_run_dir=current)
     assert report.counts == {"gold": 0, "exam": 2, "test": 0, "dropped": 0}
@@ -183,7 +189,7 @@ def test_evaluate_scores_scripted_replies_per_language(tmp_path, monkeypatch):
         return [tuned_answers[q] for q in questions]
 
     monkeypatch.setattr(ev, "generate_answers", scripted)
-    settings = EvalSettings(system_prompt=SYSTEM)
+    settings = EvalSettings(system_prompt=SYSTEM, forgetting_check=False)  # its prompts are not scripted
     report = ev.evaluate("base-model", "runs/candidate", None, gold, settings, tmp_path / "out")
     assert report.get("fact_recall", "gold", "en").tuned == 0.5  # X2 right, Alice Smith wrong
     assert report.get("fact_recall", "gold", "zh").tuned == 1.0  # "30 天" matches "30天"
@@ -212,7 +218,8 @@ def test_a_gold_folder_is_every_jsonl_in_it_and_a_missing_one_names_the_fix(tmp_
                                    encoding="utf-8")
     (gold / "README.md").write_text("how to write questions")
     monkeypatch.setattr(ev, "generate_answers", lambda model_ref, questions, *a, **k: ["?"] * len(questions))
-    report = ev.evaluate("base-model", "runs/candidate", None, gold, EvalSettings(system_prompt=SYSTEM),
+    report = ev.evaluate("base-model", "runs/candidate", None, gold,
+                         EvalSettings(system_prompt=SYSTEM, forgetting_check=False),
                          tmp_path / "out")
     assert report.counts["gold"] == len(GOLD) and report.gold_path == str(gold)
     from doctune.gold import gold_digest
@@ -243,7 +250,8 @@ def test_tasks_cache_on_content_and_publish_artifacts(tmp_path, monkeypatch, pre
 
     @flow
     def evaluate_and_promote(out: str):
-        report = ev.evaluate_task("base", "runs/c", None, str(gold), EvalSettings(system_prompt="S"), out)
+        report = ev.evaluate_task("base", "runs/c", None, str(gold),
+                                  EvalSettings(system_prompt="S", forgetting_check=False), out)
         return report, promote.promote_task(report, out + "/registry")
 
     report, decision = evaluate_and_promote(str(tmp_path / "out"))

@@ -51,7 +51,11 @@ def test_code_files_follow_imports_and_name_only_the_prompts_a_module_loads():
     assert {"tasks/chunk.py", "doctune/llm.py", "doctune/metrics.py", "prompts/fact_questions.en.yaml",
             "prompts/fact_questions.zh.yaml", "prompts/qa_pairs.en.yaml", "prompts/qa_pairs.zh.yaml"} <= synth
     assert not {p for p in synth if p.startswith("prompts/")} & {"prompts/judge.md", "prompts/replay.yaml"}
-    assert {p for p in files("evaluate") if p.startswith("prompts/")} == {"prompts/judge.md", "prompts/judge_zh.md"}
+    assert {p for p in files("evaluate") if p.startswith("prompts/")} == {"prompts/judge.md", "prompts/judge_zh.md",
+                                                                          "prompts/general_check.yaml"}
+    exam = files("exam")  # its own prompts, and fact mode's (it reads fact mode's checks), never the judge's
+    assert {"prompts/exam_questions.en.yaml", "prompts/exam_questions.zh.yaml", "prompts/cloze.yaml",
+            "prompts/fact_questions.en.yaml"} <= exam and "prompts/judge.md" not in exam
 
 
 class _Recording:
@@ -112,6 +116,6 @@ def test_every_prompt_a_task_reads_is_in_its_cache_key(tmp_path, monkeypatch, pr
         prompts.load_prompt.cache_clear()
     read = {path.name for _, path in seen}
     assert {"fact_questions.en.yaml", "qa_pairs.en.yaml", "translate.yaml", "replay.yaml", "cloze.yaml",
-            "passages.yaml", "judge.md", "judge_zh.md"} <= read
+            "passages.yaml", "judge.md", "judge_zh.md", "exam_questions.en.yaml"} <= read
     for module, path in seen:
         assert path.resolve() in code_files(module), f"{module} reads {path.name}, which is not in its cache key"

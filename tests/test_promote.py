@@ -169,3 +169,14 @@ def test_gold_decides_when_the_folder_has_both(tmp_path):
     both = report.model_copy(update={"metrics": report.metrics + exam.metrics, "exam_sha256": "x"})
     d = decide_promotion(both, tmp_path / "registry", margin=0.05)
     assert not d.promoted and d.set == "gold"
+
+
+def test_a_candidate_that_forgot_the_general_prompts_is_not_promoted_whatever_it_learned(tmp_path):
+    report = make_report(tmp_path, "runs/r1", base=0.0, tuned=0.9)
+    rows = [{"prompt": "What is 27 plus 38?", "shift": 2.5}, {"prompt": "什么是光合作用？", "shift": 0.4}]
+    general = {"prompts": 2, "mean_shift": 1.45, "tolerance": 1.0, "passed": False, "rows": rows}
+    d = decide_promotion(report.model_copy(update={"general": general}), tmp_path / "registry", margin=0.05)
+    assert not d.promoted and "forgot" in d.reason and "'What is 27 plus 38?' (+2.50)" in d.reason
+    kept = {**general, "mean_shift": 0.2, "passed": True}
+    assert decide_promotion(make_report(tmp_path, "runs/r2", base=0.0, tuned=0.9).model_copy(
+        update={"general": kept}), tmp_path / "registry", margin=0.05).promoted
