@@ -48,10 +48,11 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface; loopback by default. Any other needs an API key."),
     port: int = typer.Option(8765),
     name: str = typer.Option("smollm2-135m-instruct", help="Model name clients ask for to get the base model."),
-    outputs: Path = typer.Option(Path("outputs"), help="Output folder whose registry/current.json names the "
-                                 "promoted run."),
-    promoted: bool = typer.Option(True, help="Serve the promoted run's adapter as model 'promoted' (when one "
-                                  "was promoted); --no-promoted serves only the base and --adapter ones."),
+    outputs: Path = typer.Option(Path("outputs"), help="Output folder whose registry/<model>/current.json files "
+                                 "name the promoted runs."),
+    promoted: bool = typer.Option(True, help="Serve each model's promoted adapter as 'promoted/NAME', and the only "
+                                  "(or last promoted) one as 'promoted'; --no-promoted serves only the base and "
+                                  "--adapter ones."),
     adapter: list[str] = typer.Option(
         [], metavar="NAME=RUN_DIR", help="Also serve that LoRA adapter as model NAME; RUN_DIR is a run folder "
         "(outputs/models/<run>) or its adapter/ folder. Repeatable."),
@@ -61,7 +62,8 @@ def serve(
 ):
     """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/embeddings).
 
-    Model names: --name is the base, 'promoted' the run in OUTPUTS/registry/current.json, NAME each --adapter.
+    Model names: --name is the base, 'promoted/NAME' the promoted run of each model in OUTPUTS/registry/,
+    'promoted' the only one (or the one promoted last), NAME each --adapter.
 
     /v1/models lists each name with its folder as `root`; restart the server to pick up a newer promotion.
 
@@ -149,7 +151,8 @@ def evaluate(
 
 @app.command()
 def export(
-    run: str = typer.Argument("promoted", help="A run folder (outputs/models/<run>) or 'promoted'."),
+    run: str = typer.Argument("promoted", help="A run folder (outputs/models/<run>), 'promoted/NAME' (the "
+                              "promoted model NAME) or 'promoted' (the only one, or the one promoted last)."),
     output_dir: Path = typer.Option(Path("outputs"), help="Root of registry/ and exports/."),
     settings: Optional[Path] = typer.Option(None, help="YAML file of ExportSettings."),
     gguf: Optional[str] = typer.Option(None, help="GGUF types, comma-separated (F16,Q8_0,Q5_0,Q4_0); "
@@ -182,6 +185,8 @@ def nightly(
     settings: Optional[Path] = typer.Option(None, help="YAML of NightlySettings fields to override."),
     train_config: Optional[Path] = typer.Option(None, help="Training settings YAML, e.g. configs/demo.yaml."),
     deployment: str = typer.Option("nightly/nightly", help="The nightly deployment to start."),
+    model_name: Optional[str] = typer.Option(None, help="The model this folder trains (its registry, and "
+                                             "promoted/NAME in `doctune serve`); default: the folder's name."),
     wait: bool = typer.Option(True, help="Wait for the run and print its outcome."),
 ):
     """Start a run of the nightly deployment (run by the workers of `make up`), wait, print the outcome."""
@@ -207,6 +212,8 @@ def nightly(
     params = asyncio.run(defaults())
     if train_extra is not None:
         extra = _deep_merge(extra, {"train": train_extra})
+    if model_name is not None:
+        extra = _deep_merge(extra, {"model_name": model_name})
     merged = _deep_merge(params.get("settings", {}), extra)
     try:
         NightlySettings.model_validate(merged)  # fail here, not in the worker

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from doctune.exam import ExamSettings
 from doctune.gold import gold_bytes, gold_files
 from doctune.model_settings import EvalSettings, ExportSettings, TrainSettings
-from doctune.registry import earlier_decision, read_current
+from doctune.registry import check_model_name, earlier_decision, model_name_for, read_current
 from doctune.runs import settings_hash
 from doctune.settings import BuildSettings
 
@@ -31,6 +31,10 @@ class NightlySettings(BaseModel):
     exam: ExamSettings = Field(default_factory=ExamSettings, description="Questions about every document, kept out "
                                "of training; they decide promotion when the folder has no gold questions.")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Base vs fine-tuned, and promotion.")
+    model_name: str | None = Field(
+        None, description="The model this folder trains: its registry is <output_dir>/registry/<name>/ and `doctune "
+        "serve` offers it as promoted/<name>, so two folders on one output folder never compare against each other. "
+        "None: the folder's name (lower case, e.g. 'docs' for data/docs).")
     output_dir: str = Field(
         "outputs",
         description="Root of datasets/, models/, evals/ and registry/ (build.output_dir is set to it); the workers "
@@ -76,8 +80,13 @@ def build_settings(settings: NightlySettings) -> BuildSettings:
     return settings.build.model_copy(update={"output_dir": settings.output_dir})
 
 
-def registry_dir(settings: NightlySettings) -> Path:
-    return Path(settings.output_dir) / "registry"
+def model_name(folder: str | Path, settings: NightlySettings) -> str:
+    return check_model_name(settings.model_name) if settings.model_name else model_name_for(folder)
+
+
+def registry_dir(settings: NightlySettings, name: str) -> Path:
+    """The registry of the model `name`: `<output_dir>/registry/<name>/`."""
+    return Path(settings.output_dir) / "registry" / name
 
 
 def resolve_gold(folder: str | Path, settings: NightlySettings) -> str | None:
@@ -107,18 +116,17 @@ def resolve_gold(folder: str | Path, settings: NightlySettings) -> str | None:
     return str(out)
 
 
-def train_settings(settings: NightlySettings) -> TrainSettings:
+def train_settings(settings: NightlySettings, registry: Path) -> TrainSettings:
     """The training settings of tonight's candidate: init_from=promoted continues the promoted adapter."""
-    current = read_current(registry_dir(settings))
+    current = read_current(registry)
     if settings.init_from == "promoted" and current:
         return settings.train.model_copy(update={"init_adapter": str(Path(current["run_dir"]) / "adapter")})
     return settings.train
 
 
-def nothing_new(settings: NightlySettings, dataset_sha256: str, train: TrainSettings) -> str | None:
+def nothing_new(registry: Path, dataset_sha256: str, train: TrainSettings) -> str | None:
     """Why tonight needs no training, or None. The dataset is named after the documents' content, so the
     same hash means unchanged documents (and unchanged build settings and code)."""
-    registry = registry_dir(settings)
     current = read_current(registry)
     if current and current.get("dataset_sha256") == dataset_sha256:
         return (f"documents unchanged since {current['promoted_at']}: the dataset is the one the promoted model "
@@ -141,7 +149,8 @@ def child_failure(kind: str, child, ui_url: str | None) -> str:
 
 def summary_markdown(folder: str, result: dict) -> str:
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    lines = [f"## Nightly {when}: `{folder}`", "", f"**{result['status']}**: {result['reason']}", "",
+    lines = [f"## Nightly {when}: `{folder}` (model `{result.get('model_name', '?')}`, served as "
+             f"`promoted/{result.get('model_name', '?')}`)", "", f"**{result['status']}**: {result['reason']}", "",
              f"- dataset: `{result['dataset_dir']}`"]
     if result.get("run_dir"):
         lines.append(f"- candidate: `{result['run_dir']}`")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from doctune.model_settings import TrainSettings
-from doctune.registry import read_current
+from doctune.registry import named_registries, read_current
 
 PROMOTED = "promoted"  # the name a run is asked for by when the registry's current model is meant
 
@@ -90,18 +90,38 @@ def base_model_of(run_dir: str | Path) -> str:
     return read_json(run_json)["base_model"]
 
 
+def promoted_registry(ref: str, outputs: str | Path) -> Path | None:
+    """The registry folder a 'promoted' reference means: 'promoted/NAME' the model NAME's; 'promoted' the one
+    registry of earlier versions (`registry/current.json`) when there is one, else the only model's, else
+    the model promoted last. None when nothing is promoted; an unknown NAME raises, listing the known ones."""
+    root = Path(outputs) / "registry"
+    named = named_registries(root)
+    if ref.startswith(PROMOTED + "/"):
+        name = ref.split("/", 1)[1]
+        if name not in named:
+            raise FileNotFoundError(f"{ref!r}: {root / name / 'current.json'} is missing: no model {name!r} is "
+                                    f"promoted; promoted models: {', '.join(named) or 'none'}")
+        return named[name]
+    if (root / "current.json").is_file():
+        return root
+    if not named:
+        return None
+    return max(named.values(), key=lambda d: (read_current(d) or {}).get("promoted_at") or "")
+
+
 def resolve_run(ref: str, output_dir: str | Path = "outputs") -> Path:
-    """A run folder from 'promoted' (the registry's current model) or a path."""
-    if ref == PROMOTED:
-        current = read_current(Path(output_dir) / "registry")
+    """A run folder from 'promoted' / 'promoted/NAME' (a registry's current model) or a path."""
+    if ref == PROMOTED or ref.startswith(PROMOTED + "/"):
+        registry = promoted_registry(ref, output_dir)
+        current = read_current(registry) if registry else None
         if current is None:
-            raise FileNotFoundError(f"{output_dir}/registry/current.json is missing: no model is promoted yet; "
+            raise FileNotFoundError(f"{output_dir}/registry/ has no current.json: no model is promoted yet; "
                                     "run `doctune nightly` (or export a run folder by its path)")
         ref = current["run_dir"]
     run_dir = Path(ref)
     if not is_finished(run_dir):
         raise FileNotFoundError(f"{run_dir}: not a finished training run (run.json and adapter/ are written when "
-                                "training ends); pass outputs/models/<run> or 'promoted'")
+                                "training ends); pass outputs/models/<run>, 'promoted' or 'promoted/NAME'")
     return run_dir
 
 
@@ -181,11 +201,7 @@ def find_adapter(name: str, path: Path, what: str | None = None) -> AdapterSourc
     return AdapterSource(name, folder, str(base), said_by)
 
 
-def promoted_adapter(outputs: Path) -> AdapterSource | None:
-    """The registry's promoted adapter under `outputs`, or None when nothing was promoted yet."""
-    current_json = outputs / "registry" / "current.json"
-    if not current_json.is_file():
-        return None
+def _registry_adapter(name: str, current_json: Path, outputs: Path) -> AdapterSource:
     run_dir = read_json(current_json).get("run_dir")
     if not run_dir:
         raise ValueError(f"{current_json}: no run_dir field; it is written by the evaluate stage's promotion, "
@@ -197,7 +213,19 @@ def promoted_adapter(outputs: Path) -> AdapterSource | None:
         tried.append(outputs / "models" / tried[0].name)
     for path in tried:
         if path.exists():
-            return find_adapter(PROMOTED, path, what=f"{current_json}: run_dir")
+            return find_adapter(name, path, what=f"{current_json}: run_dir")
     raise FileNotFoundError(f"{current_json}: run_dir {run_dir!r} does not exist (looked in "
                             f"{', '.join(map(str, tried))}); restore the run folder, or serve without it "
                             "(--no-promoted)")
+
+
+def promoted_adapters(outputs: Path) -> list[AdapterSource]:
+    """The promoted adapters under `outputs`: `promoted/NAME` for every model with a registry, and `promoted`
+    (promoted_registry's choice: the only model, or the one promoted last). Empty when nothing is promoted."""
+    registry = promoted_registry(PROMOTED, outputs)
+    if registry is None:
+        return []
+    named = named_registries(outputs / "registry")
+    return ([_registry_adapter(PROMOTED, registry / "current.json", outputs)]
+            + [_registry_adapter(f"{PROMOTED}/{name}", d / "current.json", outputs) for name, d in named.items()])
+

@@ -16,9 +16,9 @@ from prefect.settings import PREFECT_UI_URL
 
 from doctune.logs import our_loggers_at_info
 from doctune import local_llm
-from doctune.nightly import (NightlySettings, build_settings, child_failure, nothing_new, registry_dir,
+from doctune.nightly import (NightlySettings, build_settings, child_failure, model_name, nothing_new, registry_dir,
                              resolve_gold, summary_markdown, train_settings)
-from doctune.registry import publish_registry, read_decisions
+from doctune.registry import artifact_key, publish_registry, read_decisions
 from doctune.runs import dataset_hash, run_dir_for
 from flows.build_dataset import build_dataset
 from flows.evaluate import evaluate
@@ -38,7 +38,9 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
     """Retrain from a document folder and promote tonight's model only if it is better."""
     our_loggers_at_info()
     log = get_run_logger()
-    out, registry = settings.output_dir, registry_dir(settings)
+    name = model_name(folder, settings)  # one registry per model: two folders never compare against each other
+    out, registry = settings.output_dir, registry_dir(settings, name)
+    log.info("model %r: registry %s; `doctune serve` offers it as promoted/%s", name, registry, name)
 
     # 1. Dataset (cached per document). The local model server, if we start it, is gone before training.
     build = build_settings(settings)
@@ -54,8 +56,8 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
              ("" if settings.exam.enabled else f", but exam.enabled is off: add {Path(folder) / 'gold'}/*.jsonl"))
 
     # 2. Nothing new: stop before any training.
-    train = train_settings(settings)
-    why = nothing_new(settings, ds_sha, train)
+    train = train_settings(settings, registry)
+    why = nothing_new(registry, ds_sha, train)
     if why:
         result = {"status": "unchanged", "reason": why, "dataset_dir": dataset_dir, "promoted": False}
     else:
@@ -69,7 +71,7 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
 
         # 4. Evaluate base vs candidate and apply the promotion rule.
         args = {"run_dir": run_dir, "dataset_dir": dataset_dir, "gold_path": gold,
-                "settings": settings.eval.model_dump(mode="json"), "output_dir": out}
+                "settings": settings.eval.model_dump(mode="json"), "output_dir": out, "model_name": name}
         if settings.evaluate_on == "deployment":
             _run_child("evaluation", settings.evaluate_deployment, args, settings)
         else:
@@ -84,9 +86,10 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
         if decision["promoted"] and settings.export_after_promotion:
             result["export_dir"] = export_model(run_dir, out, settings.export)
 
-    # 5. What a person reads in the UI, under keys that stay the same night after night.
-    create_markdown_artifact(summary_markdown(folder, result), key="nightly-summary",
-                             description="Tonight's outcome: unchanged, promoted or not promoted, and why")
-    publish_registry(registry)
+    # 5. What a person reads in the UI, under keys that stay the same night after night (one per model).
+    result["model_name"] = name
+    create_markdown_artifact(summary_markdown(folder, result), key=artifact_key("nightly-summary", name),
+                             description=f"Tonight's outcome for model {name}: unchanged, promoted or not, and why")
+    publish_registry(registry, key=artifact_key("model-registry", name))
     print(f"nightly: {result['status']}: {result['reason']}")
     return result

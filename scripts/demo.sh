@@ -16,5 +16,5 @@ doctune nightly data/docs --train-config configs/demo.yaml | tee .run/nightly.lo
 
 echo
 echo "Prefect UI: http://127.0.0.1:$PREFECT_SERVER_API_PORT  (deployments, the nightly run, its child runs and artifacts)"
-echo "Registry:   outputs/registry/current.json and decisions.jsonl"
+echo "Registry:   outputs/registry/docs/current.json and decisions.jsonl (the model is named after its folder)"
 echo "Took $(( $(date +%s) - t0 )) s. The server and workers keep running (the nightly schedule is on); stop them with: make down"

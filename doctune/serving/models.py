@@ -1,12 +1,12 @@
-"""What `doctune serve` serves: the base model, the registry's promoted adapter (as `promoted`) and
-named adapters (NAME=RUN_DIR), all over one base. Reading a run folder's adapter is doctune/runs.py's."""
+"""What `doctune serve` serves: the base model, the registries' promoted adapters (`promoted/NAME` per model,
+and `promoted`: the only one, or the one promoted last) and named adapters (NAME=RUN_DIR), all over one base. Reading a run folder's adapter is doctune/runs.py's."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from doctune.runs import PROMOTED, AdapterSource, find_adapter, promoted_adapter
+from doctune.runs import PROMOTED, AdapterSource, find_adapter, promoted_adapters
 from doctune.serving.jobs import BASE
 
 log = logging.getLogger(__name__)
@@ -27,25 +27,24 @@ def _same_model(a: str, b: str) -> bool:
 
 def plan_models(model: str | None, adapter_specs: list[str], outputs: Path | None,
                 served_name: str) -> tuple[str | None, dict[str, str]]:
-    """(base model, {name: adapter folder}) for `doctune serve`: the promoted adapter of
-    `outputs/registry/current.json` as `promoted` (outputs=None: not), then every NAME=RUN_DIR.
+    """(base model, {name: adapter folder}) for `doctune serve`: the promoted adapters of `outputs/registry/`
+    as `promoted` and `promoted/NAME` (outputs=None: none), then every NAME=RUN_DIR.
     The base is `model` or, when None, the one the adapters were trained on (None if there are
     none: the caller picks the default). Raises ValueError/FileNotFoundError naming the file and the fix."""
     sources: list[AdapterSource] = []
     if outputs is not None:
-        promoted = promoted_adapter(outputs)
-        if promoted is None:
-            log.info("%s: no promoted model yet; serving the base model", outputs / "registry" / "current.json")
-        else:
-            sources.append(promoted)
+        promoted = promoted_adapters(outputs)
+        if not promoted:
+            log.info("%s: no promoted model yet; serving the base model", outputs / "registry")
+        sources += promoted
     for spec in adapter_specs:
         name, path = parse_adapter_spec(spec)
         clash = next((s for s in sources if s.name == name), None)
         if name == served_name:
             raise ValueError(f"--adapter {spec}: {name!r} is the base model's name (--name); pick another name")
         if clash is not None:
-            hint = ("the promoted adapter is served as 'promoted'; pick another name or add --no-promoted"
-                    if name == PROMOTED else "give each --adapter its own name")
+            hint = ("promoted adapters are served as 'promoted' and 'promoted/NAME'; pick another name or add "
+                    "--no-promoted" if name.split("/")[0] == PROMOTED else "give each --adapter its own name")
             raise ValueError(f"--adapter {spec}: the name {name!r} is taken by {clash.folder}; {hint}")
         if name == BASE:
             raise ValueError(f"--adapter {spec}: {name!r} is reserved; pick another name")

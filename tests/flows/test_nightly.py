@@ -116,7 +116,7 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert kinds == ["build", "evaluate", "train"], kinds
     train_child = next(c for c in children.values() if c.deployment_id == deps["train"].id)
     assert train_child.work_pool_name == "gpu" and train_child.state.is_completed()
-    current = read_current(out / "registry")
+    current = read_current(out / "registry" / "docs")
     assert current["run_dir"] == result["run_dir"]
     # Judged on the folder's own gold questions, as copied under outputs/gold/ for the gpu pool.
     (copy,) = (out / "gold").glob("*.jsonl")
@@ -127,10 +127,10 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert current["set"] == "gold" and "95%" in result["reason"]
     assert (Path(result["run_dir"]) / "checkpoints").is_dir()  # save_every_steps: 2 wrote checkpoints
     facts_first = scripted.calls["fact"]
-    registry = asyncio.run(latest_artifact("model-registry"))
+    registry = asyncio.run(latest_artifact("model-registry-docs"))
     assert Path(result["run_dir"]).name in registry and "**yes**" in registry
     assert Path(result["dataset_dir"]).name in registry
-    assert "promoted" in asyncio.run(latest_artifact("nightly-summary"))
+    assert "promoted" in asyncio.run(latest_artifact("nightly-summary-docs"))
     for key in ("train-loss", "eval-metrics", "promotion-decision", "dedup-counts", "sample-pairs"):
         assert asyncio.run(artifact_count(key)) >= 1, key
 
@@ -140,7 +140,7 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert result2["status"] == "unchanged" and "documents unchanged since" in result2["reason"]
     assert scripted.calls["fact"] == facts_first
     assert len(asyncio.run(_train_runs())) == trained
-    assert read_current(out / "registry")["run_dir"] == current["run_dir"]
+    assert read_current(out / "registry" / "docs")["run_dir"] == current["run_dir"]
 
     # 3. One document edited: only its chunks are synthesized again, and a new candidate is evaluated.
     products = folder / "products.md"
@@ -154,9 +154,26 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert synth == {"synthesize products.md": "Completed", "synthesize handbook.md": "Cached",
                      "synthesize faq.csv": "Cached"}, synth
     assert 0 < scripted.calls["fact"] - facts_first < facts_first
-    assert [d["candidate"] for d in read_decisions(out / "registry")] == [current["run_dir"], result3["run_dir"]]
+    assert [d["candidate"] for d in read_decisions(out / "registry" / "docs")] == [current["run_dir"], result3["run_dir"]]
     # The served model answered tonight's questions beside the candidate, and the decision compares the two.
     assert all("current" in r for r in result3["metrics"]) and "vs current" in result3["reason"]
+
+    # 4. A second folder on the same output folder is another model with its own registry: it is compared with
+    #    the base, never with the first folder's model, and an unchanged second night trains nothing.
+    other = write_docs(tmp_path / "Other Docs")
+    (other / "extra.md").write_text("# Extra\n\nThe Lunde depot stores 310 pallets.\n")
+    params2 = {**params, "folder": str(other)}
+    _, first_other = run_nightly(params2)
+    assert first_other["model_name"] == "other-docs" and first_other["status"] == "promoted", first_other
+    assert "vs base" in first_other["reason"]
+    assert read_current(out / "registry" / "other-docs")["run_dir"] == first_other["run_dir"]
+    docs_current = read_current(out / "registry" / "docs")
+    assert docs_current["run_dir"] in (current["run_dir"], result3["run_dir"])  # untouched by the other model
+    trained, facts = len(asyncio.run(_train_runs())), scripted.calls["fact"]
+    _, again = run_nightly(params2)
+    assert again["status"] == "unchanged" and scripted.calls["fact"] == facts
+    assert len(asyncio.run(_train_runs())) == trained
+    assert "other-docs" in asyncio.run(latest_artifact("model-registry-other-docs"))
 
 
 def test_a_worker_killed_mid_training_leaves_the_promoted_model_and_the_rerun_resumes(
@@ -167,7 +184,7 @@ def test_a_worker_killed_mid_training_leaves_the_promoted_model_and_the_rerun_re
     # A promoted model that tonight's candidate cannot beat (a perfect gold score on this gold file).
     from doctune.records import sha256_bytes
 
-    registry = out / "registry"
+    registry = out / "registry" / "docs"  # the model is named after its folder
     registry.mkdir(parents=True)
     current = {"run_dir": str(out / "models" / "earlier"), "base_model": tiny_model, "metric": "fact_recall",
                "score": 1.0, "gold_sha256": sha256_bytes((folder / "gold" / "gold.jsonl").read_bytes()),

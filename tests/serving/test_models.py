@@ -34,6 +34,20 @@ def test_plan_serves_the_promoted_run_and_named_adapters_on_their_base(tiny_mode
         (tiny_model, {"b": str(runs["beta"] / "adapter")})
 
 
+def test_plan_serves_every_models_promoted_run_by_its_name(tiny_model, runs, tmp_path):
+    for name, run, when in (("alpha", runs["alpha"], "2026-12-01"), ("beta", runs["beta"], "2026-12-02")):
+        (tmp_path / "registry" / name).mkdir(parents=True)
+        (tmp_path / "registry" / name / "current.json").write_text(json.dumps({"run_dir": str(run),
+                                                                                "promoted_at": when}))
+    base, adapters = plan_models(None, [], tmp_path, "tiny")
+    assert base == tiny_model
+    assert adapters == {"promoted": str(runs["beta"] / "adapter"),  # the one promoted last
+                        "promoted/alpha": str(runs["alpha"] / "adapter"),
+                        "promoted/beta": str(runs["beta"] / "adapter")}
+    with pytest.raises(ValueError, match="promoted/NAME"):
+        plan_models(None, [f"promoted/alpha={runs['beta']}"], tmp_path, "tiny")
+
+
 def test_plan_without_a_promotion_serves_the_default_base(tmp_path):
     assert plan_models(None, [], tmp_path, "tiny") == (None, {})
 
