@@ -22,7 +22,7 @@ from doctune.records import Chunk, Document, QAPair, SkippedFile
 from doctune.exam import ExamItem, ExamSettings
 from doctune.settings import BuildSettings, LLMSettings
 from tasks.exam import ExamResult, exam_document_task
-from tasks.ingest import discover
+from tasks.ingest import discover_all
 from tasks.prepare import prepare_batch_task
 from tasks.synthesize import SynthResult, synthesize_document_task
 
@@ -70,7 +70,7 @@ class Prepared:
 def ingest_folder(root: Path, settings: BuildSettings) -> Prepared:
     """Ingest and chunk a batch of files per task run (each file cached on its own content), with a
     progress bar and the skipped-files and ingest artifacts."""
-    refs = discover(root, settings.ingest)
+    refs, not_read = discover_all(root, settings.ingest)  # links out of the folder, special files
     n = settings.ingest.files_per_task
     progress = create_progress_artifact(0.0, key="ingest-progress", description="Files ingested and chunked")
     prepared, from_cache = [], 0
@@ -84,11 +84,11 @@ def ingest_folder(root: Path, settings: BuildSettings) -> Prepared:
         files=len(refs),
         documents=[d for f in prepared for d in f.ingested.documents],
         given=[p for f in prepared for p in f.ingested.pairs],
-        skipped=[s for f in prepared for s in f.ingested.skipped],
+        skipped=not_read + [s for f in prepared for s in f.ingested.skipped],
         chunks={d.path: cs for f in prepared for d, cs in zip(f.ingested.documents, f.chunks)},
     )
     n_chunks = len(out.all_chunks)
-    artifacts.skipped_files(out.skipped, len(refs))
+    artifacts.skipped_files(out.skipped, len(refs) + len(not_read))
     artifacts.ingest_summary({"files": len(refs), "from the cache": from_cache, "read now": len(refs) - from_cache,
                               "documents": len(out.documents), "chunks": n_chunks,
                               "ready-made pairs": len(out.given), "skipped": len(out.skipped),

@@ -63,9 +63,28 @@ CHANGED_SINCE_DISCOVERY = "changed since it was discovered"
 
 
 class FileRef(BaseModel):
-    relpath: str = Field(description="POSIX path relative to the ingested folder.")
+    relpath: str = Field(description="POSIX path relative to the ingested folder; bytes of a name that are not "
+                         "valid UTF-8 are shown escaped (caf\\xe9.md), so every output can carry it.")
     sha256: str = Field(description="Content hash; part of the cache key, so an edited file is re-ingested.")
     size: int
+    fs_name: str | None = Field(None, description="Hex of the path's bytes as the filesystem has them, when "
+                                "relpath had to escape some; the file is read by it.")
+
+
+def fs_path(folder: Path, ref: FileRef) -> Path:
+    """Where the file of `ref` is on disk (its name as the filesystem has it)."""
+    return Path(folder) / (os.fsdecode(bytes.fromhex(ref.fs_name)) if ref.fs_name else ref.relpath)
+
+
+def shown_name(relpath: str) -> str:
+    """A path as every output can carry it: bytes that are not UTF-8 (surrogate-escaped by os.walk) as \\xNN."""
+    return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _outside(path: Path, root: Path) -> Path | None:
+    """The target of a symbolic link that leads out of `root` (resolved), or None."""
+    target = path.resolve()
+    return None if target == root or target.is_relative_to(root) else target
 
 
 class IngestResult(BaseModel):
@@ -148,37 +167,60 @@ def _hash_file(path: Path) -> tuple[str, int]:
 
 
 def discover(folder: Path, settings: IngestSettings) -> list[FileRef]:
-    """All regular files under `folder`, sorted by relpath, minus `settings.exclude`."""
+    """All regular files under `folder`, sorted by relpath, minus `settings.exclude` (see discover_all)."""
+    return discover_all(folder, settings)[0]
+
+
+def discover_all(folder: Path, settings: IngestSettings) -> tuple[list[FileRef], list[SkippedFile]]:
+    """The files to read under `folder`, sorted by relpath, minus `settings.exclude`, and what is not read,
+    each with its reason: a symbolic link whose target is outside the folder (a link must not pull files from
+    elsewhere into training), a symbolic link to a folder (not followed: no loops, no file read twice), and
+    anything that is not a regular file (a FIFO would block the reader forever)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder; point ingest at the folder holding your documents")
     log = _logger()
-    refs, n_excluded = [], 0
+    root_resolved = folder.resolve()
+    refs, skipped, n_excluded = [], [], 0
     for root, dirs, files in os.walk(folder):  # symlinked folders are not followed: no loops
         rel_root = Path(root).relative_to(folder).as_posix()
         rel_root = "" if rel_root == "." else rel_root + "/"
         keep = [d for d in dirs if not is_excluded(rel_root + d, settings.exclude)]
         n_excluded += len(dirs) - len(keep)
         dirs[:] = keep
+        for d in keep:
+            if (Path(root) / d).is_symlink():
+                skipped.append(SkippedFile(path=shown_name(rel_root + d) + "/", reason=(
+                    f"a symbolic link to a folder ({(Path(root) / d).resolve()}): not followed; copy or move the "
+                    "files into the folder to include them")))
         for name in files:
             relpath = rel_root + name
             path = Path(root) / name
+            shown = shown_name(relpath)
             if is_excluded(relpath, settings.exclude):
                 n_excluded += 1
                 continue
+            if path.is_symlink() and (target := _outside(path, root_resolved)):
+                skipped.append(SkippedFile(path=shown, reason=(
+                    f"a symbolic link to {shown_name(str(target))}, outside the folder: not read (a link must not "
+                    "pull files from elsewhere into training); copy the file into the folder to include it")))
+                continue
             try:
                 if not stat.S_ISREG(path.stat().st_mode):
-                    continue  # a FIFO or socket would block the reader forever
+                    skipped.append(SkippedFile(path=shown, reason="not a regular file (a FIFO, socket or device): "
+                                                                  "not read"))
+                    continue
                 sha, size = _hash_file(path)
             except OSError as exc:
                 # Kept with an empty hash so ingest_file lists it as skipped with the error.
-                log.warning("ingest: cannot read %s: %s", relpath, exc)
+                log.warning("ingest: cannot read %s: %s", shown, exc)
                 sha, size = "", 0
-            refs.append(FileRef(relpath=relpath, sha256=sha, size=size))
+            fs_name = os.fsencode(relpath).hex() if shown != relpath else None
+            refs.append(FileRef(relpath=shown, sha256=sha, size=size, fs_name=fs_name))
     refs.sort(key=lambda r: r.relpath)
-    log.info("ingest: %d files in %s (%d files or folders excluded by %s)",
-             len(refs), folder, n_excluded, settings.exclude)
-    return refs
+    log.info("ingest: %d files in %s (%d files or folders excluded by %s, %d not read: links out of the folder, "
+             "linked folders, special files)", len(refs), folder, n_excluded, settings.exclude, len(skipped))
+    return refs, skipped
 
 
 # ---------------------------------------------------------------- sniffing and text helpers
@@ -671,7 +713,10 @@ def _ingest(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestResul
     if ext not in FORMATS:
         hint = f" ({CONVERT_HINTS[ext]})" if ext in CONVERT_HINTS else ""
         raise Unreadable(f"unsupported extension {ext or '(none)'}{hint}; supported: {', '.join(FORMATS)}")
-    path = folder / ref.relpath
+    path = fs_path(folder, ref)
+    if path.is_symlink() and (target := _outside(path, folder.resolve())):  # made a link since discovery
+        raise Unreadable(f"a symbolic link to {shown_name(str(target))}, outside the folder: not read; copy the "
+                         "file into the folder to include it")
     try:
         size = path.stat().st_size  # checked before reading: a 5 GB file is refused in microseconds
         if size > settings.max_file_mb * MB:
@@ -691,8 +736,9 @@ def _ingest(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestResul
 
 def ingest_folder(folder: Path, settings: IngestSettings) -> IngestResult:
     """discover + ingest_file for every file, in one process (the CLI and quick checks use it)."""
-    result = IngestResult()
-    for ref in discover(folder, settings):
+    refs, skipped = discover_all(folder, settings)
+    result = IngestResult(skipped=skipped)
+    for ref in refs:
         one = ingest_file(folder, ref, settings)
         result.documents += one.documents
         result.pairs += one.pairs

@@ -456,3 +456,43 @@ def test_task_fn_and_cache_key_follows_content(tmp_path):
     assert key(ref) == key(FileRef(**ref.model_dump()))
     assert key(ref) != key(ref.model_copy(update={"sha256": "0" * 64}))
     assert ingest_file_task.task_run_name.format(ref=ref) == "ingest a.md"
+
+
+def test_ingest_never_leaves_the_folder_and_lists_what_it_does_not_read(tmp_path):
+    from tasks.ingest import discover_all, fs_path
+
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.md").write_text("# A\n\nThe Brekke office opens at 7:45.\n")
+    outside = tmp_path / "keys.txt"
+    outside.write_text("AWS_SECRET=abc\n")
+    os.symlink(outside, folder / "keys.txt")  # out of the folder: not read
+    os.symlink(folder / "a.md", folder / "sub" / "alias.md")  # inside the folder: read
+    os.symlink(tmp_path, folder / "up")  # a linked folder: not followed
+    os.mkfifo(folder / "queue.md")
+    refs, skipped = discover_all(folder, IngestSettings())
+    assert [r.relpath for r in refs] == ["a.md", "sub/alias.md"]
+    reasons = {s.path: s.reason for s in skipped}
+    assert set(reasons) == {"keys.txt", "up/", "queue.md"}
+    assert "outside the folder" in reasons["keys.txt"] and str(outside) in reasons["keys.txt"]
+    # A link swapped in after discovery is refused when the file is read.
+    os.remove(folder / "sub" / "alias.md")
+    os.symlink(outside, folder / "sub" / "alias.md")
+    result = ingest_file(folder, refs[1], IngestSettings())
+    assert not result.documents and "outside the folder" in result.skipped[0].reason
+    assert fs_path(folder, refs[0]) == folder / "a.md"
+
+
+def test_a_name_that_is_not_utf8_is_read_and_carried_escaped(tmp_path):
+    from tasks.ingest import discover_all, fs_path
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.md"), "wb") as f:
+        f.write(b"# Cafe\n\nThe cafe sells 140 coffees a day.\n")
+    (ref,), _ = discover_all(folder, IngestSettings())
+    assert ref.relpath == "caf\\xe9.md" and ref.fs_name == os.fsencode("caf\udce9.md").hex()
+    assert fs_path(folder, ref).exists()
+    result = ingest_file(folder, ref, IngestSettings())
+    assert result.documents[0].path == "caf\\xe9.md" and "140 coffees" in result.documents[0].text
+    json.dumps(result.model_dump(), ensure_ascii=False).encode("utf-8")  # every output can carry it

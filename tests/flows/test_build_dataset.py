@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -231,15 +232,28 @@ def test_bad_files_are_listed_and_nothing_else_is_lost(tmp_path, scripted):
     (folder / "售后_gbk.txt").write_bytes("# 售后政策\n\n星河三号无人机的保修期为24个月。维修中心通常在9个工作日内修好无人机。\n".encode("gb18030"))
     with open(folder / "huge.txt", "wb") as f:  # 50 MB: over the default ingest.max_file_mb=20
         f.write(b"The Brekke office is large. " * (50 * 1024 * 1024 // 28))
+    # A hostile folder: a link to a file outside it, a linked folder, a FIFO, a name that is not UTF-8.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash. The vault key is hunter2 and nobody may know it.\n")
+    os.symlink(secret, folder / "users.txt")
+    os.symlink(tmp_path, folder / "linked")
+    os.mkfifo(folder / "pipe.txt")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.md"), "wb") as f:  # as old Windows shares name files
+        f.write(b"# Cafe\n\nThe Brekke cafe sells 140 coffees a day.\n")
     path, _ = run(folder, settings_for(scripted, tmp_path / "out"))
     manifest = json.loads((Path(path) / "manifest.json").read_text())
-    assert manifest["counts"]["files"] == 8 and manifest["counts"]["skipped_files"] == 4
-    assert manifest["counts"]["documents"] == 3  # handbook, products and the GBK text
-    assert set(manifest["by_file"]) >= {"handbook.md", "products.md", "faq.csv"}
+    assert manifest["counts"]["files"] == 9 and manifest["counts"]["skipped_files"] == 7
+    assert manifest["counts"]["documents"] == 4  # handbook, products, the GBK text and caf\xe9.md
+    assert set(manifest["by_file"]) >= {"handbook.md", "products.md", "faq.csv", "caf\\xe9.md"}
     assert any("星河三号" in f for f in scripted.facts)  # the GBK text was decoded and synthesized
     skipped = {row["file"]: row["reason"] for row in asyncio.run(latest_table("skipped-files"))}
-    assert set(skipped) == {"broken.pdf", "empty.md", "junk.txt", "huge.txt"}
+    assert set(skipped) == {"broken.pdf", "empty.md", "junk.txt", "huge.txt", "users.txt", "linked/", "pipe.txt"}
     assert "max_file_mb" in skipped["huge.txt"] and "empty" in skipped["empty.md"]
+    assert "outside the folder" in skipped["users.txt"] and str(secret) in skipped["users.txt"]
+    assert "not followed" in skipped["linked/"] and "not a regular file" in skipped["pipe.txt"]
+    assert not any("hunter2" in f or "root:x" in f for f in scripted.facts)  # nothing outside was read
+    written = "".join(p.read_text(encoding="utf-8") for p in Path(path).glob("*.jsonl"))
+    assert "hunter2" not in written and "caf\\\\xe9.md" in written  # escaped in every output (JSON-escaped here)
 
 
 @pytest.mark.usefixtures("prefect_server")
