@@ -24,12 +24,15 @@ def load_settings(path: Optional[Path], cls):
     the key and the fix."""
     if path is None:
         return cls()
+    from doctune.key_names import check_key_names
     from doctune.model_settings import load_settings_file
 
     try:
-        return load_settings_file(path, cls)
+        settings = load_settings_file(path, cls)
+        check_key_names(settings)
+        return settings
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
 
 
 @app.command("prepare-model")
@@ -195,11 +198,13 @@ def nightly(
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    from doctune.key_names import check_key_names
     from doctune.model_settings import load_train_settings, read_settings_yaml
     from doctune.nightly import NightlySettings
 
     try:  # the files first: a typo must not wait for the server
         extra = read_settings_yaml(settings) if settings else {}
+        check_key_names(NightlySettings.model_validate(extra))  # a pasted key never reaches the server
         train_extra = load_train_settings(train_config).model_dump(mode="json", exclude_defaults=True) \
             if train_config else None
     except ValueError as exc:
@@ -216,7 +221,7 @@ def nightly(
         extra = _deep_merge(extra, {"model_name": model_name})
     merged = _deep_merge(params.get("settings", {}), extra)
     try:
-        NightlySettings.model_validate(merged)  # fail here, not in the worker
+        check_key_names(NightlySettings.model_validate(merged))  # fail here, not in the worker (nor in the database)
     except ValueError as exc:
         raise typer.BadParameter(f"{settings or deployment}: {exc}") from None
     params["settings"] = merged

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 
 from doctune import artifacts
 from doctune.exam import ExamSettings, exam_table, write_exam
+from doctune.key_names import check_key_names
 from doctune.llm import preflight
 from doctune.logs import our_loggers_at_info
 from doctune.prefect_utils import with_network_retries
@@ -43,6 +44,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     dataset folder."""
     our_loggers_at_info()
     log = get_run_logger()
+    check_key_names(settings)  # a key pasted where its variable's name belongs: refused before anything runs
     root = Path(folder).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"folder={folder!r}: not a directory (resolved to {root})")

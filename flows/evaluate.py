@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from doctune.key_names import check_key_names
 from doctune.logs import our_loggers_at_info
 from doctune.model_settings import EvalSettings
 from doctune.registry import check_model_name, read_current
@@ -21,6 +22,7 @@ def evaluate(run_dir: str, dataset_dir: str | None = None, gold_path: str | None
     """Returns the metrics table and the promotion decision. model_name: the registry the decision goes to
     (`<output_dir>/registry/<name>/`, as the nightly names it); None: `<output_dir>/registry/` itself."""
     our_loggers_at_info()
+    check_key_names(settings)  # the judge's api_key_env: a name, never a key
     base_model = base_model_of(run_dir)
     registry = Path(output_dir) / "registry" / (check_model_name(model_name) if model_name else "")
     current = read_current(registry)  # re-scored on tonight's questions beside the candidate

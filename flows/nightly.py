@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_UI_URL
 
+from doctune.key_names import check_key_names
 from doctune.logs import our_loggers_at_info
 from doctune import local_llm
 from doctune.nightly import (NightlySettings, build_settings, child_failure, model_name, nothing_new, registry_dir,
@@ -38,6 +39,7 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
     """Retrain from a document folder and promote tonight's model only if it is better."""
     our_loggers_at_info()
     log = get_run_logger()
+    check_key_names(settings)  # every endpoint's api_key_env: a name, never a key
     name = model_name(folder, settings)  # one registry per model: two folders never compare against each other
     out, registry = settings.output_dir, registry_dir(settings, name)
     log.info("model %r: registry %s; `doctune serve` offers it as promoted/%s", name, registry, name)

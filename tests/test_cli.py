@@ -49,3 +49,31 @@ def test_an_empty_file_is_the_defaults(tmp_path):
     assert load_settings_file(empty, TrainSettings) == TrainSettings()
     with pytest.raises(ValueError, match="a folder, not a settings file"):
         load_settings_file(Path(tmp_path), TrainSettings)
+
+
+KEY = "sk-proj-" + "Zq7" * 12  # a made-up key
+
+
+def test_a_key_pasted_into_api_key_env_is_refused_without_repeating_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # refused before any server is asked
+    build = tmp_path / "build.yaml"
+    build.write_text(f"llm:\n  api_key_env: {KEY}\n")
+    out = one_line_error(["build-dataset", str(tmp_path), "--settings", str(build)])
+    assert "llm.api_key_env must name the environment variable" in out and "revoke" in out and KEY not in out
+    night = tmp_path / "night.yaml"
+    night.write_text(f"eval:\n  judge_llm:\n    api_key_env: {KEY}\n")
+    out = one_line_error(["nightly", "--settings", str(night)])
+    assert "eval.judge_llm.api_key_env" in out and "looks like an API key" in out and KEY not in out
+
+
+def test_key_names_pass_and_keys_fail_wherever_an_endpoint_is():
+    from doctune.key_names import check_key_names
+    from doctune.nightly import NightlySettings
+    from doctune.settings import BuildSettings, LLMSettings
+
+    check_key_names(NightlySettings())  # the defaults name DOCTUNE_LLM_API_KEY
+    check_key_names(BuildSettings(llm=LLMSettings(api_key_env="OPENAI_API_KEY")))
+    for bad in (KEY, "my key", "sk_live_" + "a" * 20, "1ABC"):
+        with pytest.raises(ValueError, match="build.llm.api_key_env") as err:
+            check_key_names(NightlySettings(build=BuildSettings(llm=LLMSettings(api_key_env=bad))))
+        assert bad not in str(err.value)

@@ -294,3 +294,15 @@ def test_documents_side_by_side_share_the_endpoints_concurrency(tmp_path):
         server.close()
     assert server.calls["fact"] == (7 + 2) * 2
     assert server.max_in_flight == 3
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_key_typed_into_api_key_env_fails_the_run_before_anything_is_read(tmp_path):
+    key = "sk-proj-" + "Zq7" * 12  # made up
+    settings = BuildSettings(llm=LLMSettings(base_url="http://127.0.0.1:9/v1", api_key_env=key),
+                             output_dir=str(tmp_path / "out"))
+    state = build_dataset(str(write_docs(tmp_path / "docs")), settings, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "llm.api_key_env must name the environment variable" in message and "revoke" in message
+    assert key not in message and not (tmp_path / "out").exists()  # nothing was ingested or written
