@@ -197,7 +197,9 @@ def nightly(
 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_UI_URL
 
+    from doctune.follow import follow_run
     from doctune.key_names import check_key_names
     from doctune.model_settings import load_train_settings, read_settings_yaml
     from doctune.nightly import NightlySettings
@@ -227,10 +229,14 @@ def nightly(
     params["settings"] = merged
     if folder:
         params["folder"] = folder
-    run = run_deployment(deployment, parameters=params, timeout=None if wait else 0)
-    typer.echo(f"flow run {run.name} ({run.id}): {run.state.name if run.state else 'scheduled'}")
+    run = run_deployment(deployment, parameters=params, timeout=0)
+    ui = PREFECT_UI_URL.value()
+    typer.echo(f"flow run {run.name} ({run.id}): {run.state.name if run.state else 'scheduled'}"
+               + (f"\nfollow it in the Prefect UI: {ui.rstrip('/')}/runs/flow-run/{run.id}" if ui else ""))
     if not wait:
         return
+    # An hour on a small machine: what the runs log, as it comes, so progress is never mistaken for a hang.
+    run = follow_run(run.id, echo=typer.echo)
     if not run.state.is_completed():
         typer.echo(f"the nightly run ended {run.state.name}: {run.state.message}", err=True)
         raise typer.Exit(1)
