@@ -16,14 +16,16 @@ from uuid import UUID
 
 OURS = ("doctune", "tasks", "flows", "prefect.flow_runs")
 NOISE = ("Finished in state", "Created task run", "Executing '", "Beginning flow run", "Running on worker",
-         "Worker '", "Opening process", "Completed submission", "Process for flow run")
+         "Worker '", "Opening process", "Completed submission", "Process for flow run", "Running 1 deployment",
+         "Running deployment", "Executing deployment step", "Deployment step", "All deployment steps",
+         "Beginning subflow run", "submitted to infrastructure")
 GRACE_S = 3.0  # logs reach the server in batches: a last look this long after the run ended
 
 
 def shown(name: str, level: int, message: str) -> bool:
     if level >= logging.WARNING:
         return True
-    return name.startswith(OURS) and not message.startswith(NOISE)
+    return name.startswith(OURS) and not message.startswith(NOISE) and not message.endswith(NOISE[-1])
 
 
 def line(run_name: str, timestamp: datetime, message: str) -> str:

@@ -33,6 +33,8 @@ def test_shown_keeps_our_lines_and_warnings_and_drops_prefects_noise():
     assert shown("prefect.flow_runs", logging.INFO, "ingested 9 files")
     assert not shown("prefect.task_runs", logging.INFO, "Finished in state Completed()")
     assert not shown("prefect.flow_runs", logging.INFO, "Finished in state Completed()")
+    assert not shown("prefect.flow_runs", logging.INFO, "Executing deployment step: set_working_directory")
+    assert not shown("prefect.flow_runs", logging.INFO, "Flow run 'rough-harrier' submitted to infrastructure")
     assert shown("prefect.task_runs", logging.ERROR, "Task run failed")
     assert shown("doctune.local_llm", logging.INFO, "stopped the local model server")
 
