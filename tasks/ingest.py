@@ -396,9 +396,31 @@ def read_pdf(f: _File) -> IngestResult:
     return _document(f, _convert(f.data, ".pdf", "application/pdf"))
 
 
+# A .docx or .xlsx is a zip archive: what it unpacks to is checked before any parser opens it. Python's
+# zipfile never unpacks a member past its declared size, so the declared sizes bound the memory it takes.
+ZIP_MAX_UNPACKED_MB = 512
+ZIP_MAX_RATIO = 200  # text in Office XML packs 5-20x; a zip bomb packs thousands of times
+ZIP_RATIO_FROM_MB = 32  # below this, a high ratio is harmless (an almost empty sheet packs well)
+
+
+def check_zip_size(f: _File) -> None:
+    """Refuse an archive that would unpack to more than ZIP_MAX_UNPACKED_MB, or far more than such files do."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(f.data)) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise Unreadable(f"a damaged zip archive ({exc}); save it again from its application")
+    ratio = unpacked / max(len(f.data), 1)
+    if unpacked > ZIP_MAX_UNPACKED_MB * MB or (unpacked > ZIP_RATIO_FROM_MB * MB and ratio > ZIP_MAX_RATIO):
+        raise Unreadable(f"a zip archive that would unpack to {unpacked / MB:,.0f} MB from {len(f.data) / MB:.2f} MB "
+                         f"({ratio:,.0f}x; the limits are {ZIP_MAX_UNPACKED_MB} MB and {ZIP_MAX_RATIO}x): not opened, "
+                         "as a possible zip bomb; if it is a real document, save it again or split it")
+
+
 def _check_office_zip(f: _File, member: str) -> None:
     if not f.data.startswith(b"PK\x03\x04"):
         raise Unreadable(f"not a {f.ext} (starts with {_head(f.data)!r}){_hint(f.data)}")
+    check_zip_size(f)  # before _sniff: even listing members must not start on a bomb's contents
     what, ext = _sniff(f.data)
     if ext != f.ext:
         found = f"is it a {ext}?" if ext else f"it is {what}"

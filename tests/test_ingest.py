@@ -496,3 +496,19 @@ def test_a_name_that_is_not_utf8_is_read_and_carried_escaped(tmp_path):
     result = ingest_file(folder, ref, IngestSettings())
     assert result.documents[0].path == "caf\\xe9.md" and "140 coffees" in result.documents[0].text
     json.dumps(result.model_dump(), ensure_ascii=False).encode("utf-8")  # every output can carry it
+
+
+def test_a_zip_bomb_is_refused_before_any_parser_opens_it(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    path = folder / "bomb.docx"  # a docx whose document.xml unpacks 40 MB of zeros from a few KB
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        with z.open("word/document.xml", "w") as member:
+            for _ in range(40):
+                member.write(b"\0" * 2**20)
+    assert path.stat().st_size < 200_000
+    (ref,) = discover(folder, SETTINGS)
+    result = ingest_file(folder, ref, SETTINGS)
+    assert not result.documents and "possible zip bomb" in result.skipped[0].reason
+    assert "40 MB" in result.skipped[0].reason
