@@ -201,12 +201,12 @@ def nightly(
 
     from doctune.follow import follow_run
     from doctune.key_names import check_key_names
-    from doctune.model_settings import load_train_settings, read_settings_yaml
+    from doctune.model_settings import load_train_settings, read_settings_yaml, validate_settings
     from doctune.nightly import NightlySettings
 
     try:  # the files first: a typo must not wait for the server
         extra = read_settings_yaml(settings) if settings else {}
-        check_key_names(NightlySettings.model_validate(extra))  # a pasted key never reaches the server
+        check_key_names(validate_settings(extra, NightlySettings, str(settings)))  # a pasted key never reaches the server
         train_extra = load_train_settings(train_config).model_dump(mode="json", exclude_defaults=True) \
             if train_config else None
     except ValueError as exc:
@@ -223,9 +223,10 @@ def nightly(
         extra = _deep_merge(extra, {"model_name": model_name})
     merged = _deep_merge(params.get("settings", {}), extra)
     try:
-        check_key_names(NightlySettings.model_validate(merged))  # fail here, not in the worker (nor in the database)
+        # fail here, not in the worker (nor in the database)
+        check_key_names(validate_settings(merged, NightlySettings, str(settings or deployment)))
     except ValueError as exc:
-        raise typer.BadParameter(f"{settings or deployment}: {exc}") from None
+        raise typer.BadParameter(str(exc)) from None
     params["settings"] = merged
     if folder:
         params["folder"] = folder

@@ -194,10 +194,48 @@ class ExportSettings(BaseModel):
 _CONSTRAINT_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _explain(error: dict) -> str:
+# A key's value is never repeated: these names would hold the key itself.
+_KEY_FIELDS = {"api_key", "apikey", "key", "token", "secret", "password", "openai_api_key", "authorization"}
+
+
+def _model_at(cls: type[BaseModel], path: list) -> type[BaseModel] | None:
+    """The settings model that holds the field at `path` inside `cls` (None where the path leaves models)."""
+    model = cls
+    for part in path:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unknown_key(error: dict, cls: type[BaseModel] | None) -> str:
+    """An unknown nested key, with the closest known one, without repeating its value; a pasted API key
+    points to where a key belongs."""
+    loc = [str(p) for p in error["loc"]]
+    key, name = ".".join(loc), loc[-1]
+    holder = _model_at(cls, loc[:-1]) if cls is not None else None
+    if name.lower() in _KEY_FIELDS and holder is not None and "api_key_env" in holder.model_fields:
+        where = ".".join(loc[:-1])
+        return (f"{key} is refused: an API key is never written into settings (they are stored and shown as flow "
+                f"parameters). Revoke the key if the file was shared, put it in an environment variable and name "
+                f"that variable in {where}.api_key_env, or store it in a Prefect Secret block and name the block in "
+                f"{where}.api_key_secret_block")
+    known = list(holder.model_fields) if holder is not None else []
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else (f"known keys there: {', '.join(known)}" if known else
+                                                        "remove it")
+    return f"unknown key {key!r}; {hint}"
+
+
+def _explain(error: dict, cls: type[BaseModel] | None = None) -> str:
     """One pydantic error as '<key> must be > 0 (got -1)'."""
     key = ".".join(str(p) for p in error["loc"]) or "settings"
     ctx, got = error.get("ctx") or {}, error.get("input")
+    if error["type"] == "extra_forbidden":
+        return _unknown_key(error, cls)
+    if error["loc"] and str(error["loc"][-1]).lower() in _KEY_FIELDS:
+        got = "…"
     for kind, word in _CONSTRAINT_WORDS.items():
         if error["type"] == kind:
             bound = next(iter(ctx.values()))
@@ -223,7 +261,7 @@ def validate_settings(data: dict, cls: type[M], source: str = "settings") -> M:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"{source}: " + "; ".join(_explain(e) for e in exc.errors())) from None
+        raise ValueError(f"{source}: " + "; ".join(_explain(e, cls) for e in exc.errors())) from None
 
 
 def read_settings_yaml(path: str | Path) -> dict:

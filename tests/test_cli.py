@@ -77,3 +77,24 @@ def test_key_names_pass_and_keys_fail_wherever_an_endpoint_is():
         with pytest.raises(ValueError, match="build.llm.api_key_env") as err:
             check_key_names(NightlySettings(build=BuildSettings(llm=LLMSettings(api_key_env=bad))))
         assert bad not in str(err.value)
+
+
+def test_a_key_written_as_api_key_points_to_where_keys_belong(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    night = tmp_path / "night.yaml"
+    night.write_text(f"build:\n  llm:\n    api_key: {KEY}\n")
+    out = one_line_error(["nightly", "--settings", str(night)])
+    assert "night.yaml: build.llm.api_key is refused" in out and KEY not in out
+    assert "build.llm.api_key_env" in out and "build.llm.api_key_secret_block" in out and "Revoke" in out
+    build = tmp_path / "build.yaml"
+    build.write_text(f"llm:\n  api_key: {KEY}\n")
+    out = one_line_error(["build-dataset", str(tmp_path), "--settings", str(build)])
+    assert "llm.api_key is refused" in out and "llm.api_key_env" in out and KEY not in out
+
+
+def test_a_misspelt_nested_key_names_its_path_and_the_closest_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    night = tmp_path / "night.yaml"
+    night.write_text("build:\n  llm:\n    base_ur: http://127.0.0.1:8765/v1\n")
+    out = one_line_error(["nightly", "--settings", str(night)])
+    assert "night.yaml: unknown key 'build.llm.base_ur'; did you mean 'base_url'?" in out
