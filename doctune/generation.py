@@ -5,10 +5,15 @@ fine-tuned)."""
 from __future__ import annotations
 
 import gc
+import logging
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 from doctune.runs import base_model_of
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 30  # a log line at most this often: evaluation is minutes on a CPU, not a silent hang
 
 
 def chat_prompts(tokenizer, questions: list[str], systems: list[str]) -> list[str]:
@@ -36,9 +41,16 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     replies = [""] * len(prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = last = time.monotonic()
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc or "generating", unit="batch",
                           disable=desc is None):
+            now = time.monotonic()
+            if desc is not None and start and now - last >= PROGRESS_EVERY_S:
+                left = (now - t0) / start * (len(order) - start)
+                log.info("%s: %d/%d questions, %.0f s so far, about %.0f s left", desc, start, len(order),
+                         now - t0, left)
+                last = now
             idx = order[start : start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(model.device)
@@ -51,6 +63,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
                 replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = side
+    if desc is not None:
+        log.info("%s: %d questions in %.0f s", desc, len(order), time.monotonic() - t0)
     return replies
 
 

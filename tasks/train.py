@@ -53,6 +53,14 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- one step
 
 
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '1 h 05 min': an estimate, said as a person would."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def optimizer_step(model, batches: list[dict], plan: Plan, optimizer, scheduler, max_grad_norm: float):
     """One step over `batches` (the accumulated micro-batches); returns (loss, reply tokens)."""
     # Normalise by the reply tokens of the whole step, so every token weighs the same however
@@ -283,6 +291,7 @@ def train(
     stream = micro_batch_stream(examples, settings, state["micro_batches"])
     bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc="train", unit="step")
     start_step, t0 = state["step"], time.perf_counter()
+    t_wall = t0  # validation included: the estimate is of the wait, not of training alone
     while state["step"] < steps:
         batches = [
             to_device(collate(next(stream), settings.batching, tokenizer.pad_token_id, settings.max_seq_len),
@@ -298,7 +307,9 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if state["step"] % settings.logging_steps == 0 or state["step"] == steps:
-            log.info("step %d/%d loss %.4f", state["step"], steps, step_loss)
+            done = state["step"] - start_step
+            left = (time.perf_counter() - t_wall) / done * (steps - state["step"])
+            log.info("step %d/%d loss %.4f, about %s left", state["step"], steps, step_loss, _duration(left))
         if validation and (state["step"] % settings.eval_every_steps == 0 or state["step"] == steps):
             state["seconds"] += time.perf_counter() - t0  # training time excludes validation
             t_eval = time.perf_counter()
