@@ -31,9 +31,18 @@ class IngestSettings(_Settings):
         "its own content, so this changes only how many task runs a folder costs.",
     )
 
+    file_timeout_s: float = Field(
+        180.0, ge=0, description="Seconds one file may take to read (in a child process) before it is stopped and "
+        "listed as skipped; 0: no limit. A 136 KB PDF of 3,000 scattered text labels takes hours.",
+    )
+    file_memory_mb: float = Field(
+        2048.0, ge=0, description="Memory one file's reading may add to the reader process before the file is "
+        "listed as skipped; 0: no limit. With both limits 0 files are read in the task's own process.",
+    )
+
     def cache_view(self) -> dict:
         """What one file's result depends on: which files are ingested (exclude) and how they are
-        batched are no part of it."""
+        batched are no part of it, nor the limits (a file that hit one is not cached: it is read again)."""
         return {"max_file_mb": self.max_file_mb}
 
 

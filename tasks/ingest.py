@@ -60,6 +60,9 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 # The reason of a file whose content changed between discover and ingest: its result must not be
 # cached under the hash discovered (tasks/prepare.py checks for it).
 CHANGED_SINCE_DISCOVERY = "changed since it was discovered"
+# Reasons that are no fact about the file's content (a limit hit on a busy night, a change while being
+# read): such a result is not cached, so the next run reads the file again.
+NOT_CACHED = (CHANGED_SINCE_DISCOVERY, "ingest.file_timeout_s", "ingest.file_memory_mb")
 
 
 class FileRef(BaseModel):
@@ -370,6 +373,23 @@ def _markitdown():
     from markitdown import MarkItDown  # ~0.5 s to set up, so once per process
 
     return MarkItDown()
+
+
+def warm_readers() -> None:
+    """Load every parser library now (a reader process does, before its memory limit): reading a tiny
+    document of each kind imports what markitdown loads lazily."""
+    import openpyxl  # noqa: F401  (read_xlsx)
+    from bs4 import BeautifulSoup  # noqa: F401  (clean_html)
+    from charset_normalizer import from_bytes  # noqa: F401  (decode_text)
+
+    for ext, mimetype, data in ((".pdf", "application/pdf", _TINY_PDF), (".html", "text/html", b"<p>warm</p>")):
+        _convert(data, ext, mimetype)
+
+
+_TINY_PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+             b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]/Contents 4 0 R/Resources<</Font<</F1 5 0 R>>>>>>"
+             b"endobj\n4 0 obj<</Length 35>>stream\nBT /F1 12 Tf 20 100 Td (warm) Tj ET\nendstream endobj\n"
+             b"5 0 obj<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
 
 
 def _convert(data: bytes, ext: str, mimetype: str) -> str:
@@ -713,15 +733,17 @@ READERS = {
 # ---------------------------------------------------------------- one file
 
 
-def ingest_file(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestResult:
-    """Read one file. Never raises for a bad file: it comes back in `skipped` with the reason."""
+def ingest_file(folder: Path, ref: FileRef, settings: IngestSettings, read=None) -> IngestResult:
+    """Read one file (with `read`: e.g. a tasks.reader_process reader, under time and memory limits; by
+    default in this process). Never raises for a bad file: it comes back in `skipped` with the reason."""
     try:
-        result = _ingest(Path(folder), ref, settings)
+        result = (read or read_file)(Path(folder), ref, settings)
     except Unreadable as exc:
         result = IngestResult(skipped=[SkippedFile(path=ref.relpath, reason=str(exc))])
     except Exception as exc:  # a parser bug on one odd file must not stop the other thousand
+        kind = getattr(exc, "type_name", type(exc).__name__)  # a reader process's error keeps its type's name
         result = IngestResult(skipped=[SkippedFile(path=ref.relpath, reason=(
-            f"unexpected {type(exc).__name__} while reading: {str(exc)[:300]}; please report it with the file"))])
+            f"unexpected {kind} while reading: {str(exc)[:300]}; please report it with the file"))])
     log = _logger()
     for s in result.skipped:
         log.warning("ingest: skipped %s: %s", s.path, s.reason)
@@ -730,7 +752,8 @@ def ingest_file(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestR
     return result
 
 
-def _ingest(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestResult:
+def read_file(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestResult:
+    """One file's records; raises Unreadable with the reason (ingest_file turns it into `skipped`)."""
     ext = Path(ref.relpath).suffix.lower()
     if ext not in FORMATS:
         hint = f" ({CONVERT_HINTS[ext]})" if ext in CONVERT_HINTS else ""
@@ -757,11 +780,14 @@ def _ingest(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestResul
 
 
 def ingest_folder(folder: Path, settings: IngestSettings) -> IngestResult:
-    """discover + ingest_file for every file, in one process (the CLI and quick checks use it)."""
+    """discover + ingest_file for every file, outside Prefect (the CLI and quick checks use it)."""
+    from tasks.reader_process import file_reader
+
     refs, skipped = discover_all(folder, settings)
     result = IngestResult(skipped=skipped)
-    for ref in refs:
-        one = ingest_file(folder, ref, settings)
+    with file_reader(settings) as read:
+        ones = [ingest_file(folder, ref, settings, read) for ref in refs]
+    for one in ones:
         result.documents += one.documents
         result.pairs += one.pairs
         result.skipped += one.skipped

@@ -25,7 +25,8 @@ from doctune import prefect_utils
 from doctune.records import Chunk
 from doctune.settings import ChunkSettings, IngestSettings
 from tasks.chunk import chunk_document
-from tasks.ingest import CHANGED_SINCE_DISCOVERY, FileRef, IngestResult, ingest_file
+from tasks.ingest import NOT_CACHED, FileRef, IngestResult, ingest_file
+from tasks.reader_process import file_reader
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def _code() -> str:
     return prefect_utils.code_digest(root / "tasks" / "prepare.py", root)
 
 
-def prepare_file(folder: Path, ref: FileRef, ingest: IngestSettings, chunk: ChunkSettings) -> PreparedFile:
-    """Read one file and chunk its documents. Never raises for a bad file (see ingest_file)."""
-    ingested = ingest_file(folder, ref, ingest)
+def prepare_file(folder: Path, ref: FileRef, ingest: IngestSettings, chunk: ChunkSettings, read=None) -> PreparedFile:
+    """Read one file (with `read`, see ingest_file) and chunk its documents. Never raises for a bad file."""
+    ingested = ingest_file(folder, ref, ingest, read)
     return PreparedFile(relpath=ref.relpath, ingested=ingested,
                         chunks=[chunk_document(doc, chunk) for doc in ingested.documents])
 
@@ -66,20 +67,23 @@ def prepare_files(folder: Path, refs: list[FileRef], ingest: IngestSettings, chu
                   store=None) -> PreparedBatch:
     """`prepare_file` for each of `refs`, through `store` (a Prefect ResultStore) when given: a file
     whose key is stored is read back, any other is prepared and stored. A file whose content
-    changed since discovery is not stored (ingest_file says so in `skipped`)."""
+    changed since discovery, or that hit a reading limit, is not stored (ingest_file says so in
+    `skipped`). Files are read in a child process under the limits of `ingest` (tasks/reader_process.py),
+    started at the first file not in the cache."""
     start, files, hits = time.perf_counter(), [], 0
-    for ref in refs:
-        key = file_key(ref, ingest, chunk) if store is not None else None
-        cached = _stored(store, key) if key is not None else None
-        if cached is not None:
-            files.append(cached)
-            hits += 1
-            continue
-        one = prepare_file(folder, ref, ingest, chunk)
-        files.append(one)
-        stale = any(CHANGED_SINCE_DISCOVERY in s.reason for s in one.ingested.skipped)
-        if key is not None and ref.sha256 and not stale:
-            store.write(one, key=key)
+    with file_reader(ingest) as read:
+        for ref in refs:
+            key = file_key(ref, ingest, chunk) if store is not None else None
+            cached = _stored(store, key) if key is not None else None
+            if cached is not None:
+                files.append(cached)
+                hits += 1
+                continue
+            one = prepare_file(folder, ref, ingest, chunk, read)
+            files.append(one)
+            again = any(marker in s.reason for s in one.ingested.skipped for marker in NOT_CACHED)
+            if key is not None and ref.sha256 and not again:
+                store.write(one, key=key)
     return PreparedBatch(files=files, from_cache=hits, seconds=time.perf_counter() - start)
 
 
