@@ -13,10 +13,13 @@ import logging
 import os
 import random
 import re
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 import openai
 
@@ -163,19 +166,89 @@ def chat(client: openai.OpenAI, llm: LLMSettings, messages: list[dict], **params
     raise endpoint_error(last, llm, f" (still malformed after {llm.max_retries + 1} attempts)") from None
 
 
-def preflight(llm: LLMSettings, timeout_s: float = 15.0) -> str:
+PREFLIGHT_TIMEOUT_S = 15.0  # listing models is instant on a healthy server; past this it is down or overloaded
+REFUSED_TRIES, REFUSED_WAIT_S = 3, 2.0  # a server restarting gets a few seconds, no more
+
+
+def _network_cause(exc: BaseException) -> BaseException | None:
+    """The socket-level error under an openai connection error: refused, unknown host or TLS."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionRefusedError, socket.gaierror, ssl.SSLError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unreachable(cause: BaseException, llm: LLMSettings) -> str:
+    """Why `llm.base_url` cannot be reached, in words that name the fix (no retry can help)."""
+    url = urlsplit(llm.base_url)
+    where = f"base_url={llm.base_url!r}"
+    if isinstance(cause, ConnectionRefusedError):
+        return (f"{where}: connection refused: nothing listens on {url.hostname}:{url.port or (443 if url.scheme == 'https' else 80)}"
+                f" (tried {REFUSED_TRIES} times over {REFUSED_WAIT_S * (REFUSED_TRIES - 1):g} s). Start the server, or "
+                "fix the host or port in llm.base_url; for the local default `doctune serve` (the nightly starts it "
+                "itself when nothing answers there).")
+    if isinstance(cause, socket.gaierror):
+        return f"{where}: the host {url.hostname!r} is unknown ({cause.strerror}); check the host name in llm.base_url."
+    if "WRONG_VERSION_NUMBER" in str(cause) or "record layer failure" in str(cause):
+        return (f"{where}: TLS failed ({getattr(cause, 'reason', None) or cause}): the server there speaks plain "
+                f"HTTP; write http:// in llm.base_url.")
+    return f"{where}: TLS failed ({cause}); check the server's certificate, or the scheme in llm.base_url."
+
+
+def _answers_under_v1(llm: LLMSettings, timeout_s: float) -> str | None:
+    """`llm.base_url` + '/v1' when the models route answers there and not at base_url: a base_url
+    written without its /v1 (the first thing every OpenAI-compatible server's docs get copied without)."""
+    base = llm.base_url.rstrip("/")
+    if urlsplit(base).path.endswith("/v1"):
+        return None
+    try:
+        make_client(llm.model_copy(update={"base_url": base + "/v1"}), max_retries=0, timeout=timeout_s).models.list()
+    except openai.APIError:
+        return None
+    return base + "/v1"
+
+
+def _list_models(llm: LLMSettings, timeout_s: float) -> list[str] | None:
+    """The models the endpoint lists (None: it has no models route, a 404). Permanent failures raise
+    EndpointError(transient=False) at once; a refused connection is tried again for a few seconds."""
+    client = make_client(llm, max_retries=0, timeout=timeout_s)
+    for attempt in range(REFUSED_TRIES):
+        try:
+            return [m.id for m in client.models.list()]
+        except openai.NotFoundError:
+            return None
+        except openai.APITimeoutError:
+            raise EndpointError(
+                f"base_url={llm.base_url!r}: no answer to GET /models within {timeout_s:g} s (the pre-flight's limit; "
+                "a healthy server lists its models at once). Is it overloaded, or still starting?") from None
+        except openai.APIConnectionError as exc:
+            cause = _network_cause(exc)
+            if cause is None:
+                raise endpoint_error(exc, llm) from None
+            if isinstance(cause, ConnectionRefusedError) and attempt + 1 < REFUSED_TRIES:
+                time.sleep(REFUSED_WAIT_S)
+                continue
+            raise EndpointError(_unreachable(cause, llm), transient=False) from None
+        except openai.APIError as exc:
+            raise endpoint_error(exc, llm) from None  # 401/403 are not retried
+    raise AssertionError("unreachable")
+
+
+def preflight(llm: LLMSettings, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> str:
     """One cheap call before spending tokens: is the endpoint up, the key right, the model known?
-    It lists models rather than generating, so a fully cached nightly run makes no LLM call.
+    It lists models rather than generating, so a fully cached nightly run makes no LLM call. What no retry
+    can fix (refused, unknown host, TLS to a plain-HTTP port, a refused key, a base_url without /v1, an
+    unknown model) fails in seconds, not after the task's retries; the timeout it names is the one it used.
 
     Returns a one-line description; raises EndpointError naming base_url/model and the fix.
     """
-    client = make_client(llm, max_retries=1, timeout=timeout_s)
-    try:
-        models = [m.id for m in client.models.list()]
-    except openai.NotFoundError:
-        models = []  # some servers have no /models; the chat call below still checks the model
-    except openai.APIError as exc:
-        raise endpoint_error(exc, llm) from None
+    timeout_s = min(timeout_s, llm.timeout_s)
+    models = _list_models(llm, timeout_s)
+    if models is None and (fixed := _answers_under_v1(llm, timeout_s)):
+        raise EndpointError(f"base_url={llm.base_url!r} has no OpenAI routes (GET /models: 404), but {fixed} has: "
+                            f"set llm.base_url to {fixed!r}.", transient=False)
     if models and llm.model not in models:
         raise EndpointError(
             f"base_url={llm.base_url!r} does not serve model={llm.model!r}; it serves: {', '.join(models[:20])}. "
@@ -183,7 +256,16 @@ def preflight(llm: LLMSettings, timeout_s: float = 15.0) -> str:
     if models:
         return f"{llm.base_url} serves {llm.model}"
     # No model list: a one-token chat checks the model name instead.
-    chat(client, llm.model_copy(update={"max_retries": 0}), [{"role": "user", "content": "Hi"}], max_tokens=1)
+    client = make_client(llm, max_retries=0, timeout=llm.timeout_s)
+    try:
+        chat(client, llm.model_copy(update={"max_retries": 0}), [{"role": "user", "content": "Hi"}], max_tokens=1)
+    except EndpointError as exc:
+        if "(404)" in str(exc):
+            raise EndpointError(
+                f"base_url={llm.base_url!r}, model={llm.model!r}: GET /models and POST /chat/completions both "
+                "answered 404: either base_url is not where the API's routes begin (usually it ends in /v1) or the "
+                "endpoint does not know this model; check both.", transient=False) from None
+        raise
     return f"{llm.base_url} answers for {llm.model}"
 
 

@@ -50,14 +50,16 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
         raise FileNotFoundError(f"folder={folder!r}: not a directory (resolved to {root})")
     out = Path(settings.output_dir).resolve()
 
+    # 0. The endpoint first: a wrong base_url or key fails in seconds, not after the folder is read.
+    llm = settings.llm
+    log.info(with_network_retries(preflight_task, llm)(llm))
+
     # 1-2. Ingest and chunk, a batch of files per task run, each file cached on its own content.
     prep = ingest_folder(root, settings)
     all_chunks = prep.all_chunks
 
     # 3. Synthesize, one cached task per document; the flow goes on when one fails. A FAQ export's
     #    answers get more questions too (fact mode): one wording per answer teaches the wording only.
-    llm = settings.llm
-    log.info(with_network_retries(preflight_task, llm)(llm))
     faq = faq_chunks(prep.given) if settings.synth.faq_questions else []
     probed = with_network_retries(choose_mode_task, llm)(probe_sample(all_chunks + faq), llm, settings.synth,
                                                           return_state=True)

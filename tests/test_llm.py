@@ -1,8 +1,10 @@
+import time
+
 import pytest
 
 from doctune.llm import EndpointError, chat, make_client, preflight
 from doctune.settings import LLMSettings
-from tests.endpoints import FaultyEndpoint, ScriptedEndpoint
+from tests.endpoints import FaultyEndpoint, JSONHandler, LoopbackServer, ScriptedEndpoint
 
 
 def _llm(server, **kw) -> LLMSettings:
@@ -40,12 +42,55 @@ def test_always_malformed_gives_up_after_max_retries(faulty):
     assert len(faulty.seen) == 3
 
 
-def test_preflight_names_base_url_and_fix_when_unreachable():
-    llm = LLMSettings(base_url="http://127.0.0.1:9/v1", model="m")
+def _preflight_error(llm: LLMSettings, timeout_s: float = 5) -> tuple[EndpointError, float]:
+    start = time.monotonic()
     with pytest.raises(EndpointError) as err:
-        preflight(llm, timeout_s=2)
-    assert "base_url='http://127.0.0.1:9/v1'" in str(err.value) and "doctune serve" in str(err.value)
-    assert err.value.transient  # a server that is down may be up at the next retry
+        preflight(llm, timeout_s=timeout_s)
+    return err.value, time.monotonic() - start
+
+
+def test_preflight_fails_in_seconds_with_the_real_cause_when_no_retry_can_help():
+    refused, took = _preflight_error(LLMSettings(base_url="http://127.0.0.1:9/v1", model="m"))
+    assert "connection refused: nothing listens on 127.0.0.1:9" in str(refused) and "doctune serve" in str(refused)
+    assert not refused.transient and took < 30  # tried for a few seconds (a restart), not the task's retries
+    unknown, _ = _preflight_error(LLMSettings(base_url="http://no-such-host.invalid/v1", model="m"))
+    assert "the host 'no-such-host.invalid' is unknown" in str(unknown) and not unknown.transient
+    plain = ScriptedEndpoint()
+    try:  # https to a port that speaks plain HTTP
+        tls, _ = _preflight_error(LLMSettings(base_url=plain.base_url.replace("http:", "https:"), model="m"))
+    finally:
+        plain.close()
+    assert "speaks plain HTTP; write http://" in str(tls) and not tls.transient
+
+
+def test_preflight_names_the_timeout_it_used(request):
+    server = ScriptedEndpoint(get_faults=["hang"], hang_s=4)
+    request.addfinalizer(server.close)
+    err, took = _preflight_error(_llm(server, timeout_s=600), timeout_s=1)
+    assert "no answer to GET /models within 1 s (the pre-flight's limit" in str(err) and err.transient
+    assert took < 4
+
+
+class _V1Only(JSONHandler):
+    """A server whose OpenAI routes all live under /v1 (as vLLM's, Ollama's and ours do)."""
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            return self._send(200, {"object": "list", "data": [{"id": "m", "object": "model", "created": 0,
+                                                                  "owned_by": "test"}]})
+        self._send(404, {"detail": "Not Found"})
+
+    def do_POST(self):
+        self._send(404, {"detail": "Not Found"})
+
+
+def test_a_base_url_without_v1_is_named_with_the_fix(request):
+    server = LoopbackServer(_V1Only)
+    request.addfinalizer(server.close)
+    root = server.base_url.removesuffix("/v1")
+    err, _ = _preflight_error(LLMSettings(base_url=root, model="m"))
+    assert f"set llm.base_url to '{root}/v1'" in str(err) and not err.transient
+    assert "serves m" in preflight(LLMSettings(base_url=root + "/v1", model="m"))
 
 
 def test_preflight_unknown_model_lists_served_ones(scripted):

@@ -172,12 +172,12 @@ def test_an_endpoint_dying_mid_run_loses_nothing_and_the_rerun_makes_only_the_mi
 
 
 def test_preflight_is_retried_and_a_refused_model_is_not(tmp_path):
-    server = endpoint(get_faults=["500", "500"])  # the client's own retry fails too: the task retries
+    server = endpoint(get_faults=["500"])  # an outage: the task retries (the pre-flight's client does not)
     try:
         state = build_dataset(str(write_docs(tmp_path / "docs")), settings_for(server, tmp_path / "out"),
                               return_state=True)
         assert state.is_completed(), state.message
-        assert server.gets[:3] == ["500", "500", "ok"]
+        assert server.gets[:2] == ["500", "ok"]
         runs = [r for r in asyncio.run(task_runs(state.state_details.flow_run_id)) if r.name.startswith("preflight")]
         assert [r.run_count for r in runs] == [2]
 
@@ -189,6 +189,19 @@ def test_preflight_is_retried_and_a_refused_model_is_not(tmp_path):
         assert len(server.gets) == n_gets + 1  # no retry can make the endpoint serve another model
     finally:
         server.close()
+
+
+def test_a_refused_connection_fails_before_the_folder_is_read_and_without_the_task_retries(tmp_path):
+    server = endpoint()
+    server.close()  # nothing listens on its port any more
+    settings = settings_for(server, tmp_path / "out", task_retries=3, retry_delays_s=[5.0])
+    state = build_dataset(str(write_docs(tmp_path / "docs")), settings, return_state=True)
+    assert state.is_failed()
+    assert "connection refused: nothing listens on" in state.message or "connection refused" in str(
+        state.result(raise_on_failure=False))
+    runs = asyncio.run(task_runs(state.state_details.flow_run_id))
+    assert [r.name.split()[0] for r in runs] == ["preflight"]  # nothing was ingested
+    assert [r.run_count for r in runs] == [1]  # a retry 5 s later could not help
 
 
 def test_a_failing_translation_is_listed_and_the_dataset_is_written_without_it(tmp_path, reference):
