@@ -6,6 +6,7 @@ import ast
 import hashlib
 import importlib.util
 import inspect
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
@@ -68,9 +69,20 @@ def code_files(module_file: str | Path, root: Path | None = None) -> list[Path]:
     return sorted(seen)
 
 
+_DIGEST_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=None)
 def code_digest(module_file: str | Path, root: Path | None = None) -> str:
-    """sha256 over `code_files`; computed once per module and process (every task run asks)."""
+    """sha256 over `code_files`; computed once per module and process (every task run asks). One thread
+    parses at a time: task runs started side by side ask at once, and Python 3.11's ast.parse fails when two
+    threads parse together ("AST constructor recursion depth mismatch"): that run's result would not be
+    persisted, and the next night would repeat its LLM calls."""
+    with _DIGEST_LOCK:
+        return _digest(module_file, root)
+
+
+def _digest(module_file: str | Path, root: Path | None) -> str:
     root = root or ROOT
     h = hashlib.sha256()
     for f in code_files(module_file, root):

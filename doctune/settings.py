@@ -155,6 +155,20 @@ class SynthSettings(_Settings):
     min_groundedness: float = Field(
         70.0, ge=0, le=100, description="qa mode: fuzzy score (0-100) an answer needs against its chunk."
     )
+    chunks_per_task: int = Field(
+        100, ge=1,
+        description="Chunks (or FAQ answers) synthesized per Prefect task run: a 50,000-answer FAQ sheet is 500 "
+        "cached tasks with progress, and a call that fails retries its task's 100 chunks, not the whole sheet.",
+    )
+    faq_max_answers: int = Field(
+        10000, ge=0,
+        description="FAQ answers (over all exports) that get faq_questions; the rest keep only their own pair. A "
+        "cap on the calls a huge export can cost (each answer costs questions_per_fact calls).",
+    )
+
+    def cache_view(self) -> dict:
+        """What a synthesized result depends on: how chunks are grouped into tasks is no part of it."""
+        return self.model_dump(exclude={"chunks_per_task"})
 
 
 class TranslateSettings(_Settings):

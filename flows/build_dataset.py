@@ -61,6 +61,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     # 3. Synthesize, one cached task per document; the flow goes on when one fails. A FAQ export's
     #    answers get more questions too (fact mode): one wording per answer teaches the wording only.
     faq = faq_chunks(prep.given) if settings.synth.faq_questions else []
+    if len(faq) > settings.synth.faq_max_answers:
+        log.warning("FAQ exports: %d answers; the first %d get more questions (synth.faq_max_answers), the rest "
+                    "keep only their own pair", len(faq), settings.synth.faq_max_answers)
+        faq = faq[:settings.synth.faq_max_answers]
     probed = with_network_retries(choose_mode_task, llm)(probe_sample(all_chunks + faq), llm, settings.synth,
                                                           return_state=True)
     choice = probed.result()
@@ -77,7 +81,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     synthesized = synthesize_documents(jobs, llm, settings)
     synth, failures = synthesized.result, synthesized.failures
     artifacts.failures(failures)
-    stop_if_every_document_failed(jobs, failures, llm)
+    stop_if_every_document_failed(jobs, synthesized, llm)
     n_returned = len(synth.pairs) + len(synth.dropped)
     rates = keep_rate_rows("synthesize", n_returned, synth.dropped)
     if all_chunks:

@@ -16,7 +16,6 @@ from prefect.futures import as_completed
 
 from doctune import artifacts
 from doctune.llm import EndpointError, scrub
-from doctune import prefect_utils
 from doctune.prefect_utils import synthesis_runner, with_network_retries
 from doctune.records import Chunk, Document, QAPair, SkippedFile
 from doctune.exam import ExamItem, ExamSettings
@@ -40,15 +39,6 @@ def usage_row(stage: str, result, state, reused: int = 0) -> dict:
 def failure_row(stage: str, what: str, state) -> dict:
     # The task's message quotes the endpoint's reply, which may quote the key it was sent.
     return {"stage": stage, "document": what, "error": scrub(str(state.message))[:500]}
-
-
-def warm_code_digest(task) -> None:
-    """Compute a task's code digest (its cache key's code part) here, before its runs start side by side on
-    threads: each run would otherwise compute it at once, and Python 3.11's ast.parse fails when two threads
-    parse at the same time ("AST constructor recursion depth mismatch"): that run's result is then not
-    persisted, and the next night repeats its LLM calls."""
-    pu = prefect_utils  # read at call time: ROOT is the tree the tasks key on
-    pu.code_digest(pu._module_path(task.fn.__module__, pu.ROOT) or pu.module_file(task.fn), pu.ROOT)
 
 
 # ----------------------------------------------------------------------------- 1-2. ingest and chunk
@@ -119,26 +109,47 @@ def synthesis_jobs(chunks: dict[str, list[Chunk]], faq: list[Chunk], mode: str,
 class Synthesized:
     result: SynthResult = field(default_factory=SynthResult)  # every document's, in document order
     made: SynthResult = field(default_factory=SynthResult)  # what this run asked the endpoint
-    reused: int = 0  # results taken from the cache
+    reused: int = 0  # task results taken from the cache
+    tasks: int = 0  # task runs: a document of more than synth.chunks_per_task chunks is several
     failures: list[dict] = field(default_factory=list)
+
+
+def synthesis_parts(jobs: list[tuple[str, list[Chunk], str]], per_task: int) -> list[tuple[str, list[Chunk], str, str]]:
+    """(path, chunks, mode, task run name) per task: a job of more than `per_task` chunks (a huge FAQ sheet, a
+    book) in consecutive parts. Calls are planned per chunk, with seeds from the chunk, so the parts make
+    exactly what the whole would."""
+    parts = []
+    for path, chunks, mode in jobs:
+        if len(chunks) <= per_task:
+            parts.append((path, chunks, mode, f"synthesize {path}"))
+            continue
+        for start in range(0, len(chunks), per_task):
+            part = chunks[start:start + per_task]
+            parts.append((path, part, mode, f"synthesize {path} [{start + 1}-{start + len(part)} of {len(chunks)}]"))
+    return parts
 
 
 def synthesize_documents(jobs: list[tuple[str, list[Chunk], str]], llm: LLMSettings,
                          settings: BuildSettings) -> Synthesized:
-    """documents_at_once documents at a time, on threads or Dask, with a progress bar; merged in
-    document order, so the dataset does not depend on which finished first. A failed document is a
-    failure row; the others go on."""
-    out = Synthesized()
-    progress = create_progress_artifact(0.0, key="synthesis-progress", description="Documents synthesized")
+    """documents_at_once tasks at a time (a document, or a part of a long one), on threads or Dask, with a
+    progress bar and a log line every tenth; merged in document order, so the dataset does not depend on
+    which finished first. A failed task is a failure row; the others go on."""
+    parts = synthesis_parts(jobs, settings.synth.chunks_per_task)
+    out = Synthesized(tasks=len(parts))
+    progress = create_progress_artifact(0.0, key="synthesis-progress", description="Synthesis tasks done")
     synthesize = with_network_retries(synthesize_document_task, llm)
-    warm_code_digest(synthesize)
+    log = get_run_logger()
     with synthesis_runner(settings.runner, settings.documents_at_once, settings.dask_address) as runner:
-        futures = [runner.submit(synthesize, {"path": path, "chunks": cs, "llm": llm, "settings": settings.synth,
-                                              "mode": mode})
-                   for path, cs, mode in jobs]
+        futures = [runner.submit(synthesize.with_options(task_run_name=name) if name != f"synthesize {path}"
+                                 else synthesize,
+                                 {"path": path, "chunks": cs, "llm": llm, "settings": settings.synth, "mode": mode})
+                   for path, cs, mode, name in parts]
+        step = max(1, len(futures) // 10)
         for i, _ in enumerate(as_completed(futures), start=1):
             update_progress_artifact(progress, 100.0 * i / len(futures))
-        for (path, _, _), future in zip(jobs, futures):
+            if len(futures) > 10 and (i % step == 0 or i == len(futures)):
+                log.info("synthesis: %d of %d tasks done (%d documents)", i, len(futures), len(jobs))
+        for (path, _, _, name), future in zip(parts, futures):
             future.wait()  # sets the final state; before it, .state may still read Pending
             if future.state.is_completed():
                 out.result = out.result.merge(future.result())
@@ -147,17 +158,18 @@ def synthesize_documents(jobs: list[tuple[str, list[Chunk], str]], llm: LLMSetti
                 else:
                     out.made = out.made.merge(future.result())
             else:
-                out.failures.append(failure_row("synthesize", path, future.state))
+                out.failures.append(failure_row("synthesize", name.removeprefix("synthesize "), future.state))
     update_progress_artifact(progress, 100.0)
     return out
 
 
-def stop_if_every_document_failed(jobs: list, failures: list[dict], llm: LLMSettings) -> None:
+def stop_if_every_document_failed(jobs: list, synthesized: Synthesized, llm: LLMSettings) -> None:
     """An outage, not an empty folder: say so, and what a re-run will do."""
-    if jobs and len(failures) == len(jobs):
+    failures = synthesized.failures
+    if jobs and len(failures) == synthesized.tasks:
         raise EndpointError(
             f"synthesis failed for all {len(jobs)} documents at the endpoint (base_url={llm.base_url!r}, "
-            f"model={llm.model!r}), after {llm.max_retries} retries per call and {llm.task_retries} per document; "
+            f"model={llm.model!r}), after {llm.max_retries} retries per call and {llm.task_retries} per task; "
             f"the documents are not the problem. First error: {failures[0]['error']}\n"
             "Fix: make the endpoint answer again (the error says what failed), then re-run: every document that "
             "finishes is cached, so a re-run synthesizes only the ones still missing.")
@@ -183,7 +195,6 @@ def exam_documents(chunks: dict[str, list[Chunk]], faq: list[Chunk], llm: LLMSet
     for c in faq:
         docs.setdefault(c.path, []).append(c)
     task = with_network_retries(exam_document_task, llm)
-    warm_code_digest(task)
     futures = [(path, task.submit(path, cs, llm, settings, sorted(skip_languages))) for path, cs in docs.items()]
     out = Exam()
     for path, future in futures:

@@ -378,10 +378,10 @@ def _markitdown():
 def warm_readers() -> None:
     """Load every parser library now (a reader process does, before its memory limit): reading a tiny
     document of each kind imports what markitdown loads lazily."""
-    import openpyxl  # noqa: F401  (read_xlsx)
-    from bs4 import BeautifulSoup  # noqa: F401  (clean_html)
-    from charset_normalizer import from_bytes  # noqa: F401  (decode_text)
+    import importlib
 
+    for library in ("openpyxl", "bs4", "charset_normalizer"):  # read_xlsx, clean_html, decode_text
+        importlib.import_module(library)
     for ext, mimetype, data in ((".pdf", "application/pdf", _TINY_PDF), (".html", "text/html", b"<p>warm</p>")):
         _convert(data, ext, mimetype)
 

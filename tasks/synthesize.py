@@ -1,7 +1,7 @@
 """Synthesize question/answer pairs from chunks through any OpenAI-compatible endpoint.
 
-Two modes (FINDINGS: a 135M model cannot write free-form Q&A, but can write a question for a
-given fact sentence about half the time):
+Two modes (a 135M model cannot write free-form Q&A: in `make demo` the probe found 0 grounded pairs on
+3 chunks with SmolLM2-135M; it can write a question for a given fact sentence):
 - fact: the answer is a self-contained passage of the chunk, grounded by construction; the LLM
   writes several differently worded questions for it; filters drop the bad ones with a reason.
 - qa:   the LLM writes question and answer (JSON); answers are checked against the chunk.
@@ -586,8 +586,8 @@ def choose_mode_task(chunks: list[Chunk], llm: LLMSettings, settings: SynthSetti
 @task(cache_policy=CACHE, persist_result=True, task_run_name="synthesize {path}", **network_retries(LLMSettings()))
 def synthesize_document_task(path: str, chunks: list[Chunk], llm: LLMSettings, settings: SynthSettings,
                              mode: str) -> SynthResult:
-    # One task per document: the cache key holds the chunks' text, so editing one document
-    # re-synthesizes that document only.
+    # One task per document, or per part of a long one (flows/build_steps.synthesis_parts): the cache key
+    # holds the chunks' text, so editing one document re-synthesizes that document only.
     result = synthesize_chunks(chunks, llm, settings, mode)
     if result.failed_calls:
         # Raise rather than cache a partial result: a cached hole would never be filled by a

@@ -217,7 +217,7 @@ def test_unreachable_endpoint_fails_in_preflight(tmp_path):
     settings = BuildSettings(llm=LLMSettings(base_url="http://127.0.0.1:9/v1", max_retries=0, timeout_s=2,
                                              task_retries=0),
                              output_dir=str(tmp_path / "out"))
-    with pytest.raises(EndpointError, match="cannot connect"):
+    with pytest.raises(EndpointError, match="connection refused: nothing listens on 127.0.0.1:9"):
         build_dataset(str(folder), settings)
 
 

@@ -3,6 +3,7 @@ replies, an endpoint that dies mid-run. Retry delays are set to fractions of a s
 Prefect retries run in seconds; what is asserted are counts and states, not durations."""
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 
@@ -202,6 +203,37 @@ def test_a_refused_connection_fails_before_the_folder_is_read_and_without_the_ta
     runs = asyncio.run(task_runs(state.state_details.flow_run_id))
     assert [r.name.split()[0] for r in runs] == ["preflight"]  # nothing was ingested
     assert [r.run_count for r in runs] == [1]  # a retry 5 s later could not help
+
+
+def test_a_big_faq_sheet_is_synthesized_in_parts_and_a_failed_call_retries_its_part_only(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    rows = [f"What opens locker {i}?,Locker {i} opens with the code {1000 + 7 * i}." for i in range(12)]
+    (folder / "lockers.csv").write_text("question,answer\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    failed = []
+
+    def once(body):  # the first question asked about locker 7's answer fails, as one call of an outage would
+        if "Locker 7 opens" in json.dumps(body["messages"]) and not failed:
+            failed.append(body)
+            return "500"
+        return None
+
+    whole_server, server = endpoint(), endpoint(fail_when=once)
+    try:
+        whole = build_dataset(str(folder), settings_for(whole_server, tmp_path / "whole", max_retries=0))
+        settings = settings_for(server, tmp_path / "out", max_retries=0)
+        settings.synth.chunks_per_task = 5
+        state = build_dataset(str(folder), settings, return_state=True)
+    finally:
+        whole_server.close()
+        server.close()
+    assert state.is_completed(), state.message
+    assert failed  # the fault was met
+    runs = sorted((r.name, r.run_count) for r in asyncio.run(task_runs(state.state_details.flow_run_id))
+                  if r.name.startswith("synthesize"))
+    assert runs == [("synthesize lockers.csv [1-5 of 12]", 1), ("synthesize lockers.csv [11-12 of 12]", 1),
+                    ("synthesize lockers.csv [6-10 of 12]", 2)]  # only locker 7's part ran again
+    assert pairs_of(state.result()) == pairs_of(whole)  # the parts make what the whole sheet made
 
 
 def test_a_failing_translation_is_listed_and_the_dataset_is_written_without_it(tmp_path, reference):
