@@ -70,7 +70,11 @@ class LLMSettings(_Settings):
     )
     model: str = Field("smollm2-135m-instruct", description="Model name the endpoint knows.")
     api_key_env: str = Field(
-        "DOCTUNE_LLM_API_KEY", description="Environment variable holding the API key (may be unset for local servers)."
+        "DOCTUNE_LLM_API_KEY", description="Name of the environment variable holding the API key (may be unset for "
+        "local servers); never the key itself.",
+        # In the JSON schema only, so the Prefect UI's run form refuses a pasted key before anything is stored;
+        # enforced in Python by doctune.key_names, whose message never repeats the value (pydantic's would).
+        json_schema_extra={"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
     )
     api_key_secret_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the API key; wins over api_key_env."

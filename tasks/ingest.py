@@ -345,6 +345,7 @@ class _File:
     ext: str
     data: bytes
     sha256: str
+    max_file_mb: float = 20.0  # ingest.max_file_mb: archives are bounded by what they may unpack to
 
     @property
     def doc_id(self) -> str:
@@ -418,23 +419,26 @@ def read_pdf(f: _File) -> IngestResult:
 
 # A .docx or .xlsx is a zip archive: what it unpacks to is checked before any parser opens it. Python's
 # zipfile never unpacks a member past its declared size, so the declared sizes bound the memory it takes.
-ZIP_MAX_UNPACKED_MB = 512
+ZIP_UNPACKED_PER_FILE_MB = 25  # unpacked MB per MB of ingest.max_file_mb: Office XML packs text 5-20x
 ZIP_MAX_RATIO = 200  # text in Office XML packs 5-20x; a zip bomb packs thousands of times
 ZIP_RATIO_FROM_MB = 32  # below this, a high ratio is harmless (an almost empty sheet packs well)
 
 
 def check_zip_size(f: _File) -> None:
-    """Refuse an archive that would unpack to more than ZIP_MAX_UNPACKED_MB, or far more than such files do."""
+    """Refuse an archive that would unpack to more than 25x ingest.max_file_mb (500 MB by default), or far
+    more than such files do."""
     try:
         with zipfile.ZipFile(io.BytesIO(f.data)) as z:
             unpacked = sum(i.file_size for i in z.infolist())
     except (zipfile.BadZipFile, ValueError) as exc:
         raise Unreadable(f"a damaged zip archive ({exc}); save it again from its application")
     ratio = unpacked / max(len(f.data), 1)
-    if unpacked > ZIP_MAX_UNPACKED_MB * MB or (unpacked > ZIP_RATIO_FROM_MB * MB and ratio > ZIP_MAX_RATIO):
+    limit_mb = ZIP_UNPACKED_PER_FILE_MB * f.max_file_mb
+    if unpacked > limit_mb * MB or (unpacked > ZIP_RATIO_FROM_MB * MB and ratio > ZIP_MAX_RATIO):
         raise Unreadable(f"a zip archive that would unpack to {unpacked / MB:,.0f} MB from {len(f.data) / MB:.2f} MB "
-                         f"({ratio:,.0f}x; the limits are {ZIP_MAX_UNPACKED_MB} MB and {ZIP_MAX_RATIO}x): not opened, "
-                         "as a possible zip bomb; if it is a real document, save it again or split it")
+                         f"({ratio:,.0f}x; the limits are {limit_mb:,.0f} MB, {ZIP_UNPACKED_PER_FILE_MB}x "
+                         f"ingest.max_file_mb, and {ZIP_MAX_RATIO}x): not opened, as a possible zip bomb; if it is a "
+                         "real document, save it again or split it (or raise ingest.max_file_mb)")
 
 
 def _check_office_zip(f: _File, member: str) -> None:
@@ -776,7 +780,8 @@ def read_file(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestRes
     if sha != ref.sha256:
         # The result is cached under ref.sha256; caching other content under it would go stale.
         raise Unreadable(f"{CHANGED_SINCE_DISCOVERY} (sha256 differs); run ingest again")
-    return READERS[FORMATS[ext]](_File(relpath=ref.relpath, ext=ext, data=data, sha256=sha))
+    return READERS[FORMATS[ext]](_File(relpath=ref.relpath, ext=ext, data=data, sha256=sha,
+                                       max_file_mb=settings.max_file_mb))
 
 
 def ingest_folder(folder: Path, settings: IngestSettings) -> IngestResult:

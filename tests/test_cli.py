@@ -98,3 +98,22 @@ def test_a_misspelt_nested_key_names_its_path_and_the_closest_key(tmp_path, monk
     night.write_text("build:\n  llm:\n    base_ur: http://127.0.0.1:8765/v1\n")
     out = one_line_error(["nightly", "--settings", str(night)])
     assert "night.yaml: unknown key 'build.llm.base_ur'; did you mean 'base_url'?" in out
+
+
+def test_the_run_form_schema_refuses_a_key_in_api_key_env():
+    # What the Prefect UI's run form (and the server, for a deployment run) validates parameters against.
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from flows.nightly import nightly
+
+    schema = parameter_schema(nightly).model_dump_for_openapi()
+
+    def check(value: str) -> None:
+        validate({"settings": {"build": {"llm": {"api_key_env": value}}}}, schema, raise_on_error=True,
+                 preprocess=True, ignore_required=True)
+
+    check("OPENAI_API_KEY")
+    for bad in (KEY, "my key"):
+        with pytest.raises(ValidationError, match="settings.build.llm.api_key_env"):
+            check(bad)

@@ -512,3 +512,7 @@ def test_a_zip_bomb_is_refused_before_any_parser_opens_it(tmp_path):
     result = ingest_file(folder, ref, SETTINGS)
     assert not result.documents and "possible zip bomb" in result.skipped[0].reason
     assert "40 MB" in result.skipped[0].reason
+    # Under the ratio's floor the size limit, 25x ingest.max_file_mb, still holds.
+    small = IngestSettings(max_file_mb=1)
+    reason = ingest_file(folder, ref, small).skipped[0].reason
+    assert "the limits are 25 MB, 25x ingest.max_file_mb" in reason
