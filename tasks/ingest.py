@@ -37,11 +37,12 @@ MB = 1024 * 1024
 FORMATS = {
     ".pdf": "pdf", ".docx": "docx", ".html": "html", ".htm": "html", ".xlsx": "xlsx",
     ".md": "md", ".markdown": "md", ".txt": "txt", ".csv": "csv", ".json": "json", ".jsonl": "jsonl",
+    ".pptx": "pptx", ".xls": "xls", ".doc": "doc", ".epub": "epub", ".odt": "odt", ".eml": "eml",
 }
 # What to tell the owner of a file we cannot read, for formats people commonly drop in.
 CONVERT_HINTS = {
-    ".doc": "save it as .docx", ".xls": "save it as .xlsx", ".ppt": "save it as PDF",
-    ".pptx": "save it as PDF", ".rtf": "save it as .docx", ".odt": "save it as .docx",
+    ".ppt": "save it as .pptx or PDF", ".rtf": "save it as .docx", ".ods": "save it as .xlsx",
+    ".odp": "save it as .pptx or PDF", ".msg": "save the mail as .eml (Outlook: File > Save As)",
     ".png": "doctune does no OCR; add the text as .md", ".jpg": "doctune does no OCR; add the text as .md",
     ".jpeg": "doctune does no OCR; add the text as .md",
 }
@@ -243,13 +244,18 @@ def _sniff(data: bytes) -> tuple[str | None, str | None]:
         except zipfile.BadZipFile:
             return "a damaged zip archive", None
         for member, ext in (("word/document.xml", ".docx"), ("xl/workbook.xml", ".xlsx"),
-                            ("ppt/presentation.xml", ".pptx")):
+                            ("ppt/presentation.xml", ".pptx"), ("META-INF/container.xml", ".epub")):
             if member in names:
                 return None, ext
+        if "content.xml" in names and "mimetype" in names:
+            kind = zipfile.ZipFile(io.BytesIO(data)).read("mimetype")[:100]
+            if kind.endswith(b"opendocument.text"):
+                return None, ".odt"
+            return f"an OpenDocument file ({kind.decode('ascii', 'replace')})", None
         return "a zip archive", None
-    if data.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
-        return ("an old binary Office file (.doc/.xls) or a password-protected one; "
-                "save it as .docx/.xlsx without a password"), None
+    if data.startswith(OLE_MAGIC):
+        return ("an old binary Office file (.doc/.xls/.ppt) or a password-protected one; "
+                "save it as .docx/.xlsx/.pptx without a password"), None
     if b"%PDF-" in data[:1024]:
         return None, ".pdf"
     for magic, what in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image")):
@@ -260,6 +266,9 @@ def _sniff(data: bytes) -> tuple[str | None, str | None]:
     if data.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
         return None, ".html"
     return None, None
+
+
+OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # .doc, .xls, .ppt, .msg, and encrypted Office files
 
 
 def _hint(data: bytes, otherwise: str = "the file is damaged or has the wrong extension") -> str:
@@ -554,7 +563,7 @@ def _tables_result(f: _File, tables: list[_Table]) -> IngestResult:
             got, half = _faq_pairs(f, t, cols)
             pairs += got
             if half:
-                where = f"sheet {t.name!r} " if f.ext == ".xlsx" else ""
+                where = f"sheet {t.name!r} " if f.ext in (".xlsx", ".xls") else ""
                 notes.append(SkippedFile(path=f.relpath, reason=(
                     f"{where}{len(half)} of {len(t.rows) - 1} FAQ rows have a question or an answer missing "
                     f"(first at row {half[0]}); fill in both cells to include them")))
@@ -609,6 +618,207 @@ def read_xlsx(f: _File) -> IngestResult:
     finally:
         wb.close()
     return _tables_result(f, tables)
+
+
+def read_xls(f: _File) -> IngestResult:
+    """An Excel 97-2003 workbook (xlrd), read like .xlsx: FAQ sheets become pairs, other sheets tables."""
+    import xlrd
+
+    if not f.data.startswith(OLE_MAGIC):
+        raise Unreadable(f"not an .xls (starts with {_head(f.data)!r}){_hint(f.data)}")
+    try:
+        book = xlrd.open_workbook(file_contents=f.data, on_demand=True)
+    except Exception as exc:
+        raise Unreadable(f"XLS could not be parsed ({type(exc).__name__}: {str(exc)[:200]}); the file may be "
+                         "damaged or password-protected: save it as .xlsx from Excel") from exc
+    try:
+        tables = []
+        for sheet in book.sheets():
+            rows = []
+            for n in range(sheet.nrows):
+                cells = []
+                for cell in sheet.row(n):
+                    value = cell.value
+                    if cell.ctype == xlrd.XL_CELL_DATE:
+                        value = xlrd.xldate.xldate_as_datetime(value, book.datemode)
+                    elif cell.ctype == xlrd.XL_CELL_BOOLEAN:
+                        value = bool(value)
+                    cells.append(_cell(value))
+                rows.append((n + 1, cells))
+            tables.append(_table(sheet.name, rows))
+    finally:
+        book.release_resources()
+    return _tables_result(f, tables)
+
+
+# ---- slides, books, OpenDocument, old Word, mail
+
+
+def read_pptx(f: _File) -> IngestResult:
+    """A slide deck: each slide's title a heading, its text, tables as Markdown tables, speaker notes kept."""
+    _check_office_zip(f, "ppt/presentation.xml")
+    text = _convert(f.data, ".pptx", "application/vnd.openxmlformats-officedocument.presentationml.presentation")
+    text = re.sub(r"^<!-- Slide number: (\d+) -->$", "", text, flags=re.MULTILINE)
+    text = re.sub(r"^### Notes:$", "Speaker notes:", text, flags=re.MULTILINE)
+    return _document(f, text)
+
+
+_EPUB_META = re.compile(r"^\*\*(Title|Authors?|Language|Identifier|Publisher|Date|Description):\*\* ?(.*)$",
+                        re.MULTILINE)
+
+
+def read_epub(f: _File) -> IngestResult:
+    """An e-book: its chapters in spine order; the book's title from its metadata."""
+    _check_office_zip(f, "META-INF/container.xml")
+    text = _convert(f.data, ".epub", "application/epub+zip")
+    title = next((m.group(2).strip() for m in _EPUB_META.finditer(text) if m.group(1) == "Title"), None)
+    return _document(f, _EPUB_META.sub("", text), title=title or None)
+
+
+_ODF = {"text": "urn:oasis:names:tc:opendocument:xmlns:text:1.0",
+        "table": "urn:oasis:names:tc:opendocument:xmlns:table:1.0",
+        "office": "urn:oasis:names:tc:opendocument:xmlns:office:1.0"}
+
+
+def _odf_text(node) -> str:
+    """A paragraph's text: spans inline, text:s as spaces, tabs and line breaks kept, notes left out."""
+    parts = [node.text or ""]
+    for child in node:
+        tag = child.tag.split("}")[-1]
+        if tag == "s":
+            parts.append(" " * int(child.get(f"{{{_ODF['text']}}}c", "1")))
+        elif tag == "tab":
+            parts.append("\t")
+        elif tag == "line-break":
+            parts.append("\n")
+        elif tag not in ("note", "annotation"):
+            parts.append(_odf_text(child))
+        parts.append(child.tail or "")
+    return "".join(parts)
+
+
+def _odf_blocks(node, out: list[str]) -> None:
+    for child in node:
+        tag = child.tag.split("}")[-1]
+        if tag == "h":
+            level = int(child.get(f"{{{_ODF['text']}}}outline-level", "1"))
+            out.append("#" * min(level, 6) + " " + _odf_text(child).strip())
+        elif tag == "p":
+            out.append(_odf_text(child).strip())
+        elif tag == "list":
+            for item in child.iter(f"{{{_ODF['text']}}}list-item"):
+                text = " ".join(_odf_text(p).strip() for p in item.findall(f"{{{_ODF['text']}}}p"))
+                out.append("- " + text)
+        elif tag == "table":
+            rows = [[" ".join(_odf_text(p).strip() for p in cell.iter(f"{{{_ODF['text']}}}p"))
+                     for cell in row.iter(f"{{{_ODF['table']}}}table-cell")]
+                    for row in child.iter(f"{{{_ODF['table']}}}table-row")]
+            rows = [r for r in rows if any(r)]
+            if rows:
+                out.append(markdown_table(rows))
+        elif tag in ("section", "soft-page-break", "index-body", "table-of-content"):
+            _odf_blocks(child, out)
+
+
+def read_odt(f: _File) -> IngestResult:
+    """An OpenDocument text (LibreOffice, WPS): headings, paragraphs, lists and tables from content.xml."""
+    from lxml import etree
+
+    _check_office_zip(f, "content.xml")
+    try:
+        with zipfile.ZipFile(io.BytesIO(f.data)) as z:
+            xml = z.read("content.xml")
+        # No entities, no network, no huge trees: the XML is the sender's.
+        root = etree.fromstring(xml, etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False))
+    except (KeyError, zipfile.BadZipFile, etree.XMLSyntaxError) as exc:
+        raise Unreadable(f"ODT could not be parsed ({type(exc).__name__}: {str(exc)[:200]}); re-save it") from exc
+    body = root.find(f"{{{_ODF['office']}}}body/{{{_ODF['office']}}}text")
+    blocks: list[str] = []
+    if body is not None:
+        _odf_blocks(body, blocks)
+    return _document(f, "\n\n".join(b for b in blocks if b))
+
+
+def read_doc(f: _File) -> IngestResult:
+    """An old binary Word file, through antiword (Debian's `antiword`) when it is installed."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not f.data.startswith(OLE_MAGIC):
+        raise Unreadable(f"not a .doc (starts with {_head(f.data)!r}){_hint(f.data)}")
+    antiword = shutil.which("antiword")
+    if antiword is None:
+        raise Unreadable("an old Word .doc: doctune reads it with antiword, which is not installed here "
+                         "(apt-get install antiword); or save it as .docx")
+    with tempfile.NamedTemporaryFile(suffix=".doc") as tmp:
+        tmp.write(f.data)
+        tmp.flush()
+        done = subprocess.run([antiword, "-w", "0", tmp.name], capture_output=True, timeout=300)
+    if done.returncode != 0:
+        why = done.stderr.decode("utf-8", "replace").strip()[:200]
+        raise Unreadable(f"antiword could not read this .doc ({why}); save it as .docx")
+    return _document(f, done.stdout.decode("utf-8", "replace"))
+
+
+MAIL_DEPTH = 3  # a mail attached to a mail attached to a mail: deeper is not knowledge, it is a loop
+
+
+def _mail_body(msg) -> str:
+    body = msg.get_body(preferencelist=("plain", "html"))
+    if body is None:
+        return ""
+    content = body.get_content()
+    if body.get_content_subtype() == "html":
+        raw = content.encode("utf-8") if isinstance(content, str) else content
+        return _convert(clean_html(raw).encode("utf-8"), ".html", "text/html")
+    return content if isinstance(content, str) else content.decode("utf-8", "replace")
+
+
+def read_eml(f: _File, depth: int = 0) -> IngestResult:
+    """A saved e-mail: the subject is its title, the sender and date its first lines, then the body; every
+    attachment doctune can read becomes a document of its own (`mail.eml/report.pdf`), the rest are listed."""
+    import email
+    import email.policy
+
+    msg = email.message_from_bytes(f.data, policy=email.policy.default)
+    if not msg.keys() or not any(msg.get(h) for h in ("From", "Subject", "Date", "To")):
+        raise Unreadable("not an e-mail (no From/Subject/Date headers); a mail saved from a mail program starts with them")
+    subject = " ".join(str(msg.get("Subject", "")).split())
+    head = [f"{name}: {' '.join(str(msg[name]).split())}" for name in ("From", "To", "Date") if msg.get(name)]
+    body = normalise(_mail_body(msg))
+    result = IngestResult()
+    if body:
+        text = (f"# {subject}\n\n" if subject else "") + "\n".join(head) + "\n\n" + body
+        result = _document(f, text, title=subject or None)
+    for part in msg.iter_attachments():
+        name = part.get_filename() or f"part-{len(result.documents) + len(result.skipped) + 1}"
+        where = f"{f.relpath}/{name}"
+        if part.get_content_type() == "message/rfc822":
+            ext, data = ".eml", part.get_content().as_bytes() if depth + 1 < MAIL_DEPTH else b""
+        else:
+            ext, data = Path(name).suffix.lower(), part.get_payload(decode=True) or b""
+        if ext not in FORMATS or not data.strip():
+            why = "nested too deep" if ext == ".eml" else f"unsupported extension {ext or '(none)'}" \
+                if ext not in FORMATS else "empty"
+            result.skipped.append(SkippedFile(path=where, reason=f"attachment not read: {why}"))
+            continue
+        if len(data) > f.max_file_mb * MB:
+            result.skipped.append(SkippedFile(path=where, reason=(
+                f"attachment of {len(data) / MB:.1f} MB is over ingest.max_file_mb={f.max_file_mb:g}")))
+            continue
+        inner = _File(relpath=where, ext=ext, data=data, sha256=hashlib.sha256(data).hexdigest(),
+                      max_file_mb=f.max_file_mb)
+        try:
+            got = read_eml(inner, depth + 1) if ext == ".eml" else READERS[FORMATS[ext]](inner)
+        except Unreadable as exc:
+            result.skipped.append(SkippedFile(path=where, reason=f"attachment not read: {exc}"))
+            continue
+        result = result.merge(got)
+    if not result.documents and not result.pairs:
+        raise Unreadable("; ".join(s.reason for s in result.skipped) or "an e-mail without text or readable "
+                         "attachments")
+    return result
 
 
 # ---- instruction data: Alpaca, ShareGPT, OpenAI messages
@@ -731,6 +941,7 @@ def read_instructions(f: _File) -> IngestResult:
 READERS = {
     "pdf": read_pdf, "docx": read_docx, "html": read_html, "md": read_text, "txt": read_text,
     "csv": read_csv, "xlsx": read_xlsx, "json": read_instructions, "jsonl": read_instructions,
+    "pptx": read_pptx, "xls": read_xls, "doc": read_doc, "epub": read_epub, "odt": read_odt, "eml": read_eml,
 }
 
 
