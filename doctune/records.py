@@ -64,6 +64,13 @@ class Chunk(BaseModel):
     n_tokens: int
     language: Literal["en", "zh"] = "en"
     title: str = ""
+    table_header: str = Field("", description="A chunk that starts inside a table too big for one chunk: that "
+                              "table's header and separator rows, so its rows are still read with their columns "
+                              "(not part of `text`, which stays an exact slice of the document).")
+
+    def shown_text(self) -> str:
+        """The text as a reader (or a model) should see it: a table's continuation under its header."""
+        return f"{self.table_header}\n{self.text}" if self.table_header else self.text
 
 
 PairSource = Literal["synthesized", "faq", "instruction", "translated", "replay", "passage", "cloze"]

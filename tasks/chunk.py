@@ -9,7 +9,8 @@ previous one (at most `overlap_tokens`), never across a section boundary.
 
 Every chunk is an exact slice of the document (`doc.text[start:end] == chunk.text`), so a
 fact or answer can always be traced back to its place in the source. Heading lines are not
-part of any chunk: they live on in `heading_path`.
+part of any chunk: they live on in `heading_path`. A table is split between rows, never inside
+one; a chunk that starts inside a table carries that table's header rows in `table_header`.
 """
 
 from __future__ import annotations
@@ -340,6 +341,7 @@ def chunk_document(doc: Document, settings: ChunkSettings) -> list[Chunk]:
         pieces = [
             p for b in section.blocks for p in _pieces(text, b, settings.chunk_tokens, settings.encoding, doc.language)
         ]
+        tables = [b for b in section.blocks if b.kind == "table"]
         for start, end, n in _pack(text, pieces, settings, doc.language):
             index = len(chunks)
             chunks.append(
@@ -355,9 +357,24 @@ def chunk_document(doc: Document, settings: ChunkSettings) -> list[Chunk]:
                     n_tokens=n,
                     language=doc.language,
                     title=doc.title,
+                    table_header=_table_header(text, tables, start),
                 )
             )
     return chunks
+
+
+_SEPARATOR_ROW = re.compile(r" {0,3}\|(?:\s*:?-+:?\s*\|)+\s*")
+
+
+def _table_header(text: str, tables: list[_Block], start: int) -> str:
+    """The header and separator rows of the table a chunk starts inside of (after its header), else ''."""
+    for block in tables:
+        if block.start < start < block.end:
+            lines = text[block.start:block.end].split("\n")
+            if len(lines) >= 2 and _SEPARATOR_ROW.fullmatch(lines[1].rstrip()):
+                header_end = block.start + len(lines[0]) + 1 + len(lines[1])
+                return text[block.start:header_end] if start >= header_end else ""
+    return ""
 
 
 # --- Prefect ------------------------------------------------------------------------------

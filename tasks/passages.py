@@ -43,7 +43,7 @@ def passage_pairs(chunks: list[Chunk], per_chunk: int) -> list[QAPair]:
         headings = [h for h in chunk.heading_path if h.strip() and h.strip() != chunk.title.strip()]
         kind = "section" if headings else "document"
         part = render(prompt["templates"]["part"][chunk.language], n=group.index(chunk) + 1) if len(group) > 1 else ""
-        answer = " ".join(chunk.text.split())
+        answer = " ".join(chunk.shown_text().split())
         for template in prompt["templates"][chunk.language][kind][:per_chunk]:
             question = render(template, title=title, section=headings[-1] if headings else "", part=part)
             pairs.append(QAPair(question=question, answer=answer, source="passage", doc_id=chunk.doc_id,

@@ -116,8 +116,60 @@ def restore_subject(sentence: str, chunk: Chunk) -> str:
     return f"{subject}{rest}"
 
 
+_TABLE_SEPARATOR = re.compile(r"\|(?:\s*:?-+:?\s*\|)+")
+ROW_FACT_MAX_COLUMNS = 8  # wider tables are data dumps: a sentence per cell would flood the questions
+
+
+def _cells(line: str) -> list[str]:
+    """A Markdown table row's cells, unescaped ('\\|' is a bar, '<br>' a line break)."""
+    inner = line.strip().removeprefix("|").removesuffix("|")
+    return [" ".join(c.replace("\\|", "|").replace("<br>", " ").split())
+            for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def _row_sentence(key: str, column: str, value: str, language: str) -> str:
+    if language == "zh":
+        return f"{key}的{column}是{value}。"
+    if not column.isupper():  # "Price" mid-sentence, "EUR" as it is
+        column = column[0].lower() + column[1:]
+    return f"The {column} of {key} is {value.rstrip('.')}."
+
+
+def table_row_facts(chunk: Chunk) -> list[str]:
+    """A sentence for each cell of each table row, read with its column's header and the row's first
+    named cell: under '| Model | Price |', '| Kestrel K4 | 8,950 EUR |' is 'The price of Kestrel K4 is 8,950
+    EUR.' (Chinese: 'Kestrel K4的价格是8,950欧元。'). A chunk starting inside a table reads its rows with the
+    `table_header` it carries."""
+    facts, header, run = [], None, []
+    lines = chunk.text.split("\n") + [""]
+    carried = _cells(chunk.table_header.split("\n")[0]) if chunk.table_header else None
+    for k, line in enumerate(lines):
+        if line.strip().startswith("|"):
+            run.append(line)
+            continue
+        if run:
+            if len(run) >= 2 and _TABLE_SEPARATOR.fullmatch(run[1].strip()):
+                header, rows = _cells(run[0]), run[2:]
+            elif carried and k == len(run):  # the chunk starts with this table's continuation
+                header, rows = carried, run
+            else:
+                header, rows = None, []
+            if header and len(header) <= ROW_FACT_MAX_COLUMNS:
+                for row in rows:
+                    cells = _cells(row)
+                    named = next((i for i, c in enumerate(cells) if re.search(r"[^\W\d_]", c)), None)
+                    if named is None:
+                        continue
+                    facts += [_row_sentence(cells[named], column, value, chunk.language)
+                              for i, (column, value) in enumerate(zip(header, cells))
+                              if i != named and column and value]
+            run = []
+    return facts
+
+
 def extract_facts(chunk: Chunk) -> list[str]:
-    """Sentences of the chunk worth a question: prose with some content, subjects restored."""
+    """Sentences of the chunk worth a question: prose with some content, subjects restored; table rows
+    as a sentence per cell (`table_row_facts`)."""
     facts = []
     for start, end in split_sentences(chunk.text, chunk.language):
         s = " ".join(chunk.text[start:end].split())
@@ -128,7 +180,7 @@ def extract_facts(chunk: Chunk) -> list[str]:
         if size < (8 if chunk.language == "zh" else 4) or len(s) > 400:
             continue
         facts.append(restore_subject(s, chunk))
-    return facts
+    return facts + table_row_facts(chunk)
 
 
 def faq_chunks(pairs: list[QAPair]) -> list[Chunk]:
@@ -306,7 +358,7 @@ def n_pairs_for(chunk: Chunk, settings: SynthSettings) -> int:
 
 def qa_messages(chunk: Chunk, n: int) -> tuple[list[dict], str]:
     prompt = load_prompt(f"qa_pairs.{chunk.language}")
-    user = render(prompt["user"], text=chunk.text, heading=" > ".join(chunk.heading_path) or chunk.title, n=n)
+    user = render(prompt["user"], text=chunk.shown_text(), heading=" > ".join(chunk.heading_path) or chunk.title, n=n)
     return [{"role": "system", "content": prompt["system"]}, {"role": "user", "content": user}], prompt["version"]
 
 
@@ -372,7 +424,7 @@ def check_pair(question: str, answer: str, chunk: Chunk, settings: SynthSettings
         return "form_length"
     if META.search(question) or META.search(answer):
         return "meta_question"
-    if groundedness(answer, chunk.text) < settings.min_groundedness:
+    if groundedness(answer, chunk.shown_text()) < settings.min_groundedness:
         return "not_grounded"
     return None
 

@@ -211,6 +211,21 @@ def test_tables_stay_whole_where_they_fit():
     check_invariants(doc, small_chunks, small)
 
 
+def test_a_table_too_big_for_one_chunk_carries_its_header_into_every_continuation():
+    table = "| Model | Price | Range |\n| --- | --- | --- |\n" + "".join(
+        f"| Kestrel K{i} | {8000 + 100 * i:,} EUR | {100 + i} km |\n" for i in range(40))
+    doc = make_doc("Our bikes ship within five days.\n\n" + table)
+    settings = ChunkSettings(chunk_tokens=120, overlap_tokens=10)
+    chunks = chunk_document(doc, settings)
+    check_invariants(doc, chunks, settings)  # text stays an exact slice; the header rides beside it
+    assert len(chunks) >= 3 and chunks[0].table_header == ""
+    rows = [line for c in chunks for line in c.text.splitlines() if line.startswith("| Kestrel")]
+    assert len(rows) == 40  # every row once, whole
+    for c in chunks[1:]:
+        assert c.text.startswith("| Kestrel") and c.table_header == "| Model | Price | Range |\n| --- | --- | --- |"
+        assert c.shown_text().startswith("| Model | Price | Range |\n| --- | --- | --- |\n| Kestrel")
+
+
 def test_unsplittable_sentence_falls_back_to_tokens():
     rng = random.Random(3)
     blob = "".join(rng.choice("abcdefghij差旅政策") for _ in range(3000))  # no sentence end anywhere

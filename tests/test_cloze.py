@@ -157,3 +157,26 @@ def test_pairs_answer_with_the_fact_and_keep_their_chunk():
     assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-3")}
     assert {p.chunk_id for p in pairs} == {"docs/price_sheet.md:0", "docs/zh.md:0"}
     assert {p.language for p in pairs if p.path == "docs/zh.md"} == {"zh"}
+
+
+def test_a_table_row_is_read_with_its_header_into_facts_and_cloze_questions():
+    from tasks.synthesize import extract_facts
+
+    text = ("All prices include VAT.\n\n| Model | Price | Range |\n| --- | --- | --- |\n"
+            "| Kestrel K4 | 8,950 EUR | 120 km |\n| Kestrel K5 | 11,200 EUR | 160 km |")
+    chunk = Chunk(chunk_id="d:0", doc_id="d", path="prices.md", index=0, text=text, heading_path=["Prices"],
+                  start=0, end=len(text), n_tokens=60, title="Prices")
+    facts = extract_facts(chunk)
+    assert facts == ["All prices include VAT.", "The price of Kestrel K4 is 8,950 EUR.", "The range of Kestrel K4 is 120 km.",
+                         "The price of Kestrel K5 is 11,200 EUR.", "The range of Kestrel K5 is 160 km."]
+    questions = {p.question: p.answer for p in cloze_pairs([chunk])}
+    assert any("Kestrel K4" in q and a == "The price of Kestrel K4 is 8,950 EUR." for q, a in questions.items())
+    # The continuation of a long table, without its header in the text, reads it from table_header.
+    rest = chunk.model_copy(update={"text": "| Kestrel K6 | 12,400 EUR | 180 km |",
+                                    "table_header": "| Model | Price | Range |\n| --- | --- | --- |"})
+    assert extract_facts(rest) == ["The price of Kestrel K6 is 12,400 EUR.", "The range of Kestrel K6 is 180 km."]
+    zh = Chunk(chunk_id="z:0", doc_id="z", path="价格.md", index=0, text="| 型号 | 价格 |\n| --- | --- |\n| 星河三号 | 4999元 |",
+               start=0, end=30, n_tokens=20, language="zh")
+    assert extract_facts(zh) == ["星河三号的价格是4999元。"]
+    no_header = chunk.model_copy(update={"text": "| Kestrel K4 | 8,950 EUR |\n| Kestrel K5 | 11,200 EUR |"})
+    assert extract_facts(no_header) == []  # a row without a header says nothing certain
