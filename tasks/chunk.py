@@ -25,6 +25,7 @@ from prefect import task
 from doctune.prefect_utils import CACHE
 from doctune.records import Chunk, Document
 from doctune.settings import ChunkSettings
+from doctune.tables import cells, is_separator
 
 # --- tokens -------------------------------------------------------------------------------
 
@@ -363,15 +364,12 @@ def chunk_document(doc: Document, settings: ChunkSettings) -> list[Chunk]:
     return chunks
 
 
-_SEPARATOR_ROW = re.compile(r" {0,3}\|(?:\s*:?-+:?\s*\|)+\s*")
-
-
 def _table_header(text: str, tables: list[_Block], start: int) -> str:
     """The header and separator rows of the table a chunk starts inside of (after its header), else ''."""
     for block in tables:
         if block.start < start < block.end:
             lines = text[block.start:block.end].split("\n")
-            if len(lines) >= 2 and _SEPARATOR_ROW.fullmatch(lines[1].rstrip()):
+            if len(lines) >= 2 and is_separator(cells(lines[1])):
                 header_end = block.start + len(lines[0]) + 1 + len(lines[1])
                 return text[block.start:header_end] if start >= header_end else ""
     return ""

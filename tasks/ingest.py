@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from doctune.prefect_utils import CACHE
 from doctune.records import Document, QAPair, SkippedFile, detect_language
 from doctune.settings import IngestSettings
+from doctune.tables import markdown_table, tidy_tables
 
 MB = 1024 * 1024
 
@@ -362,7 +363,7 @@ class _File:
 
 
 def _document(f: _File, text: str, title: str | None = None) -> IngestResult:
-    text = normalise(text)
+    text = normalise(tidy_tables(text))
     if not text:
         raise Unreadable("no text found" + _NO_TEXT_HINTS.get(f.ext, ""))
     return IngestResult(documents=[Document(
@@ -460,10 +461,19 @@ def _check_office_zip(f: _File, member: str) -> None:
         raise Unreadable(f"not a {f.ext} (a zip archive without {member}); {found}")
 
 
+_EMPTY_HEADER = re.compile(r"^(\|(?: +\|)+)\n(\|(?: *-+ *\|)+)\n(\|.*\|)$", re.MULTILINE)
+
+
+def promote_empty_headers(text: str) -> str:
+    """A Word table has no header cells, so its Markdown gets an empty header row: its first row is the
+    header (what a reader takes it for, and what row facts read each row with)."""
+    return _EMPTY_HEADER.sub(lambda m: f"{m.group(3)}\n{m.group(2)}", text)
+
+
 def read_docx(f: _File) -> IngestResult:
     _check_office_zip(f, "word/document.xml")
-    return _document(f, _convert(
-        f.data, ".docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"))
+    return _document(f, promote_empty_headers(_convert(
+        f.data, ".docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document")))
 
 
 # Page furniture: menus, banners, cookie notices and scripts are not knowledge to train on.
@@ -520,14 +530,6 @@ def qa_columns(header: list[str]) -> tuple[int, int] | None:
     q = next((i for i, n in enumerate(names) if n in QUESTION_NAMES), None)
     a = next((i for i, n in enumerate(names) if n in ANSWER_NAMES), None)
     return (q, a) if q is not None and a is not None else None
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    width = max(len(r) for r in rows)
-    esc = [[c.replace("|", "\\|").replace("\n", "<br>") for c in r] + [""] * (width - len(r)) for r in rows]
-    lines = ["| " + " | ".join(esc[0]) + " |", "|" + " --- |" * width]
-    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
-    return "\n".join(lines)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt, render
 from doctune.records import CJK_RE, Chunk, Dropped, QAPair, short_hash
 from doctune.settings import LLMSettings, SynthSettings
+from doctune.tables import cells, is_separator
 from tasks.chunk import count_tokens, split_sentences
 
 STAGE = "synthesize"
@@ -116,15 +117,7 @@ def restore_subject(sentence: str, chunk: Chunk) -> str:
     return f"{subject}{rest}"
 
 
-_TABLE_SEPARATOR = re.compile(r"\|(?:\s*:?-+:?\s*\|)+")
 ROW_FACT_MAX_COLUMNS = 8  # wider tables are data dumps: a sentence per cell would flood the questions
-
-
-def _cells(line: str) -> list[str]:
-    """A Markdown table row's cells, unescaped ('\\|' is a bar, '<br>' a line break)."""
-    inner = line.strip().removeprefix("|").removesuffix("|")
-    return [" ".join(c.replace("\\|", "|").replace("<br>", " ").split())
-            for c in re.split(r"(?<!\\)\|", inner)]
 
 
 def _row_sentence(key: str, column: str, value: str, language: str) -> str:
@@ -142,26 +135,26 @@ def table_row_facts(chunk: Chunk) -> list[str]:
     `table_header` it carries."""
     facts, header, run = [], None, []
     lines = chunk.text.split("\n") + [""]
-    carried = _cells(chunk.table_header.split("\n")[0]) if chunk.table_header else None
+    carried = cells(chunk.table_header.split("\n")[0]) if chunk.table_header else None
     for k, line in enumerate(lines):
         if line.strip().startswith("|"):
             run.append(line)
             continue
         if run:
-            if len(run) >= 2 and _TABLE_SEPARATOR.fullmatch(run[1].strip()):
-                header, rows = _cells(run[0]), run[2:]
+            if len(run) >= 2 and is_separator(cells(run[1])):
+                header, rows = cells(run[0]), run[2:]
             elif carried and k == len(run):  # the chunk starts with this table's continuation
                 header, rows = carried, run
             else:
                 header, rows = None, []
             if header and len(header) <= ROW_FACT_MAX_COLUMNS:
                 for row in rows:
-                    cells = _cells(row)
-                    named = next((i for i, c in enumerate(cells) if re.search(r"[^\W\d_]", c)), None)
+                    values = cells(row)
+                    named = next((i for i, c in enumerate(values) if re.search(r"[^\W\d_]", c)), None)
                     if named is None:
                         continue
-                    facts += [_row_sentence(cells[named], column, value, chunk.language)
-                              for i, (column, value) in enumerate(zip(header, cells))
+                    facts += [_row_sentence(values[named], column, value, chunk.language)
+                              for i, (column, value) in enumerate(zip(header, values))
                               if i != named and column and value]
             run = []
     return facts

@@ -194,3 +194,61 @@ def test_a_file_that_is_no_mail_says_so(tmp_path):
     (tmp_path / "notes.eml").write_text("just some words, no headers at all\n")
     (skip,) = ingest_one(tmp_path / "notes.eml").skipped
     assert "not an e-mail" in skip.reason
+
+
+PRICE_ROWS = [["Model", "Price", "Flight time"], ["Kestrel K4", "8,950 EUR", "52 minutes"],
+              ["Heron H2", "12,400 EUR", "38 minutes"]]
+PRICE_FACTS = {"The price of Kestrel K4 is 8,950 EUR.", "The flight time of Kestrel K4 is 52 minutes.",
+               "The price of Heron H2 is 12,400 EUR.", "The flight time of Heron H2 is 38 minutes."}
+
+
+def ruled_table_pdf(path: Path) -> Path:
+    """A PDF page with a paragraph, a table drawn with cell borders, and a closing line."""
+    pdf = pymupdf.open()
+    page = pdf.new_page()
+    page.insert_text((72, 72), "All prices are in euros and exclude VAT.", fontsize=11)
+    for r, row in enumerate(PRICE_ROWS):
+        for c, value in enumerate(row):
+            cell = pymupdf.Rect(72 + 150 * c, 100 + 22 * r, 222 + 150 * c, 122 + 22 * r)
+            page.draw_rect(cell, color=(0, 0, 0), width=0.8)
+            page.insert_text((cell.x0 + 4, cell.y1 - 7), value, fontsize=10)
+    page.insert_text((72, 200), "Orders of five or more drones receive a 7 percent discount.", fontsize=11)
+    pdf.save(path)
+    return path
+
+
+def word_table(path: Path) -> Path:
+    d = docx.Document()
+    d.add_paragraph("All prices are in euros and exclude VAT.")
+    table = d.add_table(rows=len(PRICE_ROWS), cols=3)
+    for r, row in enumerate(PRICE_ROWS):
+        for c, value in enumerate(row):
+            table.cell(r, c).text = value
+    d.save(path)
+    return path
+
+
+def test_tables_in_pdf_docx_html_and_pptx_reach_the_chunks_as_tables_and_their_rows_as_facts(tmp_path):
+    from doctune.settings import ChunkSettings
+    from tasks.chunk import chunk_document
+    from tasks.synthesize import extract_facts
+
+    html = "<html><body><p>All prices are in euros.</p><table>" + "".join(
+        "<tr>" + "".join(f"<{'th' if r == 0 else 'td'}>{v}</{'th' if r == 0 else 'td'}>" for v in row) + "</tr>"
+        for r, row in enumerate(PRICE_ROWS)) + "</table></body></html>"
+    (tmp_path / "prices.html").write_text(html)
+    deck = Presentation()
+    slide = deck.slides.add_slide(deck.slide_layouts[5])
+    slide.shapes.title.text = "Prices"
+    table = slide.shapes.add_table(3, 3, Inches(1), Inches(2), Inches(6), Inches(1.5)).table
+    for r, row in enumerate(PRICE_ROWS):
+        for c, value in enumerate(row):
+            table.cell(r, c).text = value
+    deck.save(tmp_path / "prices.pptx")
+    for path in (ruled_table_pdf(tmp_path / "prices.pdf"), word_table(tmp_path / "prices.docx"),
+                 tmp_path / "prices.html", tmp_path / "prices.pptx"):
+        (doc,) = ingest_one(path).documents
+        assert "| Model | Price | Flight time |\n| --- | --- | --- |\n| Kestrel K4 | 8,950 EUR | 52 minutes |" in \
+            doc.text, (path.name, doc.text)
+        facts = {f for c in chunk_document(doc, ChunkSettings()) for f in extract_facts(c)}
+        assert PRICE_FACTS <= facts, (path.name, facts)
