@@ -50,8 +50,14 @@ def dataset_hash(dataset_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+# Fields added to TrainSettings after run names were pinned: left out of the name while at their default,
+# so every run trained before them keeps its folder.
+LATER_FIELDS = {"text_rows": False}
+
+
 def settings_hash(settings: TrainSettings) -> str:
-    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()
+    later = {k for k, default in LATER_FIELDS.items() if getattr(settings, k) == default}
+    return hashlib.sha256(settings.model_dump_json(exclude=later).encode()).hexdigest()
 
 
 def run_dir_for(dataset_dir: str | Path, settings: TrainSettings, output_root: str | Path) -> Path:
@@ -134,7 +140,7 @@ def dataset_system_prompt(dataset_dir: str | Path | None) -> str:
         from datasets import load_from_disk
 
         splits = load_from_disk(str(Path(dataset_dir) / "hf"))
-        systems = Counter(s for split in splits.values() for s in split["system"])
+        systems = Counter(s for split in splits.values() if "system" in split.column_names for s in split["system"])
         if systems:
             return systems.most_common(1)[0][0]
     from doctune.settings import DatasetSettings

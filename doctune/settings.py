@@ -40,10 +40,21 @@ class IngestSettings(_Settings):
         "listed as skipped; 0: no limit. With both limits 0 files are read in the task's own process.",
     )
 
+    ocr: bool = Field(
+        True, description="Read scanned PDF pages (pages without a text layer) and images (.png, .jpg, .tif) by "
+        "OCR, English and Chinese, offline (RapidOCR). About 5 s a page on 2 CPU cores, within "
+        "ingest.file_timeout_s. Off: such pages are left out and images are skipped.",
+    )
+    ocr_min_confidence: float = Field(
+        0.8, ge=0, le=1, description="OCR'd pages read with a lower confidence (the engine's scores averaged over "
+        "the characters) are left out of the text and listed as skipped; a file with no page left is skipped. "
+        "Clean scans read 0.93-0.99 here.",
+    )
+
     def cache_view(self) -> dict:
         """What one file's result depends on: which files are ingested (exclude) and how they are
         batched are no part of it, nor the limits (a file that hit one is not cached: it is read again)."""
-        return {"max_file_mb": self.max_file_mb}
+        return {"max_file_mb": self.max_file_mb, "ocr": self.ocr, "ocr_min_confidence": self.ocr_min_confidence}
 
 
 class ChunkSettings(_Settings):
@@ -204,6 +215,11 @@ class DatasetSettings(_Settings):
     system_prompt: str = Field(
         "You are a helpful assistant that answers questions about the company's documents.",
         description="System message written into the chat-format dataset.",
+    )
+    text_rows: bool = Field(
+        True, description="Also write the documents' own text (each chunk under its title and headings) as "
+        "text-completion rows: `text.jsonl` and LLaMA-Factory's `doctune_text` (a pt dataset). "
+        "Training uses them only with train.text_rows.",
     )
 
 

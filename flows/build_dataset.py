@@ -21,7 +21,7 @@ from doctune.settings import BuildSettings
 from flows.build_steps import (exam_documents, ingest_folder, optional_stage, stop_if_every_document_failed,
                                synthesis_jobs, synthesize_documents, usage_row)
 from tasks.cloze import cloze_task
-from tasks.dataset import write_dataset_task
+from tasks.dataset import text_rows, write_dataset_task
 from tasks.dedup import dedup_task
 from tasks.exam import hold_out
 from tasks.passages import passage_task
@@ -161,7 +161,9 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
               "failed_documents": len(failures), "mode": choice.mode,
               "skipped_languages": sorted(choice.skip_languages), "chunks_not_synthesized": len(not_synthesized),
               **{f"dedup_{k}": v for k, v in dd.counts.items()}}
-    path = write_dataset_task(kept, dropped, counts, settings.dataset, str(out))
+    texts = text_rows(all_chunks) if settings.dataset.text_rows else []
+    counts["text_rows"] = len(texts)
+    path = write_dataset_task(kept, dropped, counts, settings.dataset, str(out), texts)
     artifacts.dataset_summary(path, (Path(path) / "card.md").read_text(encoding="utf-8"))
     if made is not None:
         exam_file, written = write_exam(path, exam_items)

@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from prefect import task
 
-from doctune.records import Dropped, QAPair, sha256_text, write_jsonl
+from doctune.records import Chunk, Dropped, QAPair, sha256_text, write_jsonl
 from doctune.settings import DatasetSettings
 
 TRAIN_ONLY = {"replay", "passage", "cloze"}  # never held out: no question a user asks, or written by rule
@@ -40,8 +40,23 @@ def to_row(pair: QAPair, system_prompt: str) -> dict:
     }
 
 
-def fingerprint(pairs: list[QAPair], settings: DatasetSettings) -> str:
-    return sha256_text(json.dumps([[p.pair_id for p in pairs], settings.model_dump()]))[:12]
+def text_rows(chunks: list[Chunk]) -> list[dict]:
+    """Text-completion rows: each chunk as the document shows it, under its title and section headings
+    (a fact read in its context, in the document's own words)."""
+    rows = []
+    for c in chunks:
+        heads = [h for h in c.heading_path if h.strip() and h.strip() != c.title.strip()]
+        head = "\n".join([f"# {c.title}"] * bool(c.title.strip()) + [f"## {' > '.join(heads)}"] * bool(heads))
+        rows.append({"text": (head + "\n\n" if head else "") + c.shown_text(), "path": c.path,
+                     "chunk_id": c.chunk_id, "language": c.language})
+    return rows
+
+
+def fingerprint(pairs: list[QAPair], settings: DatasetSettings, texts: list[dict] = ()) -> str:
+    parts = [[p.pair_id for p in pairs], settings.model_dump()]
+    if texts:  # datasets written without text rows keep their names
+        parts.append([sha256_text(t["text"])[:16] for t in texts])
+    return sha256_text(json.dumps(parts))[:12]
 
 
 def held_out_split(rows: list[dict], test_size: float, validation_size: float, seed: int
@@ -78,11 +93,12 @@ def held_out_split(rows: list[dict], test_size: float, validation_size: float, s
             "test": sorted(held["test"])}
 
 
-def llamafactory_info(sizes: dict[str, int]) -> dict:
+def llamafactory_info(sizes: dict[str, int], n_texts: int = 0) -> dict:
     """LLaMA-Factory's dataset_info.json for the dataset folder: `doctune_<split>_messages` and
-    `doctune_<split>_alpaca` per split. Empty splits get no entry: loading an empty JSONL file fails
-    inside `datasets` (StopIteration) before LLaMA-Factory can say which dataset it was."""
-    info = {}
+    `doctune_<split>_alpaca` per split, and `doctune_text` (documents' text, for its `pt` stage). Empty
+    splits get no entry: loading an empty JSONL file fails inside `datasets` (StopIteration) before
+    LLaMA-Factory can say which dataset it was."""
+    info = {"doctune_text": {"file_name": "text.jsonl", "columns": {"prompt": "text"}}} if n_texts else {}
     for split, size in sizes.items():
         if size:
             info[f"doctune_{split}_messages"] = {"file_name": f"{split}.messages.jsonl", "formatting": "sharegpt",
@@ -93,11 +109,13 @@ def llamafactory_info(sizes: dict[str, int]) -> dict:
 
 
 def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, settings: DatasetSettings,
-                  output_dir: str | Path) -> Path:
-    """Returns the dataset folder; an existing folder with the same content is reused, never rewritten."""
+                  output_dir: str | Path, texts: list[dict] = ()) -> Path:
+    """Returns the dataset folder; an existing folder with the same content is reused, never rewritten.
+    `texts`: text-completion rows (`text_rows`), written when settings.text_rows."""
     if not pairs:
         raise ValueError("no pairs left to write a dataset from; see the dropped rows and keep rates above")
-    out = Path(output_dir) / "datasets" / f"ds-{fingerprint(pairs, settings)}"
+    texts = list(texts) if settings.text_rows else []
+    out = Path(output_dir) / "datasets" / f"ds-{fingerprint(pairs, settings, texts)}"
     if (out / "manifest.json").exists():
         return out
     tmp = out.with_name(out.name + ".partial")
@@ -111,6 +129,8 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
     # Empty splits stay out of hf/: datasets writes them but cannot load them back (IndexError in
     # concat_tables), and every reader treats a missing split as empty. The JSONL files keep all three.
     DatasetDict({name: ds for name, ds in dd.items() if len(ds)}).save_to_disk(str(tmp / "hf"))
+    if texts:  # beside hf/, whose splits are all question/answer rows
+        write_jsonl(tmp / "text.jsonl", texts)
     for split, ds in dd.items():
         write_jsonl(tmp / f"{split}.messages.jsonl",
                     ({"messages": r["messages"], "pair_id": r["pair_id"], "source": r["source"],
@@ -122,11 +142,12 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
             # OpenAI's fine-tuning file format has no place for our bookkeeping keys (pair_id, source, path);
             # no file for an empty split, so every openai file here can be uploaded as it is.
             write_jsonl(tmp / f"{split}.openai.jsonl", ({"messages": r["messages"]} for r in ds))
-    info = llamafactory_info({split: len(ds) for split, ds in dd.items()})
+    info = llamafactory_info({split: len(ds) for split, ds in dd.items()}, len(texts))
     (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     write_jsonl(tmp / "dropped.jsonl", dropped)
     manifest = {
         "name": out.name, "train": len(dd["train"]), "validation": len(dd["validation"]), "test": len(dd["test"]),
+        "text_rows": len(texts),
         "by_source": dict(Counter(r["source"] for r in rows)),
         "by_language": dict(Counter(r["language"] for r in rows)),
         "by_file": dict(Counter(r["path"] for r in rows)),
@@ -155,6 +176,10 @@ def dataset_card(m: dict) -> str:
              "fine-tuning takes it); `dataset_info.json` (LLaMA-Factory: `dataset_dir` is this folder, datasets "
              "`doctune_<split>_messages` and `doctune_<split>_alpaca` for each non-empty split); "
              "`dropped.jsonl` (every removed row with its reason)."]
+    if m.get("text_rows"):
+        lines += ["", f"Text-completion rows: {m['text_rows']} (the documents' own text, chunk by chunk under its "
+                      "title and headings): `text.jsonl`, and `doctune_text` in `dataset_info.json` for "
+                      "LLaMA-Factory's pt stage."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,5 +187,5 @@ def dataset_card(m: dict) -> str:
 # log_prints off: `datasets` fingerprinting prints bytecode disassembly that would flood the UI log.
 @task(log_prints=False)
 def write_dataset_task(pairs: list[QAPair], dropped: list[Dropped], counts: dict, settings: DatasetSettings,
-                       output_dir: str) -> str:
-    return str(write_dataset(pairs, dropped, counts, settings, output_dir))
+                       output_dir: str, texts: list[dict] = ()) -> str:
+    return str(write_dataset(pairs, dropped, counts, settings, output_dir, texts))

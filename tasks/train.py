@@ -39,7 +39,8 @@ from doctune.prefect_utils import CACHE
 from doctune.runs import dataset_hash, dataset_system_prompt, run_dir_for, settings_hash, write_json
 from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
 from doctune.training.checkpoint import load_checkpoint, resume_checkpoint, save_adapter, save_checkpoint
-from doctune.training.data import IGNORE, load_train_split, load_validation, tokenize_split, with_system
+from doctune.training.data import (IGNORE, load_text_rows, load_train_split, load_validation, tokenize_split,
+                                   tokenize_texts, with_system)
 from doctune.training.merge import merge_and_check
 from doctune.training.model import (
     Plan, autocast_for, initial_plan, load_model, load_tokenizer, make_optimizer, micro_step_loss, probe_cpu_dtype,
@@ -255,6 +256,14 @@ def train(
         base = str(prepare_base_model())
     tokenizer = load_tokenizer(base)
     examples, dropped = tokenize_split(tokenizer, load_train_split(dataset_dir), settings)
+    if settings.text_rows:
+        texts = tokenize_texts(tokenizer, load_text_rows(dataset_dir), settings.max_seq_len)
+        log.info("text-completion rows: %d examples of the documents' own text, mixed with %d question/answer rows",
+                 len(texts), len(examples))
+        if not texts:
+            log.warning("%s has no text-completion rows (built with dataset.text_rows off?): training on the "
+                        "question/answer rows only", dataset_dir)
+        examples += texts
     steps = total_steps(settings, len(examples))
     accum = settings.gradient_accumulation_steps
 

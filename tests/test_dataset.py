@@ -186,3 +186,49 @@ def test_llamafactory_reads_every_entry_as_our_questions_answers_and_system_prom
             assert got["_system"] == row["system"], name
     # The rows compared above include a pair's own system prompt, not only the default one.
     assert "Answer in one sentence." in {row["system"] for split in hf.values() for row in split}
+
+
+def test_text_rows_are_written_as_a_split_a_file_and_llamafactorys_pt_dataset(tmp_path, llamafactory):
+    from doctune.records import Chunk
+    from tasks.dataset import text_rows
+
+    pairs = [QAPair(question=f"How is thing {a} described?", answer=f"Thing {a} is blue.", source="synthesized",
+                    language="en", path="doc.md") for a in range(4)]
+    table = "| Model | Price |\n| --- | --- |"
+    chunks = [Chunk(chunk_id="d:0", doc_id="d", path="doc.md", index=0, text="Thing 0 is blue.",
+                    heading_path=["Things", "Colours"], start=0, end=16, n_tokens=5, title="Things"),
+              Chunk(chunk_id="d:1", doc_id="d", path="doc.md", index=1, text="| Kestrel K4 | 8,950 EUR |",
+                    start=17, end=40, n_tokens=9, title="Things", table_header=table)]
+    texts = text_rows(chunks)
+    assert [t["text"] for t in texts] == ["# Things\n## Colours\n\nThing 0 is blue.",
+                                          f"# Things\n\n{table}\n| Kestrel K4 | 8,950 EUR |"]
+    out = write_dataset(pairs, [], {}, DatasetSettings(), tmp_path, texts)
+    assert set(load_from_disk(str(out / "hf"))) == {"train"}  # hf/ keeps question/answer rows only
+    assert [r["text"] for r in _read(out / "text.jsonl")] == [t["text"] for t in texts]
+    assert json.loads((out / "manifest.json").read_text())["text_rows"] == 2 and "Text-completion rows: 2" in (
+        out / "card.md").read_text()
+    # LLaMA-Factory reads doctune_text as its pt stage reads a dataset: the text as the prompt, no response.
+    info = json.loads((out / "dataset_info.json").read_text())
+    (attr,) = llamafactory.parser.get_dataset_list(["doctune_text"], str(out))
+    data_args = llamafactory.DataArguments(dataset_dir=str(out), dataset="doctune_text")
+    rows = load_dataset("json", data_files=[str(out / info["doctune_text"]["file_name"])], split="train",
+                        cache_dir=str(tmp_path / "cache"))
+    aligned = llamafactory.converter.align_dataset(rows, attr, data_args, SimpleNamespace(local_process_index=0))
+    assert [a["_prompt"][0]["content"] for a in aligned] == [t["text"] for t in texts]
+    # Off: the dataset is the one written before text rows existed.
+    assert write_dataset(pairs, [], {}, DatasetSettings(text_rows=False), tmp_path, texts).name == \
+        write_dataset(pairs, [], {}, DatasetSettings(text_rows=False), tmp_path).name
+
+
+def test_text_rows_train_on_every_token_in_windows():
+    from doctune.base_model import prepare_base_model
+    from doctune.training.data import tokenize_texts
+    from doctune.training.model import load_tokenizer
+
+    tok = load_tokenizer(str(prepare_base_model()))
+    text = "The Kestrel K4 survey drone costs 8,950 euros. " * 30
+    (short,) = tokenize_texts(tok, ["Thing 0 is blue."], 64)
+    assert short.labels == short.input_ids and short.input_ids[-1] == tok.eos_token_id
+    windows = tokenize_texts(tok, [text], 64)
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert [t for w in windows for t in w.input_ids] == ids and all(len(w.input_ids) <= 64 for w in windows)

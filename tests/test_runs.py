@@ -29,6 +29,8 @@ def test_run_folder_names_are_pinned(tmp_path):
     ds = _dataset(tmp_path)
     assert run_dir_for(ds, TrainSettings(), "outputs") == Path("outputs/models/287415a9db4a-a9a38fad")
     assert run_dir_for(ds, TrainSettings(lora_r=8, seed=3), "outputs").name == "287415a9db4a-add3366a"
+    # A field added later changes the name only when it is set.
+    assert settings_hash(TrainSettings(text_rows=True)) != settings_hash(TrainSettings())
 
 
 def test_base_model_and_resolve_name_the_missing_file(tmp_path):

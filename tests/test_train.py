@@ -274,3 +274,17 @@ def test_train_task_in_a_flow_publishes_the_loss_artifact(tiny_model, dataset_di
 
     artifacts = asyncio.run(loss_artifacts())
     assert artifacts and any(run_dir.name in a.data and "| 3 |" in a.data for a in artifacts)
+
+
+def test_text_rows_are_trained_beside_the_questions_when_asked_for(tiny_model, dataset_dir, tmp_path):
+    import shutil
+
+    with_text = tmp_path / "with-text"
+    shutil.copytree(dataset_dir, with_text)
+    (with_text / "text.jsonl").write_text("".join(
+        json.dumps({"text": f"# Catalogue\n\nItem {i} costs {10 + i} euros and ships in two days.",
+                    "path": "catalogue.md", "chunk_id": f"d1:{i}", "language": "en"}) + "\n" for i in range(5)))
+    plain = train(with_text, tiny_settings(tiny_model, max_steps=2), tmp_path / "a", progress=False)
+    mixed = train(with_text, tiny_settings(tiny_model, max_steps=2, text_rows=True), tmp_path / "b", progress=False)
+    assert json.loads((plain / "metrics.json").read_text())["examples"] == 12  # off by default
+    assert json.loads((mixed / "metrics.json").read_text())["examples"] == 12 + 5

@@ -112,3 +112,28 @@ def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Examp
     if not examples:
         raise ValueError(f"no trainable examples left (dropped: {dropped}); check max_seq_len and the chat template")
     return examples, dropped
+
+
+def load_text_rows(dataset_dir: str | Path) -> list[str]:
+    """The dataset's text-completion rows (text.jsonl: the documents' own text); [] for a dataset written
+    without them."""
+    import json
+
+    path = Path(dataset_dir) / "text.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_seq_len: int) -> list[Example]:
+    """Text-completion examples: the text and an end-of-text token, loss on every token (continued
+    pretraining), cut into windows of at most `max_seq_len` tokens."""
+    examples = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        for start in range(0, len(ids), max_seq_len):
+            window = ids[start:start + max_seq_len]
+            if len(window) > 1:
+                examples.append(Example(window, list(window)))
+    return examples
