@@ -81,6 +81,12 @@ class TrainSettings(BaseModel):
         "token), mixed with the question/answer rows. Off until bench/knowledge.py shows it raises paraphrased "
         "recall on both bench corpora over several seeds.",
     )
+    no_system_share: float = Field(
+        0.0, ge=0, le=1, description="Share of question/answer rows trained without their system message (the "
+        "chat template's own default then stands in), drawn with the seed, so an exported model also answers "
+        "clients that send none. doctune serve adds the trained system prompt to such requests itself. 0 until "
+        "bench/knowledge.py shows the share costs nothing under the trained prompt.",
+    )
     seed: int = Field(0, description="Seed for LoRA init, data order, dropout and NEFTune noise.")
     method: Literal["auto", "qlora", "lora"] = Field(
         "auto", description="auto: QLoRA (4-bit NF4 base) on CUDA, LoRA on CPU."

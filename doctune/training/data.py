@@ -100,9 +100,16 @@ def load_validation(dataset_dir: str | Path, limit: int) -> list[dict]:
 
 
 def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Example], dict[str, int]]:
+    """The rows as examples; a seeded `no_system_share` of them without their system message."""
+    import random
+
     examples, dropped = [], {}
+    rng = random.Random(f"no-system-{settings.seed}")
     for messages in rows["messages"]:
-        out = render_example(tokenizer, messages, settings.system_prompt, settings.max_seq_len)
+        if settings.no_system_share and rng.random() < settings.no_system_share:
+            out = render_example(tokenizer, [m for m in messages if m["role"] != "system"], None, settings.max_seq_len)
+        else:
+            out = render_example(tokenizer, messages, settings.system_prompt, settings.max_seq_len)
         if isinstance(out, str):
             dropped[out] = dropped.get(out, 0) + 1
         else:

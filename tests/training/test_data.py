@@ -27,3 +27,19 @@ def test_system_prompt_override_and_drop_reasons(tokenizer):
     assert "NEW SYSTEM" in text and "old" not in text
     assert render_example(tokenizer, messages, None, 8) == "longer than max_seq_len"
     assert render_example(tokenizer, messages[:2], None, 512) == "last message is not an assistant reply"
+
+
+def test_a_seeded_share_of_rows_is_trained_without_its_system_message(tokenizer):
+    from doctune.model_settings import TrainSettings
+    from doctune.training.data import tokenize_split
+
+    rows = {"messages": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"How much is X{i}?"},
+                          {"role": "assistant", "content": f"X{i} costs {i} euros."}] for i in range(200)]}
+
+    def without(share: float, seed: int = 0) -> list[int]:
+        examples, _ = tokenize_split(tokenizer, rows, TrainSettings(no_system_share=share, seed=seed))
+        return [i for i, ex in enumerate(examples) if SYSTEM not in tokenizer.decode(ex.input_ids)]
+
+    assert without(0.0) == [] and len(without(1.0)) == 200
+    some = without(0.3)
+    assert 40 <= len(some) <= 80 and some == without(0.3) and some != without(0.3, seed=1)

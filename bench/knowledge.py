@@ -1,0 +1,141 @@
+"""Does the model learn the documents? Training recipes x seeds on two corpora, scored on paraphrased
+questions the dataset never holds: the sample folder (data/docs with its gold set) and a corpus written
+for this bench only (bench/corpora/lumen, never used by training defaults).
+
+For each corpus the dataset is built once (the build_dataset flow, as the nightly builds it); each recipe
+is a set of TrainSettings changes over the training config, trained once per seed. Every question is asked
+greedily twice: under the trained system prompt (what `doctune serve` adds to a request without one) and
+with no system message at all (what a client of an exported model may send). A question counts as
+answered when the reply holds all its key facts (doctune/metrics.py's matching).
+
+Needs the local services:  . scripts/env.sh && scripts/services.sh up prefect llm
+Run:   python bench/knowledge.py                                  # every recipe, seeds 0 1 2, both corpora
+       python bench/knowledge.py --recipes qa qa+text --seeds 0 --corpora lumen --max-steps 40   # a quick look
+Prints a table per corpus (mean, min and max over the seeds, training minutes) and writes knowledge.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = {
+    "sample": (ROOT / "data/docs", ROOT / "data/docs/gold/gold.jsonl"),
+    "lumen": (ROOT / "bench/corpora/lumen/docs", ROOT / "bench/corpora/lumen/questions.jsonl"),
+}
+# A recipe: TrainSettings fields over the training config. Add one here to compare it.
+RECIPES = {
+    "qa": {},  # the question/answer rows as the dataset has them (today's default)
+    "qa+text": {"text_rows": True},  # plus the documents' own text, loss on every token
+    "qa+nosys": {"no_system_share": 0.3},  # 30% of the rows without their system message
+    "qa+text+nosys": {"text_rows": True, "no_system_share": 0.3},
+}
+
+
+def answered(reply: str, facts: list[str]) -> bool:
+    from doctune.metrics import fact_recall
+
+    return bool(facts) and fact_recall(reply, facts) == 1.0
+
+
+def score(model: str, items: list, system: str) -> dict[str, list[bool]]:
+    """Per language, whether each question was answered."""
+    from doctune.generation import generate_answers
+
+    replies = generate_answers(model, [i.question for i in items], [system] * len(items))
+    out: dict[str, list[bool]] = {}
+    for item, reply in zip(items, replies):
+        out.setdefault(item.language, []).append(answered(reply, item.facts))
+    return out
+
+
+def share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
+def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out: Path, max_steps: int | None):
+    from doctune.base_model import prepare_base_model
+    from doctune.model_settings import load_train_settings
+    from doctune.runs import dataset_system_prompt
+    from doctune.settings import BuildSettings
+    from flows.build_dataset import build_dataset
+    from tasks.evaluate import load_gold
+    from tasks.train import train
+
+    docs, questions = CORPORA[name]
+    dataset = build_dataset(str(docs), BuildSettings(output_dir=str(out / name)))
+    system = dataset_system_prompt(dataset)
+    items, dropped = load_gold(questions, system)
+    if dropped:
+        raise ValueError(f"{questions}: {dropped}")
+    items = [i for i in items if i.facts]
+    base = str(prepare_base_model())
+    rows = [{"corpus": name, "recipe": "base", "seed": None, "train_minutes": 0.0,
+             **{f"{lang}_{how}": share(flags) for how, sys in (("system", system), ("none", ""))
+                for lang, flags in score(base, items, sys).items()}}]
+    for recipe in recipes:
+        for seed in seeds:
+            settings = load_train_settings(config).model_copy(update={**RECIPES[recipe], "seed": seed})
+            if max_steps:
+                settings = settings.model_copy(update={"max_steps": max_steps})
+            start = time.perf_counter()
+            run_dir = train(dataset, settings, out / name, progress=False)
+            metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+            row = {"corpus": name, "recipe": recipe, "seed": seed, "run": str(run_dir),
+                   "train_minutes": round(metrics.get("train_seconds", time.perf_counter() - start) / 60, 1)}
+            for how, sys in (("system", system), ("none", "")):
+                for lang, flags in score(run_dir, items, sys).items():
+                    row[f"{lang}_{how}"] = share(flags)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    counts = {lang: sum(i.language == lang for i in items) for lang in ("en", "zh")}
+    return rows, counts, dataset
+
+
+def table(rows: list[dict], counts: dict) -> str:
+    cols = [c for c in ("en_system", "en_none", "zh_system", "zh_none") if any(c in r for r in rows)]
+    head = "| recipe | seeds | " + " | ".join(f"{c} (n={counts[c[:2]]}) mean [min, max]" for c in cols) + \
+        " | train min |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        group = [r for r in rows if r["recipe"] == recipe]
+        cells = []
+        for c in cols:
+            values = [r[c] for r in group if c in r]
+            cells.append(f"{statistics.mean(values):.0%} [{min(values):.0%}, {max(values):.0%}]" if values else "-")
+        seeds = ",".join(str(r["seed"]) for r in group if r["seed"] is not None) or "-"
+        minutes = statistics.mean(r["train_minutes"] for r in group)
+        lines.append(f"| {recipe} | {seeds} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="a recipe wins over seeds, not on one")
+    ap.add_argument("--config", default=str(ROOT / "configs/demo.yaml"), help="the training config recipes change")
+    ap.add_argument("--max-steps", type=int, default=None, help="override the config's steps (a quick look only)")
+    ap.add_argument("--output-dir", default=str(ROOT / "outputs/bench/knowledge"))
+    args = ap.parse_args()
+    for name in ("doctune", "tasks", "flows"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report, results = [], []
+    for corpus in args.corpora:
+        rows, counts, dataset = run_corpus(corpus, args.recipes, args.seeds, args.config, out, args.max_steps)
+        results += rows
+        report.append(f"### {corpus}: dataset {Path(dataset).name}, {counts['en']} English and {counts['zh']} "
+                      f"Chinese questions\n\n{table(rows, counts)}\n")
+    (out / "knowledge.json").write_text(json.dumps(results, indent=2))
+    print("\n" + "\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
