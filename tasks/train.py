@@ -315,6 +315,10 @@ def train(
         state["losses"].append({"step": state["step"], "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
+        if state["step"] == start_step + 1 and steps > state["step"]:  # the expected time, as training starts
+            took = time.perf_counter() - t_wall
+            log.info("step %d/%d took %.1f s: training should take about %s (the first step is the slowest)",
+                     state["step"], steps, took, _duration(took * (steps - start_step)))
         if state["step"] % settings.logging_steps == 0 or state["step"] == steps:
             done = state["step"] - start_step
             left = (time.perf_counter() - t_wall) / done * (steps - state["step"])
