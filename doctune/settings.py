@@ -46,9 +46,9 @@ class IngestSettings(_Settings):
         "ingest.file_timeout_s. Off: such pages are left out and images are skipped.",
     )
     ocr_min_confidence: float = Field(
-        0.8, ge=0, le=1, description="OCR'd pages read with a lower confidence (the engine's scores averaged over "
+        0.9, ge=0, le=1, description="OCR'd pages read with a lower confidence (the engine's scores averaged over "
         "the characters) are left out of the text and listed as skipped; a file with no page left is skipped. "
-        "Clean scans read 0.93-0.99 here.",
+        "Measured (bench/ocr.py): scanned pages 0.93-0.99, even at 75 dpi; noise and unreadable smudges 0.54-0.85.",
     )
 
     def cache_view(self) -> dict:
@@ -221,6 +221,12 @@ class DatasetSettings(_Settings):
         "text-completion rows: `text.jsonl` and LLaMA-Factory's `doctune_text` (a pt dataset). "
         "Training uses them only with train.text_rows.",
     )
+    variants: bool = Field(
+        True, description="With text_rows: also write each fact sentence restated under its document and "
+        "section, the sentences of each chunk in other orders (permutations), and FAQ rows as passages "
+        "(tasks/variants.py; no LLM call).",
+    )
+    permutations: int = Field(2, ge=0, le=8, description="Other orders of each chunk's fact sentences (variants).")
 
 
 class BuildSettings(_Settings):

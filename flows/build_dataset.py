@@ -22,6 +22,7 @@ from flows.build_steps import (exam_documents, ingest_folder, optional_stage, st
                                synthesis_jobs, synthesize_documents, usage_row)
 from tasks.cloze import cloze_task
 from tasks.dataset import text_rows, write_dataset_task
+from tasks.variants import variant_rows
 from tasks.dedup import dedup_task
 from tasks.exam import hold_out
 from tasks.passages import passage_task
@@ -162,6 +163,8 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
               "skipped_languages": sorted(choice.skip_languages), "chunks_not_synthesized": len(not_synthesized),
               **{f"dedup_{k}": v for k, v in dd.counts.items()}}
     texts = text_rows(all_chunks) if settings.dataset.text_rows else []
+    if texts and settings.dataset.variants:
+        texts += variant_rows(all_chunks, prep.given, settings.dataset.permutations, settings.dataset.seed)
     counts["text_rows"] = len(texts)
     path = write_dataset_task(kept, dropped, counts, settings.dataset, str(out), texts)
     artifacts.dataset_summary(path, (Path(path) / "card.md").read_text(encoding="utf-8"))

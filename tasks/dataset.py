@@ -47,7 +47,7 @@ def text_rows(chunks: list[Chunk]) -> list[dict]:
     for c in chunks:
         heads = [h for h in c.heading_path if h.strip() and h.strip() != c.title.strip()]
         head = "\n".join([f"# {c.title}"] * bool(c.title.strip()) + [f"## {' > '.join(heads)}"] * bool(heads))
-        rows.append({"text": (head + "\n\n" if head else "") + c.shown_text(), "path": c.path,
+        rows.append({"text": (head + "\n\n" if head else "") + c.shown_text(), "kind": "document", "path": c.path,
                      "chunk_id": c.chunk_id, "language": c.language})
     return rows
 
@@ -147,7 +147,7 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
     write_jsonl(tmp / "dropped.jsonl", dropped)
     manifest = {
         "name": out.name, "train": len(dd["train"]), "validation": len(dd["validation"]), "test": len(dd["test"]),
-        "text_rows": len(texts),
+        "text_rows": len(texts), "text_rows_by_kind": dict(Counter(t.get("kind", "document") for t in texts)),
         "by_source": dict(Counter(r["source"] for r in rows)),
         "by_language": dict(Counter(r["language"] for r in rows)),
         "by_file": dict(Counter(r["path"] for r in rows)),

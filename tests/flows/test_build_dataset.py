@@ -114,6 +114,10 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     assert chunk_ids
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["counts"]["files"] == 3 and (Path(path) / "card.md").exists()
+    # Text-completion rows: every chunk as the document has it, and the variants made by rule.
+    texts = read_jsonl(Path(path) / "text.jsonl")
+    assert {c for c in chunk_ids if ":faq" not in c} <= {t["chunk_id"] for t in texts if t["kind"] == "document"}
+    assert {"document", "restated", "permuted", "faq"} <= set(manifest["text_rows_by_kind"])
     for split in ("train", "validation", "test"):
         assert (Path(path) / f"{split}.messages.jsonl").exists() and (Path(path) / f"{split}.alpaca.jsonl").exists()
     dropped = read_jsonl(Path(path) / "dropped.jsonl")
