@@ -62,6 +62,8 @@ def serve(
     api_key_env: str = typer.Option("DOCTUNE_SERVE_API_KEY", help="Env var with the key clients must send "
                                     "(unset: no key, allowed on loopback only)."),
     max_body_mb: float = typer.Option(8.0, min=0.001, help="Larger request bodies get a 413."),
+    max_embedding_tokens: int = typer.Option(65536, min=1, help="Most tokens one /v1/embeddings request may "
+                                             "hold (a 400 beyond); embeddings run in pieces beside chats."),
 ):
     """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/embeddings).
 
@@ -88,7 +90,8 @@ def serve(
     from doctune.serving import run_server
 
     run_server(base or str(prepare_base_model()), host=host, port=port, served_name=name, api_key=api_key,
-               adapters=adapters, max_body_mb=max_body_mb, system_prompts=systems)
+               adapters=adapters, max_body_mb=max_body_mb, system_prompts=systems,
+               max_embedding_tokens=max_embedding_tokens)
 
 
 @app.command("build-dataset")

@@ -15,6 +15,9 @@ server against `transformers serve --continuous-batching`), so:
   forward as the running rows' next tokens, flat and unpadded (`attention.Ragged`), and their cache
   is left-padded onto the batch's; a finished row leaves the batch at once;
 - when idle, the first request waits `batch_wait_ms` for others so their prefill is shared;
+- embedding requests run a bounded piece at a time between decode steps (`embedding`: whole short
+  inputs, or the next tokens of a long one over its own cache), time-shared with the running rows, and
+  are dropped when their client leaves; handlers validate and tokenize in a thread, off the event loop;
 - prompts that start alike (synthesis' few-shot prompts, a template's default system prompt) reuse
   the stored keys/values of that start and prefill only the rest (`kv_cache.PrefixStore`): on 2 cores
   the prefill of a ~250-token prompt costs more than decoding its answer;
@@ -26,9 +29,9 @@ The wire format (`protocol`) reuses the response models of the `openai` package.
 decides what `doctune serve` serves (the base, the promoted adapter, named adapters);
 `api.check_exposure` refuses a server that anyone on the network could use.
 
-Dependencies point one way: api -> handlers -> engine -> {batch, sampling, kv_cache, attention,
-loading, jobs}; only api and handlers know HTTP (`protocol`). Imports are absolute: the cache digest
-scanner (doctune/prefect_utils.py) skips relative ones.
+Dependencies point one way: api -> handlers -> engine -> {batch, embedding, sampling, kv_cache,
+attention, loading, jobs}; only api and handlers know HTTP (`protocol`). Imports are absolute: the
+cache digest scanner (doctune/prefect_utils.py) skips relative ones.
 """
 
 from doctune.serving.api import KEY_ENV, check_exposure, create_app, run_server

@@ -17,13 +17,17 @@ from openai.types import Model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from doctune.serving.engine import Engine
-from doctune.serving.handlers import chat_completion, chat_job, embed, sse
+from doctune.serving.handlers import DEFAULT_MAX_EMBEDDING_TOKENS, chat_completion, chat_job, embed, sse
 from doctune.serving.protocol import APIError, ChatRequest, EmbeddingRequest, bad
 
 log = logging.getLogger(__name__)
 
 KEY_ENV = "DOCTUNE_SERVE_API_KEY"
 MIN_KEY_LENGTH = 16  # beyond loopback: a short key is guessed, a blank one cannot be sent
+# After Ctrl+C / SIGTERM, how long uvicorn waits for open requests before cancelling them. The worker
+# fails what it holds at once (`run_server`), so this bounds only what it does not hold, such as a
+# stream its client stopped reading: the process no longer waits for them without end.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 class BodyLimit:
@@ -86,18 +90,23 @@ def validation_message(error: dict) -> tuple[str, str]:
 def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_key: str | None = None,
                max_batch: int = 16, batch_wait_ms: float = 10, device="cpu",
                adapters: dict[str, str] | None = None, max_body_mb: float = 8,
-               prefix_cache_mb: float = 256, system_prompts: dict[str, str] | None = None) -> FastAPI:
+               prefix_cache_mb: float = 256, system_prompts: dict[str, str] | None = None,
+               max_embedding_tokens: int = DEFAULT_MAX_EMBEDDING_TOKENS, embed_piece_tokens: int = 256) -> FastAPI:
     """An OpenAI-compatible app over the model folder `model_path` (loaded now; the worker starts
     with the app). `adapters` maps extra model names to LoRA adapter folders over that model;
     `system_prompts` maps a model name to the system message its requests get when they bring none.
-    A request body over `max_body_mb` is refused with a 413. Up to `prefix_cache_mb` of prompt
-    keys/values are kept for prompts that start alike (0: none)."""
+    A request body over `max_body_mb` is refused with a 413, an embedding request of more than
+    `max_embedding_tokens` tokens in all with a 400; embeddings run `embed_piece_tokens` at a time
+    between decode steps. Up to `prefix_cache_mb` of prompt keys/values are kept for prompts that
+    start alike (0: none)."""
     if adapters and served_name in adapters:
         raise ValueError(f"adapters: {served_name!r} is already the served_name of the base model; rename the adapter")
     if max_body_mb <= 0:
         raise ValueError(f"max_body_mb={max_body_mb}: must be positive")
+    if max_embedding_tokens < 1:
+        raise ValueError(f"max_embedding_tokens={max_embedding_tokens}: must be at least 1")
     engine = Engine(model_path, device=device, adapters=adapters, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                    prefix_cache_mb=prefix_cache_mb)
+                    prefix_cache_mb=prefix_cache_mb, embed_piece_tokens=embed_piece_tokens)
     for name, prompt in (system_prompts or {}).items():
         log.info("model %r: a request without a system message gets its training system prompt %r", name, prompt)
     created = int(time.time())
@@ -178,7 +187,7 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         adapter = adapter_for(req.model)
-        job = chat_job(req, engine, adapter, max_batch, (system_prompts or {}).get(req.model))
+        job = await chat_job(req, engine, adapter, max_batch, (system_prompts or {}).get(req.model))
         engine.submit(job)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
@@ -187,8 +196,8 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
         return await chat_completion(job, rid, now, req.model, request)
 
     @v1.post("/embeddings")
-    async def embeddings(req: EmbeddingRequest):
-        return await embed(req, engine, adapter_for(req.model))
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        return await embed(req, engine, adapter_for(req.model), request, max_embedding_tokens)
 
     app.include_router(v1)
     return app
@@ -227,4 +236,21 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8765, api_k
 
     check_exposure(host, api_key)
     app = create_app(model_path, api_key=api_key, **kw)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        """uvicorn's server that also stops the worker at the first Ctrl+C / SIGTERM. uvicorn waits for
+        open requests before the app's shutdown stops the worker, so a long embedding held the process
+        for its whole length (SIGINT during a 4x8,192-token one: still running after 90 s here); stopped
+        first, the worker answers every request it holds with "the server is shutting down" after its
+        current step or piece, and those requests end at once (0.8 s here)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            engine.stop(wait=False)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn.run's exit status when the server could not start (a port in use)

@@ -1,6 +1,6 @@
 """OpenAI requests to engine jobs and back: validate a request (a 400 names the field), encode its
-messages with the model's chat template, submit the job, and turn the worker's events into an OpenAI
-response or server-sent events."""
+messages with the model's chat template (both in a thread, off the event loop), submit the job, and
+turn the worker's events into an OpenAI response or server-sent events."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ MAX_STOPS = 16
 # Below this a temperature is greedy (vLLM's sampling epsilon): logits / 1e-45 overflow to inf, and the
 # NaN probabilities that follow would fail the sampling of every row in the batch, not only this one.
 MIN_TEMPERATURE = 1e-5
+# One embedding request's tokens in all: 8 inputs of the offline model's full 8,192-token context.
+# Its pieces leave chat rows at least half the worker, but it still takes minutes: 8,192-token inputs
+# ran at ~280 tokens/s here (2 cores), so 65,536 tokens take about 4 minutes.
+DEFAULT_MAX_EMBEDDING_TOKENS = 65536
 
 
 def valid_text(field: str, text: str) -> str:
@@ -92,10 +96,20 @@ def with_default_system(messages: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}, *messages]
 
 
-def chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: int,
-             default_system: str | None = None) -> GenJob:
+async def chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: int,
+                   default_system: str | None = None) -> GenJob:
     """Validate a chat request (400s name the field) and turn it into the worker's job; a request without a
-    system message gets `default_system` (the served adapter's training system prompt)."""
+    system message gets `default_system` (the served adapter's training system prompt). Validating and
+    tokenizing run in a thread: a 7.5 MB message takes seconds to tokenize (4.6 s here), and on the
+    event loop it held every other request, /health included (11.4 s for a user)."""
+    reply = Reply(asyncio.get_running_loop())
+    fields = await asyncio.to_thread(chat_fields, req, engine, max_batch, default_system)
+    return GenJob(**fields, adapter=adapter, reply=reply)
+
+
+def chat_fields(req: ChatRequest, engine: Engine, max_batch: int, default_system: str | None) -> dict:
+    """The GenJob fields of a chat request but its adapter and reply; APIError (a 400) naming the field
+    at fault. Runs off the event loop: it touches only the request and the engine's tokenizer."""
     check_unsupported(req)
     n = req.n or 1
     if n > max_batch:
@@ -114,13 +128,25 @@ def chat_job(req: ChatRequest, engine: Engine, adapter: str | None, max_batch: i
         raise bad(field_name, f"the prompt has {len(prompt)} tokens and {asked} more were asked for, over the "
                               f"model's context of {engine.context} tokens; ask for at most {room} or shorten "
                               "the messages")
-    return GenJob(prompt=prompt, max_new=asked or min(DEFAULT_MAX_TOKENS, room),
-                  # OpenAI's default is 1; a temperature too small to divide by is greedy.
-                  temperature=1.0 if req.temperature is None else
-                  (0.0 if req.temperature < MIN_TEMPERATURE else req.temperature),
-                  top_p=1.0 if req.top_p is None else req.top_p, presence=req.presence_penalty or 0.0,
-                  frequency=req.frequency_penalty or 0.0, seed=req.seed, stops=stops, n=n, adapter=adapter,
-                  stream=bool(req.stream), reply=Reply(asyncio.get_running_loop()))
+    return dict(prompt=prompt, max_new=asked or min(DEFAULT_MAX_TOKENS, room),
+                # OpenAI's default is 1; a temperature too small to divide by is greedy.
+                temperature=1.0 if req.temperature is None else
+                (0.0 if req.temperature < MIN_TEMPERATURE else req.temperature),
+                top_p=1.0 if req.top_p is None else req.top_p, presence=req.presence_penalty or 0.0,
+                frequency=req.frequency_penalty or 0.0, seed=req.seed, stops=stops, n=n, stream=bool(req.stream))
+
+
+async def next_event(reply: Reply, request: Request) -> tuple | None:
+    """The worker's next event for `reply`, or None once the client has gone: then the worker is told to
+    stop spending compute on it (a client that timed out will retry, and its abandoned request would
+    otherwise keep the worker busy)."""
+    while True:
+        try:
+            return await asyncio.wait_for(reply.events.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                reply.cancelled = True
+                return None
 
 
 async def chat_completion(job: GenJob, rid: str, created: int, model: str, request: Request) -> JSONResponse:
@@ -128,14 +154,9 @@ async def chat_completion(job: GenJob, rid: str, created: int, model: str, reque
     reply, n, prompt = job.reply, job.n, job.prompt
     done: dict[int, tuple] = {}
     while len(done) < n:
-        try:
-            event = await asyncio.wait_for(reply.events.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-            # A client that timed out will retry; stop generating for the abandoned request.
-            if await request.is_disconnected():
-                reply.cancelled = True
-                return JSONResponse({}, status_code=499)
-            continue
+        event = await next_event(reply, request)
+        if event is None:
+            return JSONResponse({}, status_code=499)
         if event[0] == "error":
             raise APIError(500, event[1], type="server_error")
         if event[0] == "done":
@@ -186,15 +207,17 @@ async def sse(job: GenJob, rid: str, created: int, model: str, include_usage: bo
         reply.cancelled = True  # finished or the client left: either way no more compute for it
 
 
-def embedding_inputs(req: EmbeddingRequest, engine: Engine) -> list[list[int]]:
-    """Token ids per input (strings are tokenized, token arrays checked); 400s name the input."""
+def embedding_inputs(req: EmbeddingRequest, engine: Engine, max_tokens: int) -> list[list[int]]:
+    """Token ids per input (strings are tokenized, token arrays checked); 400s name the input. Over
+    `max_tokens` in all is a 400 as soon as the count passes it (the rest is not tokenized). Runs off
+    the event loop."""
     if req.dimensions is not None and req.dimensions != engine.hidden_size:
         raise bad("dimensions", f"this model's embeddings have {engine.hidden_size} dimensions; omit the field")
     items = [req.input] if isinstance(req.input, str) or (req.input and isinstance(req.input[0], int)) \
         else list(req.input)
     if not items:
         raise bad("input", "is empty; send a string or a list of strings")
-    inputs = []
+    inputs, total = [], 0
     for i, item in enumerate(items):
         ids = engine.tok(valid_text(f"input[{i}]", item))["input_ids"] if isinstance(item, str) else list(item)
         if not ids:
@@ -204,15 +227,24 @@ def embedding_inputs(req: EmbeddingRequest, engine: Engine) -> list[list[int]]:
         if min(ids) < 0 or max(ids) >= engine.vocab:
             raise bad(f"input[{i}]", f"token ids must lie in [0, {engine.vocab})")
         inputs.append(ids)
+        total += len(ids)
+        if total > max_tokens:
+            raise bad("input", f"the first {i + 1} of {len(items)} inputs already have {total} tokens, over "
+                               f"this server's limit of {max_tokens} tokens per embedding request; send the "
+                               "inputs in several smaller requests")
     return inputs
 
 
-async def embed(req: EmbeddingRequest, engine: Engine, adapter: str | None) -> dict:
-    """Embed a request's inputs on the worker and answer in OpenAI's shape (float lists or base64)."""
-    inputs = embedding_inputs(req, engine)
+async def embed(req: EmbeddingRequest, engine: Engine, adapter: str | None, request: Request,
+                max_tokens: int = DEFAULT_MAX_EMBEDDING_TOKENS) -> dict | JSONResponse:
+    """Embed a request's inputs on the worker and answer in OpenAI's shape (float lists or base64). A
+    client that leaves stops the work: the worker drops the request before its next piece."""
     reply = Reply(asyncio.get_running_loop())
+    inputs = await asyncio.to_thread(embedding_inputs, req, engine, max_tokens)
     engine.submit(EmbedJob(inputs, adapter, reply))
-    event = await reply.events.get()
+    event = await next_event(reply, request)
+    if event is None:
+        return JSONResponse({}, status_code=499)
     if event[0] == "error":
         raise APIError(500, event[1], type="server_error")
     tokens = sum(map(len, inputs))

@@ -33,10 +33,17 @@ def load_model(path: Path, device: torch.device):
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}/config.json is missing: model_path must be a transformers model folder "
                                 "(prepare_base_model() writes one; so does save_pretrained of a merged fine-tune)")
-    # Handlers encode while the worker decodes: two tokenizer objects, so the Rust tokenizer is
-    # never borrowed by two threads at once.
+    # Handlers encode while the worker decodes: two tokenizer objects, so the worker's is never
+    # borrowed by a handler.
     tok = AutoTokenizer.from_pretrained(path)
     detok = AutoTokenizer.from_pretrained(path)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        # Handlers tokenize in threads, several at once, with `tok`. A plain call reconfigures the Rust
+        # tokenizer only when it has padding or truncation set, and a reconfiguration while another
+        # thread encodes fails ("Already borrowed"): clear both now, so no call ever reconfigures it.
+        backend.no_padding()
+        backend.no_truncation()
     if not tok.chat_template:
         raise ValueError(f"{path}: the tokenizer has no chat template; serve an instruct/chat model "
                          "or add chat_template.jinja to the folder")

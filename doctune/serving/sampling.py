@@ -79,9 +79,10 @@ class HiddenOut(torch.nn.Module):
         return hidden
 
 
-def next_tokens(rows: list[Row], out: torch.Tensor, head: GreedyHead | None) -> Iterator[int]:
-    """Each row's next token, in row order. `out`: each row's logits, or with `head` its final
-    hidden state (greedy rows then get the head's checked argmax, the others their fp32 logits)."""
+def next_tokens(rows: list[Row], out: torch.Tensor, head: GreedyHead | None) -> Iterator[int | Exception]:
+    """Each row's next token, in row order, or the exception its own sampling raised (that row fails,
+    the others go on). `out`: each row's logits, or with `head` its final hidden state (greedy rows
+    then get the head's checked argmax, the others their fp32 logits)."""
     plain = [k for k, row in enumerate(rows) if row.job.temperature == 0 and not (row.job.presence or row.job.frequency)]
     if head is None:
         logits, greedy = out, dict(zip(plain, out[plain].argmax(-1).tolist()))
@@ -90,7 +91,14 @@ def next_tokens(rows: list[Row], out: torch.Tensor, head: GreedyHead | None) -> 
         others = [k for k in range(len(rows)) if k not in greedy]
         logits = dict(zip(others, head.logits(out[others]))) if others else {}
     for k, row in enumerate(rows):
-        yield greedy[k] if k in greedy else sample_row(row, logits[k])
+        if k in greedy:
+            yield greedy[k]
+            continue
+        try:
+            token = sample_row(row, logits[k])
+        except Exception as exc:
+            token = exc
+        yield token
 
 
 def sample_row(row: Row, logits: torch.Tensor) -> int:

@@ -1,23 +1,30 @@
 """The HTTP surface, spoken to with the official `openai` client the way synthesis and dedup speak
 to it: over the real offline model (slow: what it says), and over the tiny random model with two
-quickly trained LoRA adapters (what it serves, how it refuses bad requests); and the refusal to
-serve beyond loopback without a key."""
+quickly trained LoRA adapters (what it serves, how it refuses bad requests); clients isolated from
+one another (a long or abandoned embedding, a huge body being tokenized, a shutdown); and the
+refusal to serve beyond loopback without a key."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
-from doctune.serving import check_exposure, run_server
+from doctune.serving import KEY_ENV, check_exposure, run_server
+from tests.endpoints import free_port, wait_until_healthy
 from tests.serving.common import ADAPTER, BASE, EMOJI_PROMPT, KEY, PROMPT, SAY, WORDS, ask, say
 
 
@@ -154,7 +161,7 @@ def test_a_request_without_a_system_message_gets_the_adapters_training_prompt(to
     engine = SimpleNamespace(tok=tokenizer, context=2048)
 
     async def prompt(messages: list[dict], system: str | None) -> str:
-        job = chat_job(ChatRequest(model="tuned", messages=messages), engine, "tuned", 8, system)
+        job = await chat_job(ChatRequest(model="tuned", messages=messages), engine, "tuned", 8, system)
         return tokenizer.decode(job.prompt)
 
     user = [{"role": "user", "content": "When does the Brekke office open?"}]
@@ -288,6 +295,152 @@ def test_the_openai_client_reads_the_errors(tiny):
     assert err.value.code == "model_not_found" and "alpha, beta" in err.value.message
     with pytest.raises(openai.BadRequestError, match="not supported"):
         tiny.client.chat.completions.create(model="alpha", messages=SAY, extra_body={"top_k": 3})
+
+
+# ---------------------------------------------------------------- clients isolated from one another
+
+
+def _token_inputs(n: int, inputs: int) -> list[list[int]]:
+    rnd = random.Random(0)
+    return [[rnd.randrange(100, 40000) for _ in range(n)] for _ in range(inputs)]
+
+
+def _stats(url: str) -> dict:
+    return httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+
+
+@pytest.mark.slow
+def test_a_chat_sent_during_a_long_embedding_is_answered_first_and_the_embedding_stops_when_its_client_leaves(
+        server, client, greedy):
+    """Measured before: a 0.27 s chat took 32.4 s during a 2x8,192-token embedding (it waited for all of
+    it), and a client that left did not stop the embedding while /v1/stats showed nothing running."""
+    engine = server.app.state.engine
+    expected = greedy(PROMPT, 8)
+    before = dict(engine.stats)
+    body = json.dumps({"model": BASE, "input": _token_inputs(8192, 2)})  # ~35 s of embedding on 2 cores
+    where = urlsplit(server.url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    conn.request("POST", "/v1/embeddings", body=body,
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        deadline = time.monotonic() + 60
+        while not _stats(server.url)["embedding_running"]:
+            assert time.monotonic() < deadline, "the embedding never showed in /v1/stats"
+            time.sleep(0.1)
+        assert ask(client, PROMPT, max_tokens=8).choices[0].message.content == expected
+        assert _stats(server.url)["embedding_running"] == 1, "the chat was answered only after the embedding"
+    finally:
+        conn.close()  # the embedding's client leaves
+    deadline = time.monotonic() + 15
+    while engine.snapshot()["embedding_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not engine.snapshot()["embedding_running"], "the abandoned embedding is still running"
+    spent = engine.stats["embedding_tokens"] - before["embedding_tokens"]
+    assert 0 < spent < 8192, f"the abandoned embedding ran {spent} of its 16384 tokens"
+    assert engine.stats["embedding_requests"] == before["embedding_requests"]
+
+
+@pytest.mark.slow
+def test_an_embedding_request_over_the_token_limit_is_a_400_naming_the_fix(server):
+    """8 inputs of the full context are allowed; one token more is refused before any is embedded."""
+    engine = server.app.state.engine
+    before = dict(engine.stats)
+    resp = httpx.post(server.url + "/v1/embeddings", json={"model": BASE, "input": [*_token_inputs(8192, 8), [5]]},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert resp.status_code == 400, resp.text[:300]
+    error = resp.json()["error"]
+    assert error["param"] == "input" and error["type"] == "invalid_request_error"
+    assert "65537 tokens" in error["message"] and "limit of 65536" in error["message"]
+    assert "several smaller requests" in error["message"]
+    assert engine.stats["embedding_tokens"] == before["embedding_tokens"]
+
+
+class _HeldTokenizer:
+    """The engine's tokenizer, holding each call until released: a message of megabytes, tokenized."""
+
+    def __init__(self, tok):
+        self.tok, self.entered, self.release = tok, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(30)
+        return self.tok(*args, **kwargs)
+
+
+@pytest.mark.parametrize("route", ["chat", "embeddings"])
+def test_the_server_answers_while_a_request_is_tokenized(tiny, in_process, route):
+    """A 7.5 MB message was tokenized on the event loop: /health took 11.4 s for a user meanwhile."""
+    engine = tiny.app.state.engine
+    held = _HeldTokenizer(engine.tok)
+    engine.tok = held
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            if route == "chat":
+                call = pool.submit(say, tiny.client, "alpha")
+            else:
+                call = pool.submit(lambda: tiny.client.embeddings.create(model="tiny", input="a lighthouse",
+                                                                         encoding_format="float"))
+            assert held.entered.wait(30), "the request never reached the tokenizer"
+            assert httpx.get(tiny.url + "/health", timeout=5).json() == {"status": "ok"}
+            assert _stats(tiny.url)["running"] == 0
+        finally:
+            held.release.set()
+            engine.tok = held.tok
+        result = call.result(timeout=60)
+    if route == "chat":
+        assert result == in_process["alpha"]
+    else:
+        assert len(result.data[0].embedding) == 64
+
+
+SHUTDOWN_S = 10  # measured 0.8 s here; before, the server outlived a 4x8,192-token embedding (over 90 s)
+
+
+@pytest.mark.slow
+def test_sigint_during_a_long_embedding_stops_doctune_serve_within_seconds(tmp_path):
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    cmd = [sys.executable, "-m", "doctune.cli", "serve", "--no-promoted", "--port", str(port),
+           "--outputs", str(tmp_path)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    answer = {}
+
+    def embed():
+        body = {"model": BASE, "input": _token_inputs(8192, 4)}  # ~2 minutes of embedding on 2 cores
+        try:
+            answer["response"] = httpx.post(url + "/v1/embeddings", json=body, timeout=120)
+        except httpx.HTTPError as exc:
+            answer["error"] = exc
+
+    client = threading.Thread(target=embed)
+    try:
+        wait_until_healthy(proc, url, log.read_text)
+        client.start()
+        deadline = time.monotonic() + 60
+        while not httpx.get(url + "/v1/stats", timeout=10).json().get("embedding_tokens"):
+            assert time.monotonic() < deadline, "the embedding never started"
+            time.sleep(0.1)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        client.join(timeout=60)
+    assert took < SHUTDOWN_S, f"doctune serve took {took:.1f} s to stop after SIGINT:\n{log.read_text()[-2000:]}"
+    resp = answer.get("response")
+    assert resp is not None and resp.status_code == 500, answer
+    assert "shutting down" in resp.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------- refusing an open server

@@ -1,5 +1,5 @@
-"""The serving package's dependency direction holds: api -> handlers -> engine -> {batch, sampling,
-kv_cache, attention, loading, jobs}. The engine, and everything it imports, knows no HTTP: neither
+"""The serving package's dependency direction holds: api -> handlers -> engine -> {batch, embedding,
+sampling, kv_cache, attention, loading, jobs}. The engine, and everything it imports, knows no HTTP: neither
 the wire format (protocol), the app (api), the handlers, nor fastapi/starlette. Imports are absolute,
 since the cache digest scanner skips relative ones."""
 
@@ -41,7 +41,7 @@ def test_the_engine_and_what_it_imports_know_no_http():
         assert not [n for n in names if knows_http(n)], f"doctune/serving/{module}.py imports HTTP code"
         todo += [n.split(".")[2] for n in names if n.startswith("doctune.serving.") and n.count(".") == 2
                  and (SERVING / f"{n.split('.')[2]}.py").exists() and n.split(".")[2] not in seen]
-    assert {"engine", "batch", "sampling", "kv_cache", "attention", "loading", "jobs"} <= seen
+    assert {"engine", "batch", "embedding", "sampling", "kv_cache", "attention", "loading", "jobs"} <= seen
 
 
 def test_no_relative_imports_in_the_package():
