@@ -144,10 +144,10 @@ def synthesize_documents(jobs: list[tuple[str, list[Chunk], str]], llm: LLMSetti
                                  else synthesize,
                                  {"path": path, "chunks": cs, "llm": llm, "settings": settings.synth, "mode": mode})
                    for path, cs, mode, name in parts]
-        step = max(1, len(futures) // 10)
+        step = max(1, len(futures) // 10)  # a line per task for a small folder, every tenth for a big one
         for i, _ in enumerate(as_completed(futures), start=1):
             update_progress_artifact(progress, 100.0 * i / len(futures))
-            if len(futures) > 10 and (i % step == 0 or i == len(futures)):
+            if i % step == 0 or i == len(futures):
                 log.info("synthesis: %d of %d tasks done (%d documents)", i, len(futures), len(jobs))
         for (path, _, _, name), future in zip(parts, futures):
             future.wait()  # sets the final state; before it, .state may still read Pending
