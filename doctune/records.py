@@ -50,6 +50,8 @@ class Document(BaseModel):
     title: str
     text: str
     language: Literal["en", "zh"] = "en"
+    ocr_pages: dict[str, float] = Field(default_factory=dict, description="Pages read by OCR (1-based page "
+                                        "number; 1 for an image) with the engine's confidence; empty: none.")
 
 
 class Chunk(BaseModel):

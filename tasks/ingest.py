@@ -39,13 +39,13 @@ FORMATS = {
     ".pdf": "pdf", ".docx": "docx", ".html": "html", ".htm": "html", ".xlsx": "xlsx",
     ".md": "md", ".markdown": "md", ".txt": "txt", ".csv": "csv", ".json": "json", ".jsonl": "jsonl",
     ".pptx": "pptx", ".xls": "xls", ".doc": "doc", ".epub": "epub", ".odt": "odt", ".eml": "eml",
+    ".png": "image", ".jpg": "image", ".jpeg": "image", ".tif": "image", ".tiff": "image",
 }
 # What to tell the owner of a file we cannot read, for formats people commonly drop in.
 CONVERT_HINTS = {
     ".ppt": "save it as .pptx or PDF", ".rtf": "save it as .docx", ".ods": "save it as .xlsx",
     ".odp": "save it as .pptx or PDF", ".msg": "save the mail as .eml (Outlook: File > Save As)",
-    ".png": "doctune does no OCR; add the text as .md", ".jpg": "doctune does no OCR; add the text as .md",
-    ".jpeg": "doctune does no OCR; add the text as .md",
+    ".gif": "save it as .png", ".webp": "save it as .png", ".bmp": "save it as .png",
 }
 
 QUESTION_NAMES = {"question", "questions", "q", "问题", "提问"}
@@ -64,7 +64,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 CHANGED_SINCE_DISCOVERY = "changed since it was discovered"
 # Reasons that are no fact about the file's content (a limit hit on a busy night, a change while being
 # read): such a result is not cached, so the next run reads the file again.
-NOT_CACHED = (CHANGED_SINCE_DISCOVERY, "ingest.file_timeout_s", "ingest.file_memory_mb")
+NOT_CACHED = (CHANGED_SINCE_DISCOVERY, "ingest.file_timeout_s", "ingest.file_memory_mb", "OCR is unavailable here")
 
 
 class FileRef(BaseModel):
@@ -259,9 +259,11 @@ def _sniff(data: bytes) -> tuple[str | None, str | None]:
                 "save it as .docx/.xlsx/.pptx without a password"), None
     if b"%PDF-" in data[:1024]:
         return None, ".pdf"
-    for magic, what in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image")):
+    for magic, ext in ((b"\x89PNG", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif")):
         if data.startswith(magic):
-            return what + " (doctune does no OCR)", None
+            return None, ext
+    if data.startswith(b"GIF8"):
+        return "a GIF image (save it as .png to have it read by OCR)", None
     if data.startswith(b"{\\rtf"):
         return "an RTF document; save it as .docx", None
     if data.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
@@ -356,25 +358,31 @@ class _File:
     data: bytes
     sha256: str
     max_file_mb: float = 20.0  # ingest.max_file_mb: archives are bounded by what they may unpack to
+    ocr: bool = True  # ingest.ocr: scanned PDF pages and images are read by OCR
+    # ingest.ocr_min_confidence: pages read below it are left out and listed (a _File made without it, such as
+    # a mail's attachment, gets the setting's default)
+    ocr_min_confidence: float = IngestSettings.model_fields["ocr_min_confidence"].default
 
     @property
     def doc_id(self) -> str:
         return self.sha256[:16]
 
 
-def _document(f: _File, text: str, title: str | None = None) -> IngestResult:
+def _document(f: _File, text: str, title: str | None = None, ocr_pages: dict[str, float] | None = None
+              ) -> IngestResult:
     text = normalise(tidy_tables(text))
     if not text:
         raise Unreadable("no text found" + _NO_TEXT_HINTS.get(f.ext, ""))
     return IngestResult(documents=[Document(
         doc_id=f.doc_id, path=f.relpath, sha256=f.sha256, format=FORMATS[f.ext],
         title=title or _title(text, f.relpath), text=text, language=detect_language(text),
+        ocr_pages=ocr_pages or {},
     )])
 
 
 _NO_TEXT_HINTS = {
-    ".pdf": " (a scanned PDF? doctune does no OCR: run OCR first, e.g. ocrmypdf)",
-    ".docx": " (only images? doctune does no OCR)",
+    ".pdf": " (no text layer, and nothing OCR could read: blank pages?)",
+    ".docx": " (only images? images inside a Word file are not read by OCR: save it as PDF)",
     ".html": " (a page drawn by JavaScript? save the page as it is shown, or export it as PDF)",
 }
 
@@ -395,6 +403,20 @@ def warm_readers() -> None:
         importlib.import_module(library)
     for ext, mimetype, data in ((".pdf", "application/pdf", _TINY_PDF), (".html", "text/html", b"<p>warm</p>")):
         _convert(data, ext, mimetype)
+    _warm_ocr()
+
+
+def _warm_ocr() -> None:
+    """Build the OCR engine and run it once (read_pdf, read_image). An engine that cannot load here (a
+    system library missing) must not stop the reader process: every other format still reads, and scans
+    are listed with the reason."""
+    from tasks import ocr
+
+    try:
+        ocr.warm()
+    except Exception as exc:  # OcrUnavailable says what to install; anything else is reported as it is
+        _logger().warning("ingest: %s", exc if isinstance(exc, ocr.OcrUnavailable) else
+                          f"OCR could not warm up ({type(exc).__name__}: {exc}); scans will be tried as they come")
 
 
 _TINY_PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
@@ -422,9 +444,104 @@ def _convert(data: bytes, ext: str, mimetype: str) -> str:
 
 
 def read_pdf(f: _File) -> IngestResult:
+    """The text layer, and with ingest.ocr the pages that have none (scans) read by OCR, in page order. A PDF
+    with no scanned page is read exactly as it was before OCR existed."""
     if b"%PDF-" not in f.data[:1024]:  # checked first: parsers give baffling errors on non-PDFs
         raise Unreadable(f"not a PDF (starts with {_head(f.data)!r}){_hint(f.data)}")
-    return _document(f, _convert(f.data, ".pdf", "application/pdf"))
+    from tasks.ocr import OcrUnavailable, ocr_pdf, pdf_pages, pdf_subset
+
+    kinds = pdf_pages(f.data) or []  # none: pdfium cannot open it, and the text reader says why
+    scans = [n for n, kind in enumerate(kinds) if kind == "scan"]
+    if not scans:
+        return _document(f, _convert(f.data, ".pdf", "application/pdf"))
+    not_read = f"{len(scans)} of {len(kinds)} pages are scans and were not read: "
+    if not f.ocr:
+        return _with_notes(f, _convert(f.data, ".pdf", "application/pdf"), [SkippedFile(
+            path=f.relpath, reason=not_read + "ingest.ocr is off; turn it on to read them")])
+    try:
+        scanned = ocr_pdf(f.data, scans)
+        read, notes = _ocr_kept(f, scanned)
+    except OcrUnavailable as exc:
+        return _with_notes(f, _convert(f.data, ".pdf", "application/pdf"),
+                           [SkippedFile(path=f.relpath, reason=not_read + str(exc))])
+    parts = []
+    for scan, pages in _runs([kind == "scan" for kind in kinds]):
+        if scan:
+            parts += [read[n] for n in pages if n in read]
+        else:  # the text pages between two scans, read as a PDF of their own so their text stays in place
+            parts.append(_convert(pdf_subset(f.data, pages), ".pdf", "application/pdf"))
+    return _with_notes(f, "\n\n".join(p.strip() for p in parts if p.strip()), notes, _ocr_confidences(scanned, read))
+
+
+def _runs(flags: list[bool]) -> list[tuple[bool, list[int]]]:
+    """Consecutive pages with the same flag: (flag, 0-based pages)."""
+    runs: list[tuple[bool, list[int]]] = []
+    for n, flag in enumerate(flags):
+        if runs and runs[-1][0] == flag:
+            runs[-1][1].append(n)
+        else:
+            runs.append((flag, [n]))
+    return runs
+
+
+def _ocr_kept(f: _File, pages: list) -> tuple[dict[int, str], list[SkippedFile]]:
+    """The text of each OCR'd page (by 0-based number) read at ingest.ocr_min_confidence or above, and a note
+    listing the pages read below it, which are left out: garbage read from a smudge or a photo must not
+    become training text. A page where OCR found nothing (a blank back side) is neither."""
+    kept = {p.page: p.text for p in pages if p.text and p.confidence >= f.ocr_min_confidence}
+    low = [p for p in pages if p.text and p.confidence < f.ocr_min_confidence]
+    if kept:
+        _logger().info("ingest: %s: OCR read page %s (confidence %s)", f.relpath,
+                       ", ".join(str(p.page + 1) for p in pages if p.page in kept),
+                       ", ".join(f"{p.confidence:.2f}" for p in pages if p.page in kept))
+    if not low:
+        return kept, []
+    where = ", ".join(f"page {p.page + 1}: {p.confidence:.2f}" for p in low[:10]) + (" ..." if len(low) > 10 else "")
+    what = f"{len(low)} of {len(pages)} scanned pages" if len(pages) > 1 else "the scan"
+    return kept, [SkippedFile(path=f.relpath, reason=(
+        f"{what} read by OCR below ingest.ocr_min_confidence={f.ocr_min_confidence:g} ({where}), left out: "
+        "a straighter, sharper or 300 dpi scan may read; lower ingest.ocr_min_confidence to keep such text"))]
+
+
+def _ocr_confidences(pages: list, read: dict[int, str]) -> dict[str, float]:
+    """The confidence of each page whose OCR text was kept, by 1-based page number (Document.ocr_pages)."""
+    return {str(p.page + 1): round(p.confidence, 3) for p in pages if p.page in read}
+
+
+def _with_notes(f: _File, text: str, notes: list[SkippedFile], ocr_pages: dict[str, float] | None = None
+                ) -> IngestResult:
+    """The document and its notes; when no text is left, the file is skipped with the notes' reasons."""
+    if not normalise(text) and notes:
+        raise Unreadable("no text kept: " + "; ".join(n.reason for n in notes))
+    result = _document(f, text, ocr_pages=ocr_pages)
+    result.skipped += notes
+    return result
+
+
+def read_image(f: _File) -> IngestResult:
+    """A scan or photo of a page (.png, .jpg, .jpeg, .tif, .tiff), read by OCR; each frame of a multi-page
+    TIFF (a fax) is a page."""
+    from PIL import Image, UnidentifiedImageError
+
+    from tasks.ocr import OcrUnavailable, ocr_frames
+
+    if not f.ocr:
+        raise Unreadable("an image, and ingest.ocr is off: turn it on to read its text by OCR")
+    try:
+        pages = ocr_frames(f.data)
+    except UnidentifiedImageError:
+        raise Unreadable(f"not an image Pillow can open (starts with {_head(f.data)!r}){_hint(f.data)}")
+    except Image.DecompressionBombError as exc:
+        raise Unreadable(f"an image too large to decode ({exc}); scan it again at 300 dpi")
+    except OcrUnavailable as exc:
+        raise Unreadable(f"an image, not read: {exc}")
+    except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for a truncated or damaged image
+        raise Unreadable(f"the image could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); the file may "
+                         "be damaged: save or scan it again") from exc
+    read, notes = _ocr_kept(f, pages)
+    if not read and not notes:
+        raise Unreadable("no text found: OCR read nothing in the image")
+    return _with_notes(f, "\n\n".join(read[n] for n in sorted(read)), notes, _ocr_confidences(pages, read))
 
 
 # A .docx or .xlsx is a zip archive: what it unpacks to is checked before any parser opens it. Python's
@@ -810,7 +927,7 @@ def read_eml(f: _File, depth: int = 0) -> IngestResult:
                 f"attachment of {len(data) / MB:.1f} MB is over ingest.max_file_mb={f.max_file_mb:g}")))
             continue
         inner = _File(relpath=where, ext=ext, data=data, sha256=hashlib.sha256(data).hexdigest(),
-                      max_file_mb=f.max_file_mb)
+                      max_file_mb=f.max_file_mb, ocr=f.ocr, ocr_min_confidence=f.ocr_min_confidence)
         try:
             got = read_eml(inner, depth + 1) if ext == ".eml" else READERS[FORMATS[ext]](inner)
         except Unreadable as exc:
@@ -944,6 +1061,7 @@ READERS = {
     "pdf": read_pdf, "docx": read_docx, "html": read_html, "md": read_text, "txt": read_text,
     "csv": read_csv, "xlsx": read_xlsx, "json": read_instructions, "jsonl": read_instructions,
     "pptx": read_pptx, "xls": read_xls, "doc": read_doc, "epub": read_epub, "odt": read_odt, "eml": read_eml,
+    "image": read_image,
 }
 
 
@@ -994,7 +1112,8 @@ def read_file(folder: Path, ref: FileRef, settings: IngestSettings) -> IngestRes
         # The result is cached under ref.sha256; caching other content under it would go stale.
         raise Unreadable(f"{CHANGED_SINCE_DISCOVERY} (sha256 differs); run ingest again")
     return READERS[FORMATS[ext]](_File(relpath=ref.relpath, ext=ext, data=data, sha256=sha,
-                                       max_file_mb=settings.max_file_mb))
+                                       max_file_mb=settings.max_file_mb, ocr=settings.ocr,
+                                       ocr_min_confidence=settings.ocr_min_confidence))
 
 
 def ingest_folder(folder: Path, settings: IngestSettings) -> IngestResult:

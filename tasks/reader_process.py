@@ -11,7 +11,7 @@ to file and replaced when it is killed:
   `ingest.file_memory_mb`; a parser that asks for more gets a MemoryError (or dies) and the file is skipped.
 The child is a fresh interpreter (`python -m tasks.reader_process`), not a multiprocessing child: those
 re-run the main script of whoever called, which breaks any script without a `__main__` guard. It costs
-about 0.9 s of imports, once per batch that has a file not in the cache.
+about 1.6 s of imports and the OCR engine's setup, once per batch that has a file not in the cache.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from doctune.settings import IngestSettings
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
-STARTUP_S = 120  # a fresh interpreter importing the readers: 0.9 s here, much more on a loaded machine
+STARTUP_S = 120  # a fresh interpreter importing the readers and the OCR engine: 1.6 s here, more when loaded
 Read = Callable[[Path, object, IngestSettings], object]  # (folder, FileRef, settings) -> IngestResult
 
 
