@@ -16,14 +16,9 @@ from pptx import Presentation
 from pptx.util import Inches
 
 from doctune.settings import IngestSettings
-from tasks.ingest import IngestResult, discover, ingest_file
+from tests.test_ingest import ingest_one
 
 SETTINGS = IngestSettings()
-
-
-def ingest_one(path: Path, settings: IngestSettings = SETTINGS) -> IngestResult:
-    refs = {r.relpath: r for r in discover(path.parent, settings)}
-    return ingest_file(path.parent, refs[path.name], settings)
 
 
 def make_deck(path: Path) -> Path:
