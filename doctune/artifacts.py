@@ -87,3 +87,18 @@ def exam(rows: list[dict], path: str, skip_languages: dict[str, str], held_out: 
                     for language, why in sorted(skip_languages.items()))
     create_table_artifact(rows, key="exam", description=f"{sum(r['questions'] for r in rows)} exam questions in "
                           f"{path}; {held_out} training questions held out as their twins.{ruled}")
+
+
+def loop_material(rows: list[dict], registry: str) -> None:
+    """Per missed fact: the round, the new questions kept, and those dropped near the exam or by the checks."""
+    kept = sum(r["new questions"] for r in rows)
+    create_table_artifact(rows, key="loop-material", description=f"{kept} new questions for {len(rows)} facts the "
+                          f"served model missed on the exam ({registry}/loop.json); none near an exam question.")
+
+
+def loop_rounds(rows: list[dict], registry: str, key: str = "loop-rounds") -> None:
+    """The loop's rounds per document: facts, what each round gained, and whether the document goes on."""
+    create_table_artifact(rows or [{"document": "-", "round": 0, "facts": 0, "gained": "-",
+                                    "status": "no exam question missed: no round"}],
+                          key=key, description=f"The closed loop's rounds ({registry}/loop.json): a "
+                          "document stops when a round gained nothing or after loop.max_rounds rounds.")

@@ -13,13 +13,14 @@ from doctune import artifacts
 from doctune.exam import ExamSettings, exam_table, write_exam
 from doctune.key_names import check_key_names
 from doctune.llm import preflight
+from doctune.loop import LoopSettings
 from doctune.logs import our_loggers_at_info
 from doctune.prefect_utils import with_network_retries
 from doctune.quality import check_stage, keep_rate_rows
 from doctune.records import Dropped
 from doctune.settings import BuildSettings
-from flows.build_steps import (exam_documents, ingest_folder, optional_stage, stop_if_every_document_failed,
-                               synthesis_jobs, synthesize_documents, usage_row)
+from flows.build_steps import (exam_documents, ingest_folder, loop_material, optional_stage,
+                               stop_if_every_document_failed, synthesis_jobs, synthesize_documents, usage_row)
 from tasks.cloze import cloze_task
 from tasks.dataset import text_rows, write_dataset_task
 from tasks.variants import variant_rows
@@ -40,9 +41,11 @@ def preflight_task(llm) -> str:
 
 @flow(name="build_dataset", log_prints=True)
 def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSettings(),
-                  exam: ExamSettings = ExamSettings()) -> str:
+                  exam: ExamSettings = ExamSettings(), loop: LoopSettings = LoopSettings(),
+                  loop_registry: str | None = None) -> str:
     """Build a deduplicated, split Q&A dataset from a document folder, and the exam beside it; returns the
-    dataset folder."""
+    dataset folder. loop_registry: a model's registry folder whose loop.json names the facts its served model
+    missed on the exam (the nightly passes it): they get more questions, none near an exam question."""
     our_loggers_at_info()
     log = get_run_logger()
     check_key_names(settings)  # a key pasted where its variable's name belongs: refused before anything runs
@@ -102,6 +105,18 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
             artifacts.failures(failures)
             made = None
 
+    # 3c. The loop: more questions for the facts the served model missed on the exam (tasks/loop.py).
+    looped = None
+    if loop_registry and made is not None:
+        looped = loop_material(loop_registry, prep.chunks, faq, made.items, llm, loop, settings.dedup,
+                               sorted(choice.skip_languages))
+        if looped is not None:
+            usage.append(usage_row("loop", looped.made, None, looped.reused))
+            if looped.failures:
+                failures += looped.failures
+                artifacts.failures(failures)
+            artifacts.loop_material(looped.result.rows, loop_registry)
+
     # 4. Translate (optional); originals are kept. Translation and replay only add to the dataset:
     #    when the endpoint fails them, the run goes on without them (listed in failures).
     pairs = sorted(prep.given, key=lambda p: HUMAN_FIRST[p.source]) + synth.pairs
@@ -138,6 +153,10 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     if cloze:
         log.info("%d cloze questions from %d chunks", len(cloze), len(all_chunks + faq))
 
+    if looped is not None:
+        pairs += looped.result.pairs
+        dropped += looped.result.dropped
+
     # 8. Deduplicate: human-written sources come first, so they win over synthesized copies.
     dd = with_network_retries(dedup_task, llm)(pairs, settings.dedup, llm if settings.dedup.semantic else None)
     dropped += dd.dropped
@@ -158,6 +177,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     counts = {"files": prep.files, "skipped_files": len(prep.skipped), "documents": len(prep.documents),
               "chunks": len(all_chunks), "given_pairs": len(prep.given), "synthesized_pairs": len(synth.pairs),
               "passage_pairs": len(passages), "cloze_pairs": len(cloze), "after_dedup": len(dd.kept),
+              **({"loop_pairs": len(looped.result.pairs)} if looped is not None else {}),
               "exam_questions": len(exam_items), "held_out_for_exam": len(dd.kept) - len(kept),
               "failed_documents": len(failures), "mode": choice.mode,
               "skipped_languages": sorted(choice.skip_languages), "chunks_not_synthesized": len(not_synthesized),

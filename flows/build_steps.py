@@ -19,9 +19,11 @@ from doctune.llm import EndpointError, scrub
 from doctune.prefect_utils import synthesis_runner, with_network_retries
 from doctune.records import Chunk, Document, QAPair, SkippedFile
 from doctune.exam import ExamItem, ExamSettings
-from doctune.settings import BuildSettings, LLMSettings
+from doctune.loop import LoopSettings, loop_targets
+from doctune.settings import BuildSettings, DedupSettings, LLMSettings
 from tasks.exam import ExamResult, exam_document_task
 from tasks.ingest import discover_all
+from tasks.loop import LoopResult, LoopTarget, away_from_exam, loop_material_task
 from tasks.prepare import prepare_batch_task
 from tasks.synthesize import SynthResult, synthesize_document_task
 
@@ -210,6 +212,55 @@ def exam_documents(chunks: dict[str, list[Chunk]], faq: list[Chunk], llm: LLMSet
         else:
             out.made = ExamResult(calls=out.made.calls + r.calls, prompt_tokens=out.made.prompt_tokens + r.prompt_tokens,
                                   completion_tokens=out.made.completion_tokens + r.completion_tokens)
+    return out
+
+
+# ----------------------------------------------------------------------------- 3c. the loop
+
+
+@dataclass
+class Looped:
+    result: LoopResult = field(default_factory=LoopResult)  # after the exam filter
+    made: LoopResult = field(default_factory=LoopResult)  # what this run asked the endpoint
+    reused: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+
+def loop_material(registry: str, chunks: dict[str, list[Chunk]], faq: list[Chunk], exam_items: list[ExamItem],
+                  llm: LLMSettings, settings: LoopSettings, dedup: DedupSettings,
+                  skip_languages: list[str]) -> Looped | None:
+    """More questions for the facts the served model missed (the rounds in `registry`/loop.json), one cached task
+    per document, then the exam filter. None when no round names a fact of tonight's documents. A document whose
+    task failed is a failure row, and the build goes on without its material."""
+    by_chunk = {c.chunk_id: c for cs in chunks.values() for c in cs} | {c.chunk_id: c for c in faq}
+    targets = [t for t in map(LoopTarget.model_validate, loop_targets(registry)) if t.chunk_id in by_chunk]
+    if not targets:
+        return None
+    by_path: dict[str, list[LoopTarget]] = {}
+    for t in targets:
+        by_path.setdefault(t.path, []).append(t)
+    task = with_network_retries(loop_material_task, llm)
+    futures = []
+    for path, ts in by_path.items():
+        mine = list({t.chunk_id: by_chunk[t.chunk_id] for t in ts}.values())
+        futures.append((path, task.submit(path, ts, mine, llm, settings, skip_languages)))
+    out, raw = Looped(), LoopResult()
+    for path, future in futures:
+        future.wait()
+        if not future.state.is_completed():
+            out.failures.append(failure_row("loop", path, future.state))
+            continue
+        r = future.result()
+        raw = raw.model_copy(update={"pairs": raw.pairs + r.pairs, "dropped": raw.dropped + r.dropped})
+        if future.state.name == "Cached":
+            out.reused += 1
+        else:
+            out.made = LoopResult(calls=out.made.calls + r.calls, prompt_tokens=out.made.prompt_tokens + r.prompt_tokens,
+                                  completion_tokens=out.made.completion_tokens + r.completion_tokens)
+    out.result = away_from_exam(raw, targets, [i.question for i in exam_items], settings, dedup)
+    get_run_logger().info("loop: %d new questions for %d missed facts in %d documents (%d dropped near the exam)",
+                          len(out.result.pairs), len(targets), len(by_path),
+                          sum(d.reason == "near_exam_question" for d in out.result.dropped))
     return out
 
 

@@ -14,13 +14,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_UI_URL
 
+from doctune import artifacts
 from doctune.key_names import check_key_names
 from doctune.logs import our_loggers_at_info
 from doctune import local_llm
-from doctune.nightly import (NightlySettings, build_settings, child_failure, model_name, nothing_new, registry_dir,
-                             resolve_gold, summary_markdown, train_settings)
+from doctune.nightly import (NightlySettings, build_settings, child_failure, loop_after_evaluation,
+                             loop_without_training, model_name, nothing_new, registry_dir, resolve_gold,
+                             summary_markdown, train_settings)
 from doctune.registry import artifact_key, publish_registry, read_decisions
 from doctune.runs import dataset_hash, run_dir_for
+from doctune.training.length import expected_training
 from flows.build_dataset import build_dataset
 from flows.evaluate import evaluate
 from flows.export import export_model
@@ -48,7 +51,8 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
     build = build_settings(settings)
     with local_llm.serving(build.llm, start=settings.local_llm == "auto", log_dir=Path(out) / "logs") as how:
         log.info("synthesis endpoint: %s", how)
-        dataset_dir = build_dataset(folder, build, settings.exam)
+        dataset_dir = build_dataset(folder, build, settings.exam, settings.loop,
+                                    str(registry) if settings.loop.max_rounds else None)
     ds_sha = dataset_hash(dataset_dir)
     # The folder's own gold questions (gold_path 'auto'), found before any training is spent; without them the
     # exam beside the dataset decides (tasks/exam.py).
@@ -62,11 +66,13 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
     why = nothing_new(registry, ds_sha, train)
     if why:
         result = {"status": "unchanged", "reason": why, "dataset_dir": dataset_dir, "promoted": False}
+        result["loop"] = loop_without_training(registry, why, settings.loop)
     else:
         # 3. Train on the gpu pool and wait.
         run_dir = str(run_dir_for(dataset_dir, train, out))
-        log.info("training %s on %s (%s)", dataset_dir, settings.train_deployment,
-                 f"from {train.init_adapter}" if train.init_adapter else "from the base model")
+        expected = expected_training(dataset_dir, train, out).text(train)
+        log.info("training %s on %s (%s): %s", dataset_dir, settings.train_deployment,
+                 f"from {train.init_adapter}" if train.init_adapter else "from the base model", expected)
         _run_child("training", settings.train_deployment,
                    {"dataset_dir": dataset_dir, "settings": train.model_dump(mode="json"), "output_dir": out,
                     "resume": True}, settings)
@@ -82,7 +88,8 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
         report = EvalReport.model_validate_json((Path(decision["eval_dir"]) / "report.json").read_text("utf-8"))
         result = {"status": "promoted" if decision["promoted"] else "not promoted", "reason": decision["reason"],
                   "dataset_dir": dataset_dir, "run_dir": run_dir, "eval_dir": decision["eval_dir"],
-                  "promoted": decision["promoted"], "metrics": metrics_table(report)}
+                  "promoted": decision["promoted"], "metrics": metrics_table(report), "training": expected}
+        result["loop"] = loop_after_evaluation(registry, dataset_dir, decision, report, settings.loop)
         if report.general:
             result["general"] = {k: report.general[k] for k in ("prompts", "mean_shift", "tolerance", "passed")}
         if decision["promoted"] and settings.export_after_promotion:
@@ -93,5 +100,12 @@ def nightly(folder: str = "data/docs", settings: NightlySettings = NightlySettin
     create_markdown_artifact(summary_markdown(folder, result), key=artifact_key("nightly-summary", name),
                              description=f"Tonight's outcome for model {name}: unchanged, promoted or not, and why")
     publish_registry(registry, key=artifact_key("model-registry", name))
+    if result.get("loop") is not None:
+        for row in result["loop"][:20]:
+            log.info("closed loop: %s round %d (%d facts): gained %s; %s", row["document"], row["round"],
+                     row["facts"], row["gained"], row["status"])
+        if len(result["loop"]) > 20:
+            log.info("closed loop: %d more rounds in the loop-rounds artifact", len(result["loop"]) - 20)
+        artifacts.loop_rounds(result["loop"], str(registry), key=artifact_key("loop-rounds", name))
     print(f"nightly: {result['status']}: {result['reason']}")
     return result

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$ROOT"
 t0=$(date +%s)
 # Measured on a 2-core CPU machine without a GPU (bench/README.md): about 17 minutes after the install,
-# 12 of them training SmolLM2-135M for 300 steps.
+# 12 of them training SmolLM2-135M (6 epochs over the ~380 rows: ~290 steps).
 echo "== doctune demo: about 17 minutes on 2 CPU cores (12 of them training), more on a busy machine;"
 echo "   the run's log lines follow as they come (training prints its step, loss and the time left)"
 scripts/services.sh up prefect workers deploy

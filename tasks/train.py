@@ -41,6 +41,7 @@ from doctune.training.batching import collate, micro_batch_stream, to_device, to
 from doctune.training.checkpoint import load_checkpoint, resume_checkpoint, save_adapter, save_checkpoint
 from doctune.training.data import (IGNORE, load_text_rows, load_train_split, load_validation, tokenize_split,
                                    tokenize_texts, with_system)
+from doctune.training.length import duration, expected_training
 from doctune.training.merge import merge_and_check
 from doctune.training.model import (
     Plan, autocast_for, initial_plan, load_model, load_tokenizer, make_optimizer, micro_step_loss, probe_cpu_dtype,
@@ -52,14 +53,6 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- one step
-
-
-def _duration(seconds: float) -> str:
-    """'45 s', '12 min', '1 h 05 min': an estimate, said as a person would."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def optimizer_step(model, batches: list[dict], plan: Plan, optimizer, scheduler, max_grad_norm: float):
@@ -256,6 +249,7 @@ def train(
         base = str(prepare_base_model())
     tokenizer = load_tokenizer(base)
     examples, dropped = tokenize_split(tokenizer, load_train_split(dataset_dir), settings)
+    n_qa = len(examples)
     if settings.text_rows:
         texts = tokenize_texts(tokenizer, load_text_rows(dataset_dir), settings.max_seq_len)
         log.info("text-completion rows: %d examples of the documents' own text, mixed with %d question/answer rows",
@@ -266,6 +260,9 @@ def train(
         examples += texts
     steps = total_steps(settings, len(examples))
     accum = settings.gradient_accumulation_steps
+    if not (run_dir / "checkpoints").exists():  # said once, before the model loads
+        expected = expected_training(dataset_dir, settings, output_root, rows=(n_qa, len(examples) - n_qa))
+        log.info("training %s", expected.text(settings))
 
     plan = initial_plan(settings)
     torch.manual_seed(settings.seed)
@@ -318,11 +315,11 @@ def train(
         if state["step"] == start_step + 1 and steps > state["step"]:  # the expected time, as training starts
             took = time.perf_counter() - t_wall
             log.info("step %d/%d took %.1f s: training should take about %s (the first step is the slowest)",
-                     state["step"], steps, took, _duration(took * (steps - start_step)))
+                     state["step"], steps, took, duration(took * (steps - start_step)))
         if state["step"] % settings.logging_steps == 0 or state["step"] == steps:
             done = state["step"] - start_step
             left = (time.perf_counter() - t_wall) / done * (steps - state["step"])
-            log.info("step %d/%d loss %.4f, about %s left", state["step"], steps, step_loss, _duration(left))
+            log.info("step %d/%d loss %.4f, about %s left", state["step"], steps, step_loss, duration(left))
         if validation and (state["step"] % settings.eval_every_steps == 0 or state["step"] == steps):
             state["seconds"] += time.perf_counter() - t0  # training time excludes validation
             t_eval = time.perf_counter()

@@ -18,14 +18,15 @@ from doctune.records import Chunk, QAPair
 from tasks.synthesize import extract_facts
 
 
-def _where(chunk: Chunk) -> str:
+def heading_line(chunk: Chunk) -> str:
+    """The chunk's place, as "Document title > section > subsection" (the title once); "" when it has none."""
     heads = [h for h in chunk.heading_path if h.strip() and h.strip() != chunk.title.strip()]
     return (" > ".join([chunk.title.strip(), *heads]) if chunk.title.strip() else " > ".join(heads)).strip()
 
 
 def restated(chunk: Chunk) -> list[str]:
     """Each fact sentence with the document and section it belongs to in front of it."""
-    where = _where(chunk)
+    where = heading_line(chunk)
     if not where:
         return []
     sep = "：" if chunk.language == "zh" else ": "
@@ -40,7 +41,7 @@ def permuted(chunk: Chunk, n: int, seed: int) -> list[str]:
         return []
     rng = random.Random(f"{seed}:{chunk.chunk_id}")
     joiner = "" if chunk.language == "zh" else " "
-    where = _where(chunk)
+    where = heading_line(chunk)
     seen, out = {tuple(facts)}, []
     for _ in range(4 * n):
         order = facts[:]

@@ -57,7 +57,7 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
         ("lora_dropout: 1.5", "lora_dropout must be < 1"),
         ("batching: pack", "batching must be one of"),
         ("cpu_dtype: fp16", "cpu_dtype must be one of"),
-        ("max_steps: 0", "set max_steps > 0 or num_epochs"),
+        ("max_steps: 0\nnum_epochs: null", "set max_steps > 0 or num_epochs"),
         ("per_device_batch_size: 0", "per_device_batch_size must be >= 1"),
     ],
 )

@@ -10,6 +10,7 @@ import torch
 
 from doctune.model_settings import TrainSettings
 from doctune.training.data import IGNORE, Example
+from doctune.training.length import steps_for
 
 
 def epoch_batches(lengths: list[int], batch_size: int, batching: str, seed: int, epoch: int) -> list[list[int]]:
@@ -105,10 +106,7 @@ def micro_batch_stream(examples: list[Example], settings: TrainSettings, start: 
 
 
 def total_steps(settings: TrainSettings, n_examples: int) -> int:
-    if settings.max_steps > 0:
-        return settings.max_steps
-    per_epoch = math.ceil(n_examples / settings.per_device_batch_size)
-    return max(1, math.ceil(settings.num_epochs * per_epoch / settings.gradient_accumulation_steps))
+    return steps_for(settings, n_examples)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterNa
                                             FlowRunFilter, FlowRunFilterParentFlowRunId)
 from prefect.deployments import run_deployment
 
+from doctune.records import read_jsonl
 from doctune.registry import read_current, read_decisions
 from tests.flows.test_build_dataset import latest_artifact, task_states, write_docs
 
@@ -68,6 +69,8 @@ def nightly_parameters(folder: Path, out: Path, endpoint, tiny_model: str) -> di
                   "lora_alpha": 8, "device": "cpu", "cpu_dtype": "fp32", "save_every_steps": 2, "logging_steps": 1},
         # A random model learns no facts: margin 0 lets a tie promote, so the promotion path runs.
         "eval": {"max_new_tokens": 8, "max_test_examples": 4, "promotion_margin": 0.0},
+        # A random model misses every exam question: the loop (test_the_loop_...) would retrain night after night.
+        "loop": {"max_rounds": 0},
         "output_dir": str(out)}}
 
 
@@ -174,6 +177,60 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert again["status"] == "unchanged" and scripted.calls["fact"] == facts
     assert len(asyncio.run(_train_runs())) == trained
     assert "other-docs" in asyncio.run(latest_artifact("model-registry-other-docs"))
+
+
+def test_the_loop_gives_only_the_missed_facts_new_questions_then_stops_and_costs_nothing(
+        workers, tmp_path, scripted, tiny_model):
+    from doctune.loop import loop_targets, read_loop
+    from tasks.dedup import jaccard, normalize, shingles
+
+    folder, out = write_docs(tmp_path / "docs"), tmp_path / "out"
+    params = nightly_parameters(folder, out, scripted, tiny_model)
+    params["settings"]["loop"] = {"max_rounds": 2, "questions_per_fact": 2}
+    params["settings"]["exam"] = {"facts_per_question": 2}
+    registry = out / "registry" / "docs"
+
+    # Night 1: trained and evaluated; the random model misses the exam, so round 1 opens for those facts.
+    _, first = run_nightly(params)
+    assert first["status"] == "promoted", first
+    misses = json.loads((registry / "misses.json").read_text())["misses"]
+    exam = [json.loads(line) for line in (Path(first["dataset_dir"]) / "exam.jsonl").read_text().splitlines()]
+    assert misses and {m["id"] for m in misses} <= {e["id"] for e in exam}
+    targets = loop_targets(registry)
+    assert {t["fact"] for t in targets} == {m["fact"] for m in misses} and {t["round"] for t in targets} == {1}
+    assert any(r["status"] == "open" for r in first["loop"])
+
+    # Night 2, folder unchanged: new questions for exactly the missed facts, none near an exam question; trained.
+    facts_before = len(scripted.facts)
+    trained = len(asyncio.run(_train_runs()))
+    _, second = run_nightly(params)
+    asked = scripted.facts[facts_before:]
+    assert asked and all(any(t["fact"] in prompt for t in targets) for prompt in asked)
+    assert len(asked) == 2 * len([t for t in targets if t["language"] == "en"])
+    assert second["dataset_dir"] != first["dataset_dir"] and len(asyncio.run(_train_runs())) == trained + 1
+    rows = read_jsonl(Path(second["dataset_dir"]) / "train.messages.jsonl")
+    questions = [r["messages"][-2]["content"] for r in rows]
+    new = set(questions) - {r["messages"][-2]["content"]
+                            for r in read_jsonl(Path(first["dataset_dir"]) / "train.messages.jsonl")}
+    assert new
+    exam_shingles = [shingles(normalize(e["question"]), 5) for e in exam]
+    assert all(jaccard(shingles(normalize(q), 5), e) < 0.5 for q in new for e in exam_shingles)
+    assert json.loads((Path(second["dataset_dir"]) / "manifest.json").read_text())["counts"]["loop_pairs"] > 0
+    # The random model gained nothing: every document stops after round 1.
+    docs = read_loop(registry)["documents"]
+    assert docs and all(d["stopped"] for d in docs.values()), docs
+    assert "loop-rounds-docs" in asyncio.run(_artifact_keys())
+
+    # Night 3: the loop does not move, so the dataset is night 2's from the cache: no LLM call, no training.
+    calls = sum(scripted.calls.values())
+    _, third = run_nightly(params)
+    assert third["status"] == "unchanged", third
+    assert sum(scripted.calls.values()) == calls and len(asyncio.run(_train_runs())) == trained + 1
+
+
+async def _artifact_keys() -> set[str]:
+    async with get_client() as client:
+        return {a.key for a in await client.read_artifacts() if a.key}
 
 
 def test_a_worker_killed_mid_training_leaves_the_promoted_model_and_the_rerun_resumes(

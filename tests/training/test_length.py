@@ -1,0 +1,59 @@
+"""Training length follows the data, and its time is said before training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from doctune.model_settings import TrainSettings
+from doctune.training.length import duration, expected_training, steps_for
+
+
+def _dataset(root: Path, train: int, text: int) -> Path:
+    d = root / f"ds-{train}-{text}"
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"train": train, "text_rows": text}))
+    return d
+
+
+def _finished_run(root: Path, name: str, base_model: str, batch: int, s_per_step: float, mtime: float) -> None:
+    run = root / "models" / name
+    run.mkdir(parents=True)
+    (run / "settings.yaml").write_text(yaml.safe_dump({"base_model": base_model, "per_device_batch_size": batch,
+                                                       "gradient_accumulation_steps": 1}))
+    (run / "metrics.json").write_text(json.dumps({"s_per_step": s_per_step}))
+    (run / "run.json").write_text("{}")
+    os.utime(run / "run.json", (mtime, mtime))
+
+
+def test_a_folder_twice_as_big_trains_twice_as_long_by_default(tmp_path):
+    s = TrainSettings()
+    assert s.max_steps == 0 and s.num_epochs == 6
+    assert steps_for(s, 380) == 6 * 48
+    assert steps_for(s, 760) == 6 * 95
+    assert steps_for(s.model_copy(update={"max_steps": 50}), 760) == 50  # a fixed count stays fixed
+    # Text rows count only when training mixes them in, and then get steps in proportion.
+    ds = _dataset(tmp_path, 380, 160)
+    assert expected_training(ds, s, tmp_path).steps == 6 * 48
+    with_text = s.model_copy(update={"text_rows": True})
+    e = expected_training(ds, with_text, tmp_path)
+    assert (e.steps, e.qa_rows, e.text_rows) == (6 * 68, 380, 160)
+    assert "6 epochs over 380 question/answer rows + 160 text rows" in e.text(with_text)
+
+
+def test_the_time_comes_from_the_newest_run_of_the_same_base_model(tmp_path):
+    s = TrainSettings(per_device_batch_size=8)
+    ds = _dataset(tmp_path, 80, 0)  # 10 batches x 6 epochs = 60 steps
+    e = expected_training(ds, s, tmp_path)
+    assert e.seconds is None and "not known yet" in e.text(s) and "after the first step" in e.text(s)
+    _finished_run(tmp_path, "old", "", 8, 9.0, 1_000)
+    _finished_run(tmp_path, "new", "", 4, 1.0, 2_000)  # 0.25 s per example, batch 4
+    _finished_run(tmp_path, "other-model", "some/7b", 8, 50.0, 3_000)
+    (tmp_path / "models" / "unfinished").mkdir()  # no run.json: never read
+    e = expected_training(ds, s, tmp_path)
+    assert e.measured_on == "new" and e.seconds == 60 * 8 * 0.25
+    assert e.text(s).endswith(f"about {duration(120)} at the pace of new")
+    assert duration(120) == "2 min" and duration(45) == "45 s" and duration(3900) == "1 h 05 min"
