@@ -11,6 +11,7 @@ answered when the reply holds all its key facts (doctune/metrics.py's matching).
 Needs the local services:  . scripts/env.sh && scripts/services.sh up prefect llm
 Run:   python bench/knowledge.py                                  # every recipe, seeds 0 1 2, both corpora
        python bench/knowledge.py --recipes qa qa+text --seeds 0 --corpora lumen --max-steps 40   # a quick look
+       python bench/knowledge.py --recipes qa --loop                  # what one round of the closed loop buys
 Prints a table per corpus (mean, min and max over the seeds, training minutes) and writes knowledge.json.
 """
 
@@ -58,7 +59,44 @@ def share(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
-def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out: Path, max_steps: int | None):
+def exam_share(model: str, dataset: str, system: str) -> tuple[float, list[dict]]:
+    """The share of the dataset's exam questions `model` answers fully, and the examples as evaluation writes them."""
+    from doctune.exam import exam_path
+    from doctune.generation import generate_answers
+    from tasks.evaluate import load_gold, score_reply
+
+    items, _ = load_gold(exam_path(dataset), system, "exam")
+    replies = generate_answers(model, [i.question for i in items], [system] * len(items))
+    examples = [{"set": "exam", "id": i.id, "tuned": score_reply(r, i)} for i, r in zip(items, replies)]
+    return share([e["tuned"]["fact_recall"] == 1.0 for e in examples]), examples
+
+
+def loop_round(docs: Path, dataset: str, run_dir: str, settings, out: Path, system: str, tag: str) -> dict:
+    """One round of the nightly's closed loop (doctune/loop.py): the trained model's exam misses get new questions,
+    the dataset is built again with them, and trained again with the same settings."""
+    from doctune.exam import exam_digest, exam_path
+    from doctune.loop import LoopSettings, after_evaluation, missed
+    from doctune.records import read_jsonl
+    from doctune.settings import BuildSettings
+    from flows.build_dataset import build_dataset
+    from tasks.train import train
+
+    before, examples = exam_share(str(run_dir), dataset, system)
+    rows = read_jsonl(exam_path(dataset))
+    registry = out / "registry" / tag
+    misses = missed(examples, rows, "tuned")
+    after_evaluation(registry, misses, rows, str(run_dir), exam_digest(exam_path(dataset)), LoopSettings())
+    looped = build_dataset(str(docs), BuildSettings(output_dir=str(out)), loop_registry=str(registry))
+    run2 = train(looped, settings, out, progress=False)
+    after, _ = exam_share(str(run2), looped, system)
+    manifest = json.loads((Path(looped) / "manifest.json").read_text())
+    return {"dataset": looped, "run": str(run2), "exam_before": before, "exam_after": after,
+            "missed_facts": len(misses), "loop_pairs": manifest["counts"].get("loop_pairs", 0),
+            "train_seconds": json.loads((Path(run2) / "metrics.json").read_text())["train_seconds"]}
+
+
+def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out: Path, max_steps: int | None,
+               loop: bool = False):
     from doctune.base_model import prepare_base_model
     from doctune.model_settings import load_train_settings
     from doctune.runs import dataset_system_prompt
@@ -93,6 +131,16 @@ def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out
                     row[f"{lang}_{how}"] = share(flags)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if loop:
+                looped = loop_round(docs, dataset, run_dir, settings, out / name, system, f"{recipe}-seed{seed}")
+                row2 = {"corpus": name, "recipe": f"{recipe}+loop", "seed": seed, "run": looped["run"],
+                        "train_minutes": round(row["train_minutes"] + looped["train_seconds"] / 60, 1),
+                        **{k: looped[k] for k in ("exam_before", "exam_after", "missed_facts", "loop_pairs")}}
+                for how, sys in (("system", system), ("none", "")):
+                    for lang, flags in score(looped["run"], items, sys).items():
+                        row2[f"{lang}_{how}"] = share(flags)
+                rows.append(row2)
+                print(json.dumps(row2), flush=True)
     counts = {lang: sum(i.language == lang for i in items) for lang in ("en", "zh")}
     return rows, counts, dataset
 
@@ -121,6 +169,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="a recipe wins over seeds, not on one")
     ap.add_argument("--config", default=str(ROOT / "configs/demo.yaml"), help="the training config recipes change")
     ap.add_argument("--max-steps", type=int, default=None, help="override the config's steps (a quick look only)")
+    ap.add_argument("--loop", action="store_true", help="after each training, one round of the closed loop (its exam "
+                    "misses get new questions, built and trained again): rows '<recipe>+loop', two trainings each")
     ap.add_argument("--output-dir", default=str(ROOT / "outputs/bench/knowledge"))
     args = ap.parse_args()
     for name in ("doctune", "tasks", "flows"):
@@ -129,7 +179,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report, results = [], []
     for corpus in args.corpora:
-        rows, counts, dataset = run_corpus(corpus, args.recipes, args.seeds, args.config, out, args.max_steps)
+        rows, counts, dataset = run_corpus(corpus, args.recipes, args.seeds, args.config, out, args.max_steps,
+                                           args.loop)
         results += rows
         report.append(f"### {corpus}: dataset {Path(dataset).name}, {counts['en']} English and {counts['zh']} "
                       f"Chinese questions\n\n{table(rows, counts)}\n")

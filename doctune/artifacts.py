@@ -93,7 +93,7 @@ def loop_material(rows: list[dict], registry: str) -> None:
     """Per missed fact: the round, the new questions kept, and those dropped near the exam or by the checks."""
     kept = sum(r["new questions"] for r in rows)
     create_table_artifact(rows, key="loop-material", description=f"{kept} new questions for {len(rows)} facts the "
-                          f"served model missed on the exam ({registry}/loop.json); none near an exam question.")
+                          f"last candidate missed on the exam ({registry}/loop.json); none near an exam question.")
 
 
 def loop_rounds(rows: list[dict], registry: str, key: str = "loop-rounds") -> None:

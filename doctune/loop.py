@@ -1,9 +1,15 @@
-"""The closed loop: the facts the exam shows the served model still misses get more training material the next
+"""The closed loop: the facts the exam shows tonight's model still misses get more training material the next
 night: new question wordings for exactly those facts (tasks/loop.py), never near an exam question.
+
+Misses are the candidate's: the model trained on everything the loop has made so far (the served model when
+it was promoted). The dataset carries every round's material forward whether or not the candidate was
+promoted, so the candidate shows what that dataset still fails to teach, and whether a round's material
+taught its facts. The served model would say nothing of a round whose candidate lost on the gold set
+(it never saw the material).
 
 It lives in the model's registry (`<output_dir>/registry/<name>/`):
 
-    misses.json  the exam questions the served model missed at the last evaluation:
+    misses.json  the exam questions tonight's candidate missed at the last evaluation:
                  {"run_dir", "exam_sha256", "decided_at", "misses": [{"id", "doc_id", "chunk_id", "path",
                   "language", "fact", "question", "missing"}]}
     loop.json    the rounds, per document version (doc_id is the content hash of the document):
@@ -11,9 +17,9 @@ It lives in the model's registry (`<output_dir>/registry/<name>/`):
                   "opened": "<iso>", "facts": [{"chunk_id", "fact", "language", "exam_ids"}],
                   "result": null | {"closed", "gained", "of", "on"}}]}}}
 
-A round opens after an evaluation, for a document whose exam questions the served model missed: its missed
-facts get material in the next build. The evaluation after that closes it: how many of its facts the served
-model now answers. A document stops when a round gained nothing or after `loop.max_rounds` rounds; an
+A round opens after an evaluation, for a document whose exam questions the candidate missed: its missed
+facts get material in the next build. The evaluation after that closes it: how many of its facts the next
+candidate, trained with that material, answers. A document stops when a round gained nothing or after `loop.max_rounds` rounds; an
 edited document is a new version and starts again. The material of every round stays in the dataset (the
 model that learned a fact from it would forget it without), so an unchanged folder whose documents all
 stopped builds the very same dataset, from the cache, and trains nothing."""
@@ -34,8 +40,8 @@ class LoopSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_rounds: int = Field(
-        2, ge=0, le=10, description="Rounds of extra material per document version for the exam questions the served "
-        "model missed; a document also stops when a round gained nothing. 0: no loop.")
+        2, ge=0, le=10, description="Rounds of extra material per document version for the exam questions the "
+        "candidate missed; a document also stops when a round gained nothing. 0: no loop.")
     questions_per_fact: int = Field(
         4, ge=0, le=20, description="New question wordings asked of the endpoint per missed fact and round (sampled with "
         "the round's seed, checked like synthesis); a language the endpoint cannot write gets rule-made ones only.")
@@ -83,14 +89,8 @@ def loop_targets(registry: str | Path) -> list[dict]:
     return out
 
 
-def served_side(promoted: bool, had_current: bool) -> str:
-    """Whose replies are the served model's after tonight's decision: the candidate's when it was promoted (or
-    nothing was being served), else the current model's."""
-    return "tuned" if promoted or not had_current else "current"
-
-
-def missed(examples: list[dict], exam_items: list[dict], side: str) -> list[dict]:
-    """The exam questions `side` ('tuned' or 'current') did not answer fully (fact recall below 1), with the
+def missed(examples: list[dict], exam_items: list[dict], side: str = "tuned") -> list[dict]:
+    """The exam questions `side` (evaluation's 'tuned': the candidate) did not answer fully (fact recall below 1), with the
     fact and chunk each asks about (from exam.jsonl)."""
     by_id = {i["id"]: i for i in exam_items}
     out = []
@@ -107,12 +107,13 @@ def missed(examples: list[dict], exam_items: list[dict], side: str) -> list[dict
     return out
 
 
-def after_evaluation(registry: str | Path, misses: list[dict], exam_items: list[dict], served_run: str,
+def after_evaluation(registry: str | Path, misses: list[dict], exam_items: list[dict], run_dir: str,
                      exam_sha256: str, settings: LoopSettings) -> list[dict]:
-    """Close the open rounds on tonight's misses, open the next ones, write misses.json and loop.json.
+    """Close the open rounds on tonight's misses (of `run_dir`, the candidate), open the next ones, write
+    misses.json and loop.json.
     Returns one row per document in the loop (for the artifact)."""
     registry = Path(registry)
-    _write(registry / MISSES_FILE, {"run_dir": served_run, "exam_sha256": exam_sha256, "decided_at": _now(),
+    _write(registry / MISSES_FILE, {"run_dir": run_dir, "exam_sha256": exam_sha256, "decided_at": _now(),
                                     "misses": misses})
     state = read_loop(registry)
     docs_now = {i["doc_id"]: i["path"] for i in exam_items}
@@ -128,7 +129,7 @@ def after_evaluation(registry: str | Path, misses: list[dict], exam_items: list[
         if doc and doc["rounds"] and doc["rounds"][-1]["result"] is None:
             last = doc["rounds"][-1]
             gained = sum((f["chunk_id"], f["fact"]) not in missed_facts for f in last["facts"])
-            last["result"] = {"closed": _now(), "gained": gained, "of": len(last["facts"]), "on": served_run}
+            last["result"] = {"closed": _now(), "gained": gained, "of": len(last["facts"]), "on": run_dir}
             if not gained:
                 doc["stopped"] = f"round {last['round']} gained nothing"
         mine = missed_by_doc.get(doc_id, [])

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from doctune.exam import EXAM_FILE, ExamSettings, exam_digest
 from doctune.gold import gold_bytes, gold_files
-from doctune.loop import LoopSettings, after_evaluation, close_without_training, missed, read_loop, served_side
+from doctune.loop import LoopSettings, after_evaluation, close_without_training, missed, read_loop
 from doctune.model_settings import EvalSettings, ExportSettings, TrainSettings
 from doctune.records import read_jsonl
 from doctune.registry import check_model_name, earlier_decision, model_name_for, read_current
@@ -70,7 +70,7 @@ class NightlySettings(BaseModel):
         "off: never start one.",
     )
     loop: LoopSettings = Field(default_factory=LoopSettings, description="The closed loop: the exam questions the "
-                               "served model missed get new question wordings in the next nights' builds, for at "
+                               "candidate missed get new question wordings in the next nights' builds, for at "
                                "most loop.max_rounds rounds per document version (doctune/loop.py).")
     export_after_promotion: bool = Field(
         False, description="When tonight's model is promoted, also export it (merged/, GGUF, Modelfile, llama.cpp check)."
@@ -145,16 +145,15 @@ def nothing_new(registry: Path, dataset_sha256: str, train: TrainSettings) -> st
 
 
 def loop_after_evaluation(registry: Path, dataset_dir: str, decision: dict, report, settings: LoopSettings) -> list[dict] | None:
-    """The loop's bookkeeping after tonight's decision: the served model's exam misses close the open rounds and
+    """The loop's bookkeeping after tonight's evaluation: the candidate's exam misses close the open rounds and
     open the next (doctune/loop.py). None when the loop is off or the dataset has no exam."""
     exam_file = Path(dataset_dir) / EXAM_FILE
     if not settings.max_rounds or not exam_file.exists():
         return None
     items = read_jsonl(exam_file)
-    side = served_side(decision["promoted"], report.current is not None)
-    served = report.candidate if side == "tuned" else report.current
     examples = read_jsonl(Path(decision["eval_dir"]) / "examples.jsonl")
-    return after_evaluation(registry, missed(examples, items, side), items, served, exam_digest(exam_file), settings)
+    return after_evaluation(registry, missed(examples, items), items, report.candidate, exam_digest(exam_file),
+                            settings)
 
 
 def loop_without_training(registry: Path, why: str, settings: LoopSettings) -> list[dict] | None:
@@ -190,7 +189,7 @@ def summary_markdown(folder: str, result: dict) -> str:
     if loop := result.get("loop"):
         open_ = sum(r["status"] == "open" for r in loop)
         stopped = sorted({r["document"] for r in loop if r["status"] not in ("open", "continues")})
-        lines.append(f"- closed loop: {open_} rounds open for the next build (facts the served model missed on the exam)"
+        lines.append(f"- closed loop: {open_} rounds open for the next build (facts tonight's candidate missed on the exam)"
                      + (f"; stopped: {', '.join(stopped)}" if stopped else ""))
     for r in result.get("metrics", []):
         if r["set"] in ("gold", "exam", "test") and r["language"] == "all" and None not in (r["base"], r["fine-tuned"]):

@@ -1,4 +1,4 @@
-"""The loop's material (doctune/loop.py has the rounds): for each fact the served model missed on the exam, new
+"""The loop's material (doctune/loop.py has the rounds): for each fact the candidate missed on the exam, new
 question wordings, answered with the fact sentence.
 
 - **From the endpoint** (a language it writes): `loop.questions_per_fact` questions from synthesis's fact
