@@ -5,8 +5,9 @@ the text-completion rows when `text_rows` mixes them in, so those get steps in p
 `max_steps` fixes it. A folder twice as big trains about twice as long.
 
 The time is the step count times the seconds per step of the newest finished run of the same base model
-under the same output folder (its metrics.json), scaled by the batch size; without such a run it is not
-guessed: the training log states it after the first step."""
+under the same output folder (its metrics.json), scaled by the batch size, plus its time per validation pass
+for each pass these settings make; without such a run it is not guessed: the training log states it after
+the first step."""
 
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def dataset_rows(dataset_dir: str | Path) -> tuple[int, int]:
     return int(manifest.get("train", 0)), int(manifest.get("text_rows", 0))
 
 
-def _pace(output_root: Path, settings: TrainSettings) -> tuple[float, str] | None:
-    """Seconds per example of the newest finished run of this base model (None when there is none)."""
+def _pace(output_root: Path, settings: TrainSettings) -> tuple[float, float, str] | None:
+    """Seconds per example and per validation pass of the newest finished run of this base model (None when
+    there is none)."""
     runs = []
     for run_json in (output_root / "models").glob("*/run.json"):
         run = run_json.parent
@@ -74,11 +76,13 @@ def _pace(output_root: Path, settings: TrainSettings) -> tuple[float, str] | Non
         if trained.get("base_model", "") != settings.base_model or not metrics.get("s_per_step"):
             continue
         batch = int(trained.get("per_device_batch_size", 8)) * int(trained.get("gradient_accumulation_steps", 1))
-        runs.append((run_json.stat().st_mtime, metrics["s_per_step"] / max(batch, 1), run.name))
+        passes = len(metrics.get("validation") or [])
+        per_pass = metrics.get("eval_seconds", 0.0) / passes if passes else 0.0
+        runs.append((run_json.stat().st_mtime, metrics["s_per_step"] / max(batch, 1), per_pass, run.name))
     if not runs:
         return None
-    _, per_example, name = max(runs)
-    return per_example, name
+    _, per_example, per_pass, name = max(runs)
+    return per_example, per_pass, name
 
 
 def expected_training(dataset_dir: str | Path, settings: TrainSettings, output_root: str | Path,
@@ -90,5 +94,11 @@ def expected_training(dataset_dir: str | Path, settings: TrainSettings, output_r
     steps = steps_for(settings, qa + text)
     pace = _pace(Path(output_root), settings)
     batch = settings.per_device_batch_size * settings.gradient_accumulation_steps
-    return Expected(steps=steps, qa_rows=qa, text_rows=text,
-                    seconds=steps * batch * pace[0] if pace else None, measured_on=pace[1] if pace else None)
+    if not pace:
+        return Expected(steps=steps, qa_rows=qa, text_rows=text, seconds=None, measured_on=None)
+    per_example, per_pass, name = pace
+    # Validation every eval_every_steps steps and after the last one, at the measured run's time per pass.
+    passes = (steps // settings.eval_every_steps + bool(steps % settings.eval_every_steps)
+              if settings.eval_every_steps else 0)
+    return Expected(steps=steps, qa_rows=qa, text_rows=text, seconds=steps * batch * per_example + passes * per_pass,
+                    measured_on=name)

@@ -19,12 +19,15 @@ def _dataset(root: Path, train: int, text: int) -> Path:
     return d
 
 
-def _finished_run(root: Path, name: str, base_model: str, batch: int, s_per_step: float, mtime: float) -> None:
+def _finished_run(root: Path, name: str, base_model: str, batch: int, s_per_step: float, mtime: float,
+                  validation: tuple[int, float] = (0, 0.0)) -> None:
     run = root / "models" / name
     run.mkdir(parents=True)
     (run / "settings.yaml").write_text(yaml.safe_dump({"base_model": base_model, "per_device_batch_size": batch,
                                                        "gradient_accumulation_steps": 1}))
-    (run / "metrics.json").write_text(json.dumps({"s_per_step": s_per_step}))
+    passes, seconds = validation
+    (run / "metrics.json").write_text(json.dumps({"s_per_step": s_per_step, "eval_seconds": seconds,
+                                                  "validation": [{"step": i} for i in range(passes)]}))
     (run / "run.json").write_text("{}")
     os.utime(run / "run.json", (mtime, mtime))
 
@@ -50,10 +53,12 @@ def test_the_time_comes_from_the_newest_run_of_the_same_base_model(tmp_path):
     e = expected_training(ds, s, tmp_path)
     assert e.seconds is None and "not known yet" in e.text(s) and "after the first step" in e.text(s)
     _finished_run(tmp_path, "old", "", 8, 9.0, 1_000)
-    _finished_run(tmp_path, "new", "", 4, 1.0, 2_000)  # 0.25 s per example, batch 4
+    _finished_run(tmp_path, "new", "", 4, 1.0, 2_000, validation=(3, 30.0))  # 0.25 s per example, 10 s a pass
     _finished_run(tmp_path, "other-model", "some/7b", 8, 50.0, 3_000)
     (tmp_path / "models" / "unfinished").mkdir()  # no run.json: never read
     e = expected_training(ds, s, tmp_path)
     assert e.measured_on == "new" and e.seconds == 60 * 8 * 0.25
     assert e.text(s).endswith(f"about {duration(120)} at the pace of new")
+    # Validation every 25 steps of 60 (after 25, 50 and 60): three passes of 10 s on top.
+    assert expected_training(ds, s.model_copy(update={"eval_every_steps": 25}), tmp_path).seconds == 120 + 30
     assert duration(120) == "2 min" and duration(45) == "45 s" and duration(3900) == "1 h 05 min"
