@@ -85,7 +85,8 @@ def loop_round(docs: Path, dataset: str, run_dir: str, settings, out: Path, syst
     rows = read_jsonl(exam_path(dataset))
     registry = out / "registry" / tag
     misses = missed(examples, rows, "tuned")
-    after_evaluation(registry, misses, rows, str(run_dir), exam_digest(exam_path(dataset)), LoopSettings())
+    after_evaluation(registry, misses, rows, str(run_dir), exam_digest(exam_path(dataset)),
+                     LoopSettings(max_rounds=1))
     looped = build_dataset(str(docs), BuildSettings(output_dir=str(out)), loop_registry=str(registry))
     run2 = train(looped, settings, out, progress=False)
     after, _ = exam_share(str(run2), looped, system)

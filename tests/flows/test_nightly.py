@@ -69,7 +69,7 @@ def nightly_parameters(folder: Path, out: Path, endpoint, tiny_model: str) -> di
                   "lora_alpha": 8, "device": "cpu", "cpu_dtype": "fp32", "save_every_steps": 2, "logging_steps": 1},
         # A random model learns no facts: margin 0 lets a tie promote, so the promotion path runs.
         "eval": {"max_new_tokens": 8, "max_test_examples": 4, "promotion_margin": 0.0},
-        # A random model misses every exam question: the loop (test_the_loop_...) would retrain night after night.
+        # Off by default; a random model misses every exam question, so test_the_loop_... turns it on itself.
         "loop": {"max_rounds": 0},
         "output_dir": str(out)}}
 
