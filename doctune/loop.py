@@ -32,6 +32,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from doctune.runs import write_json
+
 LOOP_FILE = "loop.json"
 MISSES_FILE = "misses.json"
 
@@ -60,13 +62,6 @@ class LoopSettings(BaseModel):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
 
 
 def read_loop(registry: str | Path) -> dict:
@@ -116,7 +111,8 @@ def after_evaluation(registry: str | Path, misses: list[dict], exam_items: list[
     misses.json and loop.json.
     Returns one row per document in the loop (for the artifact)."""
     registry = Path(registry)
-    _write(registry / MISSES_FILE, {"run_dir": run_dir, "exam_sha256": exam_sha256, "decided_at": _now(),
+    registry.mkdir(parents=True, exist_ok=True)
+    write_json(registry / MISSES_FILE, {"run_dir": run_dir, "exam_sha256": exam_sha256, "decided_at": _now(),
                                     "misses": misses})
     state = read_loop(registry)
     docs_now = {i["doc_id"]: i["path"] for i in exam_items}
@@ -152,7 +148,7 @@ def after_evaluation(registry: str | Path, misses: list[dict], exam_items: list[
         chosen = list(facts.values())[:budget]
         budget -= len(chosen)
         doc["rounds"].append({"round": len(doc["rounds"]) + 1, "opened": _now(), "facts": chosen, "result": None})
-    _write(registry / LOOP_FILE, {"documents": documents})
+    write_json(registry / LOOP_FILE, {"documents": documents})
     return loop_rows(documents)
 
 
@@ -169,7 +165,7 @@ def close_without_training(registry: str | Path, why: str) -> list[dict]:
             doc["stopped"] = f"round {last['round']} trained nothing: {why}"
             changed = True
     if changed:
-        _write(registry / LOOP_FILE, state)
+        write_json(registry / LOOP_FILE, state)
     return loop_rows(state["documents"])
 
 

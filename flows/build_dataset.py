@@ -115,7 +115,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
             if looped.failures:
                 failures += looped.failures
                 artifacts.failures(failures)
-            artifacts.loop_material(looped.result.rows, loop_registry)
+            artifacts.loop_material(looped.rows, loop_registry)
 
     # 4. Translate (optional); originals are kept. Translation and replay only add to the dataset:
     #    when the endpoint fails them, the run goes on without them (listed in failures).

@@ -8,6 +8,7 @@ No task is defined here, so no cache key depends on this file: moving a line her
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -23,7 +24,7 @@ from doctune.loop import LoopSettings, loop_targets
 from doctune.settings import BuildSettings, DedupSettings, LLMSettings
 from tasks.exam import ExamResult, exam_document_task
 from tasks.ingest import discover_all
-from tasks.loop import LoopResult, LoopTarget, away_from_exam, loop_material_task
+from tasks.loop import LoopTarget, away_from_exam, loop_material_task
 from tasks.prepare import prepare_batch_task
 from tasks.synthesize import SynthResult, synthesize_document_task
 
@@ -41,6 +42,31 @@ def usage_row(stage: str, result, state, reused: int = 0) -> dict:
 def failure_row(stage: str, what: str, state) -> dict:
     # The task's message quotes the endpoint's reply, which may quote the key it was sent.
     return {"stage": stage, "document": what, "error": scrub(str(state.message))[:500]}
+
+
+@dataclass
+class Gathered:
+    results: list = field(default_factory=list)  # every completed task's result, in submission order
+    made: list = field(default_factory=list)  # those this run computed (not from the cache)
+    reused: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+
+def gather(stage: str, futures: list[tuple[str, object]]) -> Gathered:
+    """Wait for (name, future) pairs: what each completed task returned, which of those cost calls tonight,
+    and a failure row for each task that failed (the others go on)."""
+    out = Gathered()
+    for name, future in futures:
+        future.wait()  # sets the final state; before it, .state may still read Pending
+        if not future.state.is_completed():
+            out.failures.append(failure_row(stage, name, future.state))
+            continue
+        out.results.append(future.result())
+        if future.state.name == "Cached":
+            out.reused += 1
+        else:
+            out.made.append(out.results[-1])
+    return out
 
 
 # ----------------------------------------------------------------------------- 1-2. ingest and chunk
@@ -151,16 +177,10 @@ def synthesize_documents(jobs: list[tuple[str, list[Chunk], str]], llm: LLMSetti
             update_progress_artifact(progress, 100.0 * i / len(futures))
             if i % step == 0 or i == len(futures):
                 log.info("synthesis: %d of %d tasks done (%d documents)", i, len(futures), len(jobs))
-        for (path, _, _, name), future in zip(parts, futures):
-            future.wait()  # sets the final state; before it, .state may still read Pending
-            if future.state.is_completed():
-                out.result = out.result.merge(future.result())
-                if future.state.name == "Cached":
-                    out.reused += 1
-                else:
-                    out.made = out.made.merge(future.result())
-            else:
-                out.failures.append(failure_row("synthesize", name.removeprefix("synthesize "), future.state))
+        done = gather("synthesize", [(name.removeprefix("synthesize "), f) for (*_, name), f in zip(parts, futures)])
+    out.result = reduce(SynthResult.merge, done.results, SynthResult())
+    out.made = reduce(SynthResult.merge, done.made, SynthResult())
+    out.reused, out.failures = done.reused, done.failures
     update_progress_artifact(progress, 100.0)
     return out
 
@@ -197,22 +217,12 @@ def exam_documents(chunks: dict[str, list[Chunk]], faq: list[Chunk], llm: LLMSet
     for c in faq:
         docs.setdefault(c.path, []).append(c)
     task = with_network_retries(exam_document_task, llm)
-    futures = [(path, task.submit(path, cs, llm, settings, sorted(skip_languages))) for path, cs in docs.items()]
-    out = Exam()
-    for path, future in futures:
-        future.wait()
-        if not future.state.is_completed():
-            out.failures.append(failure_row("exam", path, future.state))
-            continue
-        r = future.result()
-        out.items += r.items
-        out.dropped += r.dropped
-        if future.state.name == "Cached":
-            out.reused += 1
-        else:
-            out.made = ExamResult(calls=out.made.calls + r.calls, prompt_tokens=out.made.prompt_tokens + r.prompt_tokens,
-                                  completion_tokens=out.made.completion_tokens + r.completion_tokens)
-    return out
+    done = gather("exam", [(path, task.submit(path, cs, llm, settings, sorted(skip_languages)))
+                           for path, cs in docs.items()])
+    return Exam(items=[i for r in done.results for i in r.items], dropped=[d for r in done.results for d in r.dropped],
+                made=ExamResult(**{k: sum(getattr(r, k) for r in done.made)
+                                   for k in ("calls", "prompt_tokens", "completion_tokens")}),
+                reused=done.reused, failures=done.failures)
 
 
 # ----------------------------------------------------------------------------- 3c. the loop
@@ -220,16 +230,17 @@ def exam_documents(chunks: dict[str, list[Chunk]], faq: list[Chunk], llm: LLMSet
 
 @dataclass
 class Looped:
-    result: LoopResult = field(default_factory=LoopResult)  # after the exam filter
-    made: LoopResult = field(default_factory=LoopResult)  # what this run asked the endpoint
-    reused: int = 0
-    failures: list[dict] = field(default_factory=list)
+    result: SynthResult  # after the exam filter
+    rows: list[dict]  # per target fact, for the artifact
+    made: SynthResult  # what this run asked the endpoint
+    reused: int
+    failures: list[dict]
 
 
 def loop_material(registry: str, chunks: dict[str, list[Chunk]], faq: list[Chunk], exam_items: list[ExamItem],
                   llm: LLMSettings, settings: LoopSettings, dedup: DedupSettings,
                   skip_languages: list[str]) -> Looped | None:
-    """More questions for the facts the served model missed (the rounds in `registry`/loop.json), one cached task
+    """More questions for the facts the last candidate missed (the rounds in `registry`/loop.json), one cached task
     per document, then the exam filter. None when no round names a fact of tonight's documents. A document whose
     task failed is a failure row, and the build goes on without its material."""
     by_chunk = {c.chunk_id: c for cs in chunks.values() for c in cs} | {c.chunk_id: c for c in faq}
@@ -240,28 +251,16 @@ def loop_material(registry: str, chunks: dict[str, list[Chunk]], faq: list[Chunk
     for t in targets:
         by_path.setdefault(t.path, []).append(t)
     task = with_network_retries(loop_material_task, llm)
-    futures = []
-    for path, ts in by_path.items():
-        mine = list({t.chunk_id: by_chunk[t.chunk_id] for t in ts}.values())
-        futures.append((path, task.submit(path, ts, mine, llm, settings, skip_languages)))
-    out, raw = Looped(), LoopResult()
-    for path, future in futures:
-        future.wait()
-        if not future.state.is_completed():
-            out.failures.append(failure_row("loop", path, future.state))
-            continue
-        r = future.result()
-        raw = raw.model_copy(update={"pairs": raw.pairs + r.pairs, "dropped": raw.dropped + r.dropped})
-        if future.state.name == "Cached":
-            out.reused += 1
-        else:
-            out.made = LoopResult(calls=out.made.calls + r.calls, prompt_tokens=out.made.prompt_tokens + r.prompt_tokens,
-                                  completion_tokens=out.made.completion_tokens + r.completion_tokens)
-    out.result = away_from_exam(raw, targets, [i.question for i in exam_items], settings, dedup)
+    done = gather("loop", [(path, task.submit(path, ts, list({t.chunk_id: by_chunk[t.chunk_id] for t in ts}.values()),
+                                              llm, settings, skip_languages))
+                           for path, ts in by_path.items()])
+    result, rows = away_from_exam(reduce(SynthResult.merge, done.results, SynthResult()), targets,
+                                  [i.question for i in exam_items], settings, dedup)
     get_run_logger().info("loop: %d new questions for %d missed facts in %d documents (%d dropped near the exam)",
-                          len(out.result.pairs), len(targets), len(by_path),
-                          sum(d.reason == "near_exam_question" for d in out.result.dropped))
-    return out
+                          len(result.pairs), len(targets), len(by_path),
+                          sum(d.reason == "near_exam_question" for d in result.dropped))
+    return Looped(result=result, rows=rows, made=reduce(SynthResult.merge, done.made, SynthResult()),
+                  reused=done.reused, failures=done.failures)
 
 
 # ----------------------------------------------------------------------------- 4-5. optional stages

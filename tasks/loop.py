@@ -29,7 +29,8 @@ from doctune.records import Chunk, Dropped, QAPair, short_hash
 from doctune.settings import DedupSettings, LLMSettings
 from tasks.cloze import chinese_questions, english_questions
 from tasks.dedup import jaccard, normalize, shingles
-from tasks.synthesize import check_question, clean_question, fact_messages, question_targets, target_for
+from tasks.synthesize import (SynthResult, check_question, clean_question, fact_messages, question_targets,
+                              target_for)
 from tasks.variants import heading_line
 
 STAGE = "loop"
@@ -47,15 +48,6 @@ class LoopTarget(BaseModel):
     language: str
     round: int
     exam_ids: list[str] = Field(default_factory=list)
-
-
-class LoopResult(BaseModel):
-    pairs: list[QAPair] = Field(default_factory=list)
-    dropped: list[Dropped] = Field(default_factory=list)
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    rows: list[dict] = Field(default_factory=list, description="Per fact: round, kept and dropped questions.")
 
 
 def framed(question: str, chunk: Chunk, round_: int) -> str | None:
@@ -82,8 +74,8 @@ def rule_wordings(target: LoopTarget, chunk: Chunk) -> list[str]:
 
 
 def _endpoint_wordings(client, llm: LLMSettings, settings: LoopSettings, target: LoopTarget,
-                       chunk: Chunk) -> LoopResult:
-    out = LoopResult()
+                       chunk: Chunk) -> SynthResult:
+    out = SynthResult()
     values = question_targets(target.fact, chunk)
     for k in range(settings.questions_per_fact):
         # Example sets and seeds of the round's own: synthesis used variants 0..2x questions_per_fact.
@@ -109,37 +101,33 @@ def _endpoint_wordings(client, llm: LLMSettings, settings: LoopSettings, target:
 
 
 def make_material(targets: list[LoopTarget], chunks: list[Chunk], llm: LLMSettings, settings: LoopSettings,
-                  skip_languages: list[str]) -> LoopResult:
+                  skip_languages: list[str]) -> SynthResult:
     """The new wordings of every target whose chunk is among `chunks` (before the exam filter)."""
     by_id = {c.chunk_id: c for c in chunks}
     use_llm = settings.questions_per_fact > 0 and any(t.language not in skip_languages for t in targets)
     client = make_client(llm) if use_llm else None
     cloze_version = load_prompt("cloze", required=("version",))["version"]
 
-    def one(target: LoopTarget) -> LoopResult:
+    def one(target: LoopTarget) -> SynthResult:
         chunk = by_id[target.chunk_id]
         out = (_endpoint_wordings(client, llm, settings, target, chunk)
-               if use_llm and chunk.language not in skip_languages else LoopResult())
+               if use_llm and chunk.language not in skip_languages else SynthResult())
         out.pairs += [QAPair(question=q, answer=target.fact, source="cloze", doc_id=chunk.doc_id, path=chunk.path,
                              chunk_id=chunk.chunk_id, mode=MODE, prompt_version=cloze_version,
                              language=chunk.language) for q in rule_wordings(target, chunk)]
         return out
 
-    result = LoopResult()
+    result = SynthResult()
     with ThreadPoolExecutor(max_workers=max(1, llm.concurrency)) as pool:
         for r in pool.map(one, [t for t in targets if t.chunk_id in by_id]):
-            result.pairs += r.pairs
-            result.dropped += r.dropped
-            result.calls += r.calls
-            result.prompt_tokens += r.prompt_tokens
-            result.completion_tokens += r.completion_tokens
+            result = result.merge(r)
     return result
 
 
-def away_from_exam(result: LoopResult, targets: list[LoopTarget], exam_questions: list[str], settings: LoopSettings,
-                   dedup: DedupSettings) -> LoopResult:
+def away_from_exam(result: SynthResult, targets: list[LoopTarget], exam_questions: list[str], settings: LoopSettings,
+                   dedup: DedupSettings) -> tuple[SynthResult, list[dict]]:
     """Drop every new question near an exam question (outside the cached task, so one document's edit does not
-    re-make the others' material); one row per target for the artifact."""
+    re-make the others' material). Returns what is left, and one row per target for the artifact."""
     exam = [shingles(normalize(q), dedup.ngram) for q in exam_questions]
     kept, dropped = [], list(result.dropped)
     for pair in result.pairs:
@@ -157,10 +145,10 @@ def away_from_exam(result: LoopResult, targets: list[LoopTarget], exam_questions
     rows = [{"document": t.path, "round": t.round, "fact": t.fact[:160], "new questions": new[t.chunk_id, t.fact],
              "dropped near the exam": near[t.chunk_id, t.fact], "dropped by the checks": failed[t.chunk_id, t.fact]}
             for t in targets]
-    return result.model_copy(update={"pairs": kept, "dropped": dropped, "rows": rows})
+    return result.model_copy(update={"pairs": kept, "dropped": dropped}), rows
 
 
 @task(cache_policy=CACHE, persist_result=True, task_run_name="loop material {path}", **network_retries(LLMSettings()))
 def loop_material_task(path: str, targets: list[LoopTarget], chunks: list[Chunk], llm: LLMSettings,
-                       settings: LoopSettings, skip_languages: list[str]) -> LoopResult:
+                       settings: LoopSettings, skip_languages: list[str]) -> SynthResult:
     return make_material(targets, chunks, llm, settings, skip_languages)

@@ -117,12 +117,12 @@ def test_material_asks_the_endpoint_only_about_the_missed_facts_and_stays_away_f
     # An exam question that one of the new questions nearly repeats: that question is dropped, with the reason.
     near = raw.pairs[0].question.rstrip("?") + " exactly?"
     dedup = DedupSettings()
-    kept = away_from_exam(raw, targets, [near, "什么是完全无关的问题？"], settings, dedup)
+    kept, rows = away_from_exam(raw, targets, [near, "什么是完全无关的问题？"], settings, dedup)
     assert len(kept.pairs) < len(raw.pairs)
     assert all(jaccard(shingles(normalize(p.question), 5), shingles(normalize(near), 5)) < 0.5 for p in kept.pairs)
     reasons = [d.reason for d in kept.dropped]
     assert "near_exam_question" in reasons
-    row = next(r for r in kept.rows if r["fact"] == EXAM[1]["answer"])
+    row = next(r for r in rows if r["fact"] == EXAM[1]["answer"])
     made = [p for p in raw.pairs if p.answer == EXAM[1]["answer"]] + \
         [d for d in raw.dropped if d.record["answer"] == EXAM[1]["answer"]]
     assert row["dropped near the exam"] >= 1

@@ -65,8 +65,8 @@ def dataset_rows(dataset_dir: str | Path) -> tuple[int, int]:
 def _pace(output_root: Path, settings: TrainSettings) -> tuple[float, float, str] | None:
     """Seconds per example and per validation pass of the newest finished run of this base model (None when
     there is none)."""
-    runs = []
-    for run_json in (output_root / "models").glob("*/run.json"):
+    finished = sorted((output_root / "models").glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for run_json in finished:  # newest first: the first of this base model is the one
         run = run_json.parent
         try:
             metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
@@ -78,11 +78,8 @@ def _pace(output_root: Path, settings: TrainSettings) -> tuple[float, float, str
         batch = int(trained.get("per_device_batch_size", 8)) * int(trained.get("gradient_accumulation_steps", 1))
         passes = len(metrics.get("validation") or [])
         per_pass = metrics.get("eval_seconds", 0.0) / passes if passes else 0.0
-        runs.append((run_json.stat().st_mtime, metrics["s_per_step"] / max(batch, 1), per_pass, run.name))
-    if not runs:
-        return None
-    _, per_example, per_pass, name = max(runs)
-    return per_example, per_pass, name
+        return metrics["s_per_step"] / max(batch, 1), per_pass, run.name
+    return None
 
 
 def expected_training(dataset_dir: str | Path, settings: TrainSettings, output_root: str | Path,
