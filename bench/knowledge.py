@@ -35,6 +35,9 @@ RECIPES = {
     "qa+text": {"text_rows": True},  # plus the documents' own text, loss on every token
     "qa+nosys": {"no_system_share": 0.3},  # 30% of the rows without their system message
     "qa+text+nosys": {"text_rows": True, "no_system_share": 0.3},
+    # configs/train.yaml's rate without NEFTune: what `doctune nightly` trained with, without --train-config,
+    # before the rate and the noise followed the base model's size
+    "lr2e-4": {"learning_rate": 2e-4, "neftune_alpha": 0.0},
 }
 
 

@@ -48,7 +48,11 @@ class TrainSettings(BaseModel):
     target_modules: str | list[str] = Field(
         "all-linear", description="'all-linear' (every projection but the output head) or a list of module names."
     )
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate after warmup.")
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="Peak learning rate after warmup; None: by the base model's size (SMALL_MODEL): "
+        "1e-3 under a billion parameters (SmolLM2-135M learnt the sample folder at 1e-3 and far less at 2e-4, "
+        "bench/README.md), else 2e-4 (the QLoRA paper's rate for 7B-13B models).",
+    )
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate decay after warmup."
     )
@@ -74,11 +78,12 @@ class TrainSettings(BaseModel):
         True, description="Recompute activations in the backward pass: less memory, ~25% slower."
     )
     save_every_steps: int = Field(20, ge=0, description="Checkpoint interval for resuming; 0: never.")
-    neftune_alpha: float = Field(
-        0, ge=0, le=100,
+    neftune_alpha: float | None = Field(
+        None, ge=0, le=100,
         description="NEFTune: uniform noise of size alpha / sqrt(sequence length x hidden size) on the input "
         "embeddings while training, so the model does not lean on the exact tokens of its training questions; "
-        "0: off.",
+        "0: off; None: by the base model's size, 15 under a billion parameters (measured on SmolLM2-135M), else 0 "
+        "(not measured on larger models here).",
     )
     text_rows: bool = Field(
         False, description="Train on the dataset's text-completion rows too (text.jsonl: the documents' own text, loss on every "
@@ -128,6 +133,23 @@ class TrainSettings(BaseModel):
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list; use 'all-linear' or name the modules")
         return self
+
+
+# The rate and the noise a base model gets when the settings leave them unset (None), by its parameter count.
+SMALL_MODEL = 1_000_000_000
+BY_SIZE = {"small": {"learning_rate": 1e-3, "neftune_alpha": 15.0}, "large": {"learning_rate": 2e-4, "neftune_alpha": 0.0}}
+
+
+def for_base_model(settings: TrainSettings, parameters: int | None) -> tuple[TrainSettings, str]:
+    """`settings` with an unset learning_rate and neftune_alpha filled in for a base model of `parameters`
+    parameters (None: not known, treated as large), and a line saying what was chosen and why. Set values stay."""
+    unset = {k: v for k, v in BY_SIZE["small" if parameters is not None and parameters < SMALL_MODEL else "large"].items()
+             if getattr(settings, k) is None}
+    if not unset:
+        return settings, ""
+    size = f"{parameters / 1e6:,.0f}M parameters" if parameters is not None else "an unknown parameter count"
+    chosen = ", ".join(f"{k} {v:g}" for k, v in unset.items())
+    return settings.model_copy(update=unset), f"{chosen} for a base model of {size} (unset in the settings)"
 
 
 # ------------------------------------------------------------------------------------------- evaluate

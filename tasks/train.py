@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from doctune.generation import chat_prompts, generate_greedy
 from doctune.metrics import fact_recall, rouge_l
-from doctune.model_settings import TrainSettings
+from doctune.model_settings import TrainSettings, for_base_model
 from doctune.prefect_utils import CACHE
 from doctune.runs import dataset_hash, dataset_system_prompt, run_dir_for, settings_hash, write_json
 from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
@@ -44,8 +44,8 @@ from doctune.training.data import (IGNORE, load_text_rows, load_train_split, loa
 from doctune.training.length import duration, expected_training
 from doctune.training.merge import merge_and_check
 from doctune.training.model import (
-    Plan, autocast_for, initial_plan, load_model, load_tokenizer, make_optimizer, micro_step_loss, probe_cpu_dtype,
-    set_4bit_compute, store_frozen_in_compute_dtype,
+    Plan, autocast_for, initial_plan, load_model, load_tokenizer, make_optimizer, micro_step_loss, parameter_count,
+    probe_cpu_dtype, set_4bit_compute, store_frozen_in_compute_dtype,
 )
 from doctune.training.report import loss_markdown, peak_memory, plot_loss
 
@@ -155,9 +155,10 @@ def keep_adapter(run_dir: Path, model, tokenizer, settings: TrainSettings, state
         state["selected_step"] = state["step"]
 
 
-def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: TrainSettings, base: str,
-                  dataset_dir: str | Path, data_counts: dict) -> None:
-    """loss.png, metrics.json, merged/ if asked, and run.json last (it marks the run finished)."""
+def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: TrainSettings, asked: TrainSettings,
+                  base: str, dataset_dir: str | Path, data_counts: dict) -> None:
+    """loss.png, metrics.json, merged/ if asked, and run.json last (it marks the run finished). `settings` are
+    what trained, `asked` the settings that name the run (unset size-dependent fields left unset)."""
     plot_loss(state["losses"], run_dir / "loss.png", state.get("evals"), state["selected_step"])
     metrics = {
         "steps": state["step"],
@@ -193,7 +194,9 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
             "base_model": base,
             "dataset_dir": str(dataset_dir),
             "dataset_sha256": dataset_hash(dataset_dir),
-            "settings_sha256": settings_hash(settings),
+            "settings_sha256": settings_hash(asked),
+            "learning_rate": settings.learning_rate,
+            "neftune_alpha": settings.neftune_alpha,
             "init_adapter": settings.init_adapter,
             "method": plan.name,
             "device": plan.device,
@@ -247,6 +250,10 @@ def train(
         from doctune.base_model import prepare_base_model
 
         base = str(prepare_base_model())
+    asked = settings  # names the run; `settings` below is what trains (the size-dependent defaults filled in)
+    settings, chosen = for_base_model(settings, parameter_count(base))
+    if chosen:
+        log.info("%s", chosen)
     tokenizer = load_tokenizer(base)
     examples, dropped = tokenize_split(tokenizer, load_train_split(dataset_dir), settings)
     n_qa = len(examples)
@@ -340,7 +347,7 @@ def train(
 
     keep_adapter(run_dir, model, tokenizer, settings, state)
     del model, optimizer, scheduler  # free the training copy before a merge loads an unquantized one
-    write_outputs(run_dir, tokenizer, state, plan, settings, base, dataset_dir,
+    write_outputs(run_dir, tokenizer, state, plan, settings, asked, base, dataset_dir,
                   {"examples": len(examples), "dropped": dropped})
     log.info("trained %s in %.0f s: final loss %.4f", run_dir, state["seconds"], state["losses"][-1]["loss"])
     return run_dir

@@ -17,7 +17,7 @@ from doctune.training.checkpoint import checkpoints
 from doctune.training.model import initial_plan, load_model
 from doctune.training.report import loss_markdown
 from tasks import train as tr
-from doctune.model_settings import TrainSettings, load_train_settings
+from doctune.model_settings import SMALL_MODEL, TrainSettings, for_base_model, load_train_settings
 from tasks.train import TrainingInterrupted, train
 from tests.training.common import SYSTEM, _row, adapter_weights, dataset_dir, one_thread, tiny_settings  # noqa: F401 (fixtures)
 
@@ -67,6 +67,32 @@ def test_bad_values_name_the_key_and_the_fix(tmp_path, yaml_text, expected):
     with pytest.raises(ValueError, match="train.yaml: ") as err:
         load_train_settings(path)
     assert expected in str(err.value)
+
+
+def test_unset_rate_and_noise_follow_the_base_models_size():
+    small, said = for_base_model(TrainSettings(), 134_515_008)
+    assert (small.learning_rate, small.neftune_alpha) == (1e-3, 15) and "135M parameters" in said
+    large, _ = for_base_model(TrainSettings(), 7 * SMALL_MODEL)
+    assert (large.learning_rate, large.neftune_alpha) == (2e-4, 0)
+    unknown, said = for_base_model(TrainSettings(), None)
+    assert unknown == large and "unknown parameter count" in said
+    kept, said = for_base_model(TrainSettings(learning_rate=3e-4, neftune_alpha=0), 10**8)
+    assert kept == TrainSettings(learning_rate=3e-4, neftune_alpha=0) and said == ""
+    partly, _ = for_base_model(TrainSettings(neftune_alpha=5), 10**8)
+    assert (partly.learning_rate, partly.neftune_alpha) == (1e-3, 5)
+
+
+def test_a_run_records_the_rate_and_noise_it_chose_and_keeps_its_name(tiny_model, dataset_dir, tmp_path,
+                                                                        caplog):
+    settings = tiny_settings(tiny_model, max_steps=2, learning_rate=None, neftune_alpha=None)
+    with caplog.at_level("INFO", logger="tasks.train"):
+        run_dir = train(dataset_dir, settings, tmp_path, progress=False)
+    assert run_dir == run_dir_for(dataset_dir, settings, tmp_path)  # the name comes from the settings as given
+    run = json.loads((run_dir / "run.json").read_text())
+    assert (run["learning_rate"], run["neftune_alpha"]) == (1e-3, 15)  # a tiny model: the small-model values
+    assert run["settings_sha256"] == settings_hash(settings)
+    assert load_train_settings(run_dir / "settings.yaml") == settings
+    assert any("learning_rate 0.001, neftune_alpha 15 for a base model of" in r.message for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- training

@@ -153,6 +153,32 @@ def load_model(base: str, plan: Plan, settings: TrainSettings):
     return model
 
 
+def parameter_count(base: str) -> int | None:
+    """The base model's parameter count from its safetensors headers (no weights read; a shared tensor is
+    stored once); None when `base` is no local folder of safetensors (a hub id not in the local cache)."""
+    import json
+    import struct
+
+    folder = Path(base)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(base, local_files_only=True, allow_patterns=["*.safetensors"]))
+        except Exception:  # not cached, or not a hub id: the caller treats the size as unknown
+            return None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
 def add_neftune(model, alpha: float):
     """NEFTune (Jain et al. 2023, arXiv 2310.05914): in training mode the input embeddings get
     uniform noise in +-alpha / sqrt(L * d), L the row length and d the hidden size. A small model

@@ -1,4 +1,5 @@
-"""The trainable model: NEFTune noise, and frozen weights stored in bf16 without changing a bit."""
+"""The trainable model: NEFTune noise, frozen weights stored in bf16 without changing a bit, and the base
+model's size read from its files."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 from doctune.training.batching import collate
 from doctune.training.data import load_train_split, tokenize_split
-from doctune.training.model import initial_plan, load_model, micro_step_loss, store_frozen_in_compute_dtype
+from doctune.training.model import (
+    initial_plan, load_model, micro_step_loss, parameter_count, store_frozen_in_compute_dtype,
+)
 from tests.training.common import tiny_settings
 
 
@@ -59,3 +62,13 @@ def test_bf16_frozen_weights_cast_once_leave_loss_and_gradients_unchanged(tiny_m
     fp32 = tiny_settings(tiny_model, cpu_dtype="fp32")
     plan = initial_plan(fp32)
     assert store_frozen_in_compute_dtype(load_model(tiny_model, plan, fp32), plan) == 0
+
+
+def test_parameter_count_reads_the_safetensors_headers(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    stored = {id(p): p.numel() for p in model.parameters()}  # a tied head shares the embedding's tensor
+    assert parameter_count(tiny_model) == sum(stored.values())
+    assert parameter_count(str(tmp_path)) is None  # a folder without safetensors
+    assert parameter_count("nobody/no-such-model") is None  # not a folder, not in the local hub cache
