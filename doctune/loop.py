@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from doctune.runs import write_json
 
 LOOP_FILE = "loop.json"
+LOOP_MODE = "loop"  # the `mode` of every question/answer row the loop made (tasks/loop.py)
 MISSES_FILE = "misses.json"
 
 
@@ -45,8 +46,8 @@ class LoopSettings(BaseModel):
         0, ge=0, le=10, description="Rounds of extra material per document version for the exam questions the "
         "candidate missed; a document also stops when a round gained nothing. 0: no loop. Off until "
         "bench/knowledge.py --loop shows paraphrased questions, not only the exam, rising on both bench corpora: "
-        "one round raised the exam +12 and +21 points and left the paraphrases flat (bench/README.md), and "
-        "without a gold set the exam, whose facts the loop drills, decides promotion.")
+        "one round raised the exam +12 and +21 points and left the paraphrases flat (bench/README.md). Exam "
+        "questions about drilled facts never decide promotion (tasks/promote.py).")
     questions_per_fact: int = Field(
         4, ge=0, le=20, description="New question wordings asked of the endpoint per missed fact and round (sampled with "
         "the round's seed, checked like synthesis); a language the endpoint cannot write gets rule-made ones only.")

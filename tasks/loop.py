@@ -22,7 +22,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from doctune.llm import chat, make_client
-from doctune.loop import LoopSettings
+from doctune.loop import LOOP_MODE, LoopSettings
 from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt
 from doctune.records import Chunk, Dropped, QAPair, short_hash
@@ -34,7 +34,7 @@ from tasks.synthesize import (SynthResult, check_question, clean_question, fact_
 from tasks.variants import heading_line
 
 STAGE = "loop"
-MODE = "loop"
+MODE = LOOP_MODE
 EN_FRAMES = ("According to {where}, {q}", "{q} ({where})", "In {where}: {q}")
 ZH_FRAMES = ("根据《{where}》，{q}", "{where}：{q}", "关于{where}，{q}")
 WH_START = ("what", "how", "when", "where", "which", "who", "why")

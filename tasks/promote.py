@@ -9,6 +9,9 @@ folder has gold questions, else on the exam the build made from the documents. E
   new or changed documents promotes only a clearly better candidate (lower end reaching promotion_margin), so
   reshuffling does not churn the served model.
 
+On the exam, questions about the facts the closed loop gave material to in the candidate's dataset are left out
+(drilled_exam_ids): the loop drills exactly those facts, so they would reward drilling, not learning the documents.
+
 A candidate that forgot the base model's general answers (the forgetting check in tasks/evaluate.py) is not
 promoted whatever it learned. Every decision is kept in the registry with its reason, and shown in the
 Prefect UI."""
@@ -24,9 +27,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from doctune.loop import LOOP_MODE
 from doctune.records import read_jsonl
 from doctune.registry import append_decision, read_current, write_current
-from tasks.evaluate import EvalReport, in_prefect_run
+from tasks.evaluate import EvalReport, MetricRow, in_prefect_run
 
 RESAMPLES = 2000
 
@@ -96,6 +100,35 @@ def trained_documents(run_dir: str | Path) -> set[str] | None:
     return {str(r.get("chunk_id") or "").split(":")[0] for f in files for r in read_jsonl(f)} - {""}
 
 
+def drilled_exam_ids(report: EvalReport) -> set[str]:
+    """The exam questions about facts the candidate's dataset holds closed-loop material for (rows of mode 'loop',
+    in any split): empty when the dataset or the exam is gone or the loop made nothing."""
+    hf = Path(report.dataset_dir) / "hf" if report.dataset_dir else None
+    if not (report.exam_path and Path(report.exam_path).is_file() and hf and hf.is_dir()):
+        return set()
+    from datasets import load_from_disk
+
+    facts = set()
+    for split in load_from_disk(str(hf)).values():
+        if "mode" in split.column_names:
+            facts |= {(c, a) for m, c, a in zip(split["mode"], split["chunk_id"], split["answer"]) if m == LOOP_MODE}
+    if not facts:
+        return set()
+    return {i["id"] for i in read_jsonl(report.exam_path) if (i.get("chunk_id"), i.get("answer")) in facts}
+
+
+def without_drilled(row: MetricRow | None, examples: list[dict], metric: str) -> MetricRow | None:
+    """The exam row recomputed over `examples` (the drilled questions already left out); None when none is left."""
+    kept = [e for e in examples if e["set"] == "exam" and e.get("tuned", {}).get(metric) is not None]
+    if row is None or not kept:
+        return None
+    mean = lambda side: round(sum(e[side][metric] for e in kept) / len(kept), 4)  # noqa: E731
+    current = mean("current") if row.current is not None and all(e.get("current", {}).get(metric) is not None
+                                                                  for e in kept) else None
+    return row.model_copy(update={"n": len(kept), "base": mean("base"), "tuned": mean("tuned"), "current": current,
+                                  "delta": round(mean("tuned") - mean("base"), 4)})
+
+
 def _scored(examples: list[dict], set_name: str, metric: str, who: tuple[str, ...]) -> list[dict]:
     return [e for e in examples if e["set"] == set_name and all(e.get(w, {}).get(metric) is not None for w in who)]
 
@@ -140,11 +173,26 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
     margin = report.settings.promotion_margin if margin is None else margin
     set_name = "gold" if report.get(metric, "gold") else "exam" if report.get(metric, "exam") else None
     row = report.get(metric, set_name) if set_name else None
+    drilled = drilled_exam_ids(report) if set_name == "exam" else set()
+
+    def examples() -> list[dict]:
+        return [e for e in read_jsonl(Path(report.eval_dir) / "examples.jsonl")
+                if not (e["set"] == "exam" and e["id"] in drilled)]
+
+    left_out = ""
+    if drilled:
+        row = without_drilled(row, examples(), metric)
+        left_out = (f" ({len(drilled)} exam questions about facts the closed loop drilled left out; "
+                    f"{row.n if row else 0} decide)")
     current = read_current(registry)
     candidate_score = row.tuned if row else None
     reference_score, compared_to, parts = None, "", []
     digest = {"gold": report.gold_sha256, "exam": report.exam_sha256}.get(set_name or "")
-    if row is None:
+    if row is None and drilled:
+        promoted, reason = False, (f"every exam question is about a fact the closed loop drilled{left_out}: the "
+                                   "exam cannot tell what the candidate learnt; add gold questions to the folder's "
+                                   "gold/*.jsonl, or turn the loop off (loop.max_rounds: 0)")
+    elif row is None:
         promoted, reason = False, (f"no gold question and no exam question with a {metric} in {report.eval_dir}: "
                                    "nothing to compare; add gold questions to the folder's gold/*.jsonl, or build "
                                    "with the exam on (exam.enabled) so the documents make their own")
@@ -154,9 +202,8 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
         promoted, reason = False, (f"{report.candidate} is already the current model; its scores in "
                                    f"{registry / 'current.json'} now come from {report.eval_dir}")
     elif current and report.current == current["run_dir"] and row.current is not None:
-        examples = read_jsonl(Path(report.eval_dir) / "examples.jsonl")
         reference_score, compared_to = row.current, f"current:{current['run_dir']}"
-        promoted, parts, why = against_current(examples, set_name, metric, current["run_dir"], margin,
+        promoted, parts, why = against_current(examples(), set_name, metric, current["run_dir"], margin,
                                                report.settings.noninferiority_tolerance)
         reason = (f"{set_name} {metric}: candidate {candidate_score:.3f} vs current {reference_score:.3f}, both "
                   f"answering tonight's questions ({why}); " + "; ".join(p.text() for p in parts))
@@ -178,16 +225,17 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
         reason = (f"{set_name} {metric}: candidate {candidate_score:.3f} vs current {reference_score:.3f} as "
                   f"recorded ({gain:+.3f}); promotion needs at least +{margin:.3f}")
     else:
-        examples = _scored(read_jsonl(Path(report.eval_dir) / "examples.jsonl"), set_name, metric, ("base", "tuned"))
+        scored = _scored(examples(), set_name, metric, ("base", "tuned"))
         reference_score, compared_to = row.base, f"base:{report.base_model}"
-        if not examples:
+        if not scored:
             raise ValueError(f"{report.eval_dir}/examples.jsonl holds no {set_name} example with a {metric} for both "
                              "models, though its report has one: the folder was changed by hand; evaluate again")
-        parts = [compare(examples, metric, "base", "against the base", margin,
+        parts = [compare(scored, metric, "base", "against the base", margin,
                          f"the lower end must reach +{margin:.3f}")]
         promoted = parts[0].passed
         reason = (f"{set_name} {metric}: candidate {candidate_score:.3f} vs base {reference_score:.3f}; "
                   + parts[0].text())
+    reason += left_out if row is not None else ""
     if promoted and report.general and not report.general["passed"]:
         promoted, reason = False, reason + "; " + forgotten(report.general)
     run_json = Path(report.candidate) / "run.json"

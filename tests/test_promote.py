@@ -180,3 +180,38 @@ def test_a_candidate_that_forgot_the_general_prompts_is_not_promoted_whatever_it
     kept = {**general, "mean_shift": 0.2, "passed": True}
     assert decide_promotion(make_report(tmp_path, "runs/r2", base=0.0, tuned=0.9).model_copy(
         update={"general": kept}), tmp_path / "registry", margin=0.05).promoted
+
+
+def drilled_dataset(tmp_path: Path, n: int, drilled: range) -> tuple[Path, Path]:
+    """A dataset whose hf/ holds loop rows for the facts of exam questions e<i>, i in `drilled`, and the exam."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"chunk_id": f"d1:{i}", "answer": f"Fact {i}.", "mode": "loop" if i in drilled else "fact"}
+            for i in range(n)]
+    dataset = tmp_path / "datasets" / "ds-looped"
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(dataset / "hf"))
+    exam = dataset / "exam.jsonl"
+    write_jsonl(exam, [{"id": f"e{i}", "chunk_id": f"d1:{i}", "answer": f"Fact {i}."} for i in range(n)])
+    return dataset, exam
+
+
+def test_exam_questions_about_facts_the_loop_drilled_do_not_decide(tmp_path):
+    # The candidate answers the 8 drilled facts' questions and none of the 12 others better than the base.
+    rows = [("d1", 0.0, 0.0, 1.0)] * 8 + [("d1", 0.5, 0.0, 0.5)] * 12
+    dataset, exam = drilled_dataset(tmp_path, 20, range(8))
+    report = exam_report(tmp_path, "runs/drilled", rows).model_copy(
+        update={"dataset_dir": str(dataset), "exam_path": str(exam)})
+    d = decide_promotion(report, tmp_path / "registry", margin=0.05)
+    assert not d.promoted and d.parts[0].n == 12 and d.parts[0].gain == 0
+    assert "8 exam questions about facts the closed loop drilled left out; 12 decide" in d.reason
+    assert d.candidate_score == 0.5 and d.reference_score == 0.5
+    # Without loop rows in the dataset, every question counts, and the drilled gain would have promoted.
+    plain, exam = drilled_dataset(tmp_path / "plain", 20, range(0))
+    d = decide_promotion(report.model_copy(update={"dataset_dir": str(plain), "exam_path": str(exam)}),
+                         tmp_path / "registry2", margin=0.05)
+    assert d.promoted and d.parts[0].n == 20 and "drilled" not in d.reason
+    # Every question drilled: nothing can decide on the exam, and the reason says what to do.
+    everything, exam = drilled_dataset(tmp_path / "all", 20, range(20))
+    d = decide_promotion(report.model_copy(update={"dataset_dir": str(everything), "exam_path": str(exam)}),
+                         tmp_path / "registry3", margin=0.05)
+    assert not d.promoted and "every exam question is about a fact the closed loop drilled" in d.reason
