@@ -48,7 +48,7 @@ def dropped_examples(dropped: list[Dropped], per_reason: int = 3) -> None:
             continue
         seen[key] += 1
         rec = d.record
-        rows.append({"stage": d.stage, "reason": d.reason, "question": _short(rec.get("question", rec.get("reply", ""))),
+        rows.append({"stage": d.stage, "reason": d.reason, "question": _short(rec.get("question", rec.get("reply", rec.get("text", "")))),
                      "answer": _short(rec.get("answer", "")), "duplicate_of": d.duplicate_of or "",
                      "source": rec.get("chunk_id") or rec.get("path") or ""})
     create_table_artifact(rows or [{"stage": "-", "reason": "nothing dropped"}], key="dropped-examples",

@@ -229,6 +229,24 @@ class DatasetSettings(_Settings):
     permutations: int = Field(2, ge=0, le=8, description="Other orders of each chunk's fact sentences (variants).")
 
 
+class RewriteSettings(_Settings):
+    styles: list[Literal["notes", "relations", "paraphrase"]] = Field(
+        default_factory=list,
+        description="With dataset.text_rows: each chunk rewritten by the endpoint once per style, as more "
+        "text-completion rows (tasks/rewrite.py): notes (study notes, one self-contained line per fact, as in Active "
+        "Reading), relations (the passage's entities and how each linked pair relates, as in EntiGraph), paraphrase "
+        "(the passage retold in other words and order). Empty: none. Worth it with a capable endpoint; a 135M "
+        "model's rewrites lose facts and are mostly dropped by the checks.",
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature of the rewrites.")
+    max_tokens: int = Field(512, ge=32, le=8192, description="Longest rewrite, in tokens.")
+    min_value_share: float = Field(
+        0.5, ge=0, le=1,
+        description="A rewrite must keep at least this share of its chunk's numbers, dates and amounts, or it is "
+        "dropped (lost_values); one with a number the chunk does not have is always dropped (invented_value).",
+    )
+
+
 class BuildSettings(_Settings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     chunk: ChunkSettings = Field(default_factory=ChunkSettings)
@@ -237,6 +255,7 @@ class BuildSettings(_Settings):
     translate: TranslateSettings = Field(default_factory=TranslateSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    rewrite: RewriteSettings = Field(default_factory=RewriteSettings)
     output_dir: str = Field("outputs", description="Where datasets and intermediate files are written.")
     runner: Literal["threads", "dask"] = Field(
         "threads",

@@ -19,7 +19,7 @@ from doctune.prefect_utils import with_network_retries
 from doctune.quality import check_stage, keep_rate_rows
 from doctune.records import Dropped
 from doctune.settings import BuildSettings
-from flows.build_steps import (exam_documents, ingest_folder, loop_material, optional_stage,
+from flows.build_steps import (exam_documents, ingest_folder, loop_material, optional_stage, rewrite_documents,
                                stop_if_every_document_failed, synthesis_jobs, synthesize_documents, usage_row)
 from tasks.cloze import cloze_task
 from tasks.dataset import text_rows, write_dataset_task
@@ -117,10 +117,24 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
                 artifacts.failures(failures)
             artifacts.loop_material(looped.rows, loop_registry)
 
+    # 3d. Rewrites: each chunk retold by the endpoint in rewrite.styles, as more text rows (tasks/rewrite.py).
+    #     They only add to the dataset: a document whose rewrites failed is a failure row, and the build goes on.
+    rewritten = None
+    if settings.dataset.text_rows and settings.rewrite.styles:
+        rewritten = rewrite_documents(prep.chunks, llm, settings.rewrite, sorted(choice.skip_languages))
+        usage.append(usage_row("rewrite", rewritten.made, None, rewritten.reused))
+        if rewritten.failures:
+            failures += rewritten.failures
+            artifacts.failures(failures)
+
     # 4. Translate (optional); originals are kept. Translation and replay only add to the dataset:
     #    when the endpoint fails them, the run goes on without them (listed in failures).
     pairs = sorted(prep.given, key=lambda p: HUMAN_FIRST[p.source]) + synth.pairs
     dropped = list(synth.dropped) + not_synthesized
+    if rewritten is not None:
+        dropped += rewritten.result.dropped
+        rates += keep_rate_rows("rewrite", len(rewritten.result.rows) + len(rewritten.result.dropped),
+                                rewritten.result.dropped)
     n_failures = len(failures)
     if settings.translate.enabled:
         tr = optional_stage("translate", f"all {len(pairs)} pairs", translate_task, llm, pairs, llm,
@@ -185,6 +199,8 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     texts = text_rows(all_chunks) if settings.dataset.text_rows else []
     if texts and settings.dataset.variants:
         texts += variant_rows(all_chunks, prep.given, settings.dataset.permutations, settings.dataset.seed)
+    if rewritten is not None:
+        texts += rewritten.result.rows
     counts["text_rows"] = len(texts)
     path = write_dataset_task(kept, dropped, counts, settings.dataset, str(out), texts)
     artifacts.dataset_summary(path, (Path(path) / "card.md").read_text(encoding="utf-8"))

@@ -21,11 +21,12 @@ from doctune.prefect_utils import synthesis_runner, with_network_retries
 from doctune.records import Chunk, Document, QAPair, SkippedFile
 from doctune.exam import ExamItem, ExamSettings
 from doctune.loop import LoopSettings, loop_targets
-from doctune.settings import BuildSettings, DedupSettings, LLMSettings
+from doctune.settings import BuildSettings, DedupSettings, LLMSettings, RewriteSettings
 from tasks.exam import ExamResult, exam_document_task
 from tasks.ingest import discover_all
 from tasks.loop import LoopTarget, away_from_exam, loop_material_task
 from tasks.prepare import prepare_batch_task
+from tasks.rewrite import RewriteResult, rewrite_document_task
 from tasks.synthesize import SynthResult, synthesize_document_task
 
 
@@ -261,6 +262,31 @@ def loop_material(registry: str, chunks: dict[str, list[Chunk]], faq: list[Chunk
                           sum(d.reason == "near_exam_question" for d in result.dropped))
     return Looped(result=result, rows=rows, made=reduce(SynthResult.merge, done.made, SynthResult()),
                   reused=done.reused, failures=done.failures)
+
+
+# ----------------------------------------------------------------------------- 3d. rewrites
+
+
+@dataclass
+class Rewritten:
+    result: RewriteResult  # every document's, in folder order
+    made: RewriteResult  # what this run asked the endpoint
+    reused: int
+    failures: list[dict]
+
+
+def rewrite_documents(chunks: dict[str, list[Chunk]], llm: LLMSettings, settings: RewriteSettings,
+                      skip_languages: list[str]) -> Rewritten:
+    """One cached rewrite task per document, all submitted at once (the endpoint's concurrency bound keeps the
+    calls in check). A failed document is a failure row; the build goes on without its rewrites."""
+    task = with_network_retries(rewrite_document_task, llm)
+    done = gather("rewrite", [(path, task.submit(path, cs, llm, settings, skip_languages))
+                              for path, cs in chunks.items() if cs])
+    result = reduce(RewriteResult.merge, done.results, RewriteResult())
+    get_run_logger().info("rewrites: %d kept, %d dropped by the checks, from %d calls (%d documents from the cache)",
+                          len(result.rows), len(result.dropped), result.calls, done.reused)
+    return Rewritten(result=result, made=reduce(RewriteResult.merge, done.made, RewriteResult()),
+                     reused=done.reused, failures=done.failures)
 
 
 # ----------------------------------------------------------------------------- 4-5. optional stages

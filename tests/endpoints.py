@@ -53,13 +53,24 @@ def _completion(text: str, model: str) -> dict:
 
 
 def scripted_reply(messages: list[dict], seed: int | None, behaviour: str) -> tuple[str, str]:
-    """(kind, reply) for a request: kind is 'fact', 'qa', 'exam', 'translate' or 'other'."""
+    """(kind, reply) for a request: kind is 'fact', 'qa', 'exam', 'translate', 'rewrite' or 'other'."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     last = messages[-1]["content"]
     if "Translate" in system:
         return "translate", "这是一个翻译后的句子：" + last
     # english_only: a model that writes English but echoes junk for Chinese input (like SmolLM2-135M).
     cannot = behaviour == "garbage" or (behaviour == "english_only" and re.search(r"[\u4e00-\u9fff]", last))
+    if "study material" in system:  # prompts/rewrite.yaml: notes kept, relations invent a year, paraphrase copies
+        where, _, passage = last.partition("\n\n")
+        passage = passage.strip().strip('"').strip()
+        sentences = [s for s in re.split(r"(?<=\.)\s+|(?<=。)", passage) if s.strip()]
+        if cannot:
+            return "rewrite", "I cannot do that."
+        if "study notes" in system:
+            return "rewrite", "\n".join(f"- {where}: {s}" for s in sentences)
+        if "entities" in system:
+            return "rewrite", f"Entities: {where}.\n{where} dates from 1887. " + " ".join(sentences)
+        return "rewrite", passage
     if "JSON" in system:
         passage = re.search(r'"""\s*(.*?)\s*"""', last, re.DOTALL)
         first = re.split(r"(?<=[.。])\s*", passage.group(1))[0] if passage else last

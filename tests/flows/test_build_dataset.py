@@ -11,7 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from doctune.records import read_jsonl
-from doctune.settings import BuildSettings, LLMSettings, SynthSettings
+from doctune.settings import BuildSettings, LLMSettings, RewriteSettings, SynthSettings
 from flows.build_dataset import build_dataset
 from tasks.dedup import normalize
 from tests.endpoints import ScriptedEndpoint
@@ -160,6 +160,39 @@ def test_build_then_cached_then_only_the_edited_document(tmp_path, scripted):
     assert [e for e in exam3 if e["path"] == "handbook.md"] == [e for e in exam if e["path"] == "handbook.md"]
     ingest = {row["what"]: row["count"] for row in asyncio.run(latest_table("ingest"))}
     assert ingest["from the cache"] == 2 and ingest["read now"] == 1  # only the edited file was read again
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_rewrites_are_checked_text_rows_made_once(tmp_path, scripted):
+    # The scripted endpoint's notes keep every value; its relations add a year no document has.
+    folder = write_docs(tmp_path / "docs")
+    settings = settings_for(scripted, tmp_path / "out").model_copy(
+        update={"rewrite": RewriteSettings(styles=["notes", "relations"])})
+    path, _ = run(folder, settings)
+    texts = read_jsonl(Path(path) / "text.jsonl")
+    chunks = {t["chunk_id"]: t["path"] for t in texts if t["kind"] == "document"}
+    assert set(chunks.values()) == {"handbook.md", "products.md"}
+    assert scripted.calls["rewrite"] == 2 * len(chunks)
+    notes = {t["chunk_id"]: t for t in texts if t["kind"] == "rewrite:notes"}
+    assert set(notes) == set(chunks) and not [t for t in texts if t["kind"] == "rewrite:relations"]
+    assert "- Products: The Vindel lamp costs 349 crowns." in next(t["text"] for t in notes.values()
+                                                                   if t["path"] == "products.md")
+    dropped = [d for d in read_jsonl(Path(path) / "dropped.jsonl") if d["stage"] == "rewrite"]
+    assert {d["reason"] for d in dropped} == {"invented_value"} and len(dropped) == len(chunks)
+    assert all("1887" in d["detail"] for d in dropped)
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["text_rows_by_kind"]["rewrite:notes"] == len(chunks)
+    usage = {row["stage"]: row for row in asyncio.run(latest_table("token-usage"))}
+    assert usage["rewrite"]["calls"] == 2 * len(chunks) and usage["rewrite"]["from_cache"] == 0
+    rates = [r for r in asyncio.run(latest_table("keep-rates")) if r["stage"] == "rewrite"]
+    assert {r["filter"]: r["dropped"] for r in rates} == {"invented_value": len(chunks), "(all)": len(chunks)}
+
+    path2, run_id = run(folder, settings)  # unchanged: no rewrite call, the same rows
+    assert path2 == path and scripted.calls["rewrite"] == 2 * len(chunks)
+    states = asyncio.run(task_states(run_id))
+    assert states["rewrite handbook.md"] == states["rewrite products.md"] == "Cached"
+    usage = {row["stage"]: row for row in asyncio.run(latest_table("token-usage"))}
+    assert usage["rewrite"]["calls"] == 0 and usage["rewrite"]["from_cache"] == 2
 
 
 @pytest.mark.usefixtures("prefect_server")
