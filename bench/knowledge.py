@@ -12,7 +12,8 @@ Needs the local services:  . scripts/env.sh && scripts/services.sh up prefect ll
 Run:   python bench/knowledge.py                                  # every recipe, seeds 0 1 2, both corpora
        python bench/knowledge.py --recipes qa qa+text --seeds 0 --corpora lumen --max-steps 40   # a quick look
        python bench/knowledge.py --recipes qa --loop                  # what one round of the closed loop buys
-Prints a table per corpus (mean, min and max over the seeds, training minutes) and writes knowledge.json.
+Prints a table per corpus (mean, min and max over the seeds, training minutes) and writes knowledge.json, and every
+reply to <output-dir>/<corpus>/replies-<recipe>-seed<seed>.jsonl (to read what a recipe gets wrong).
 """
 
 from __future__ import annotations
@@ -47,14 +48,20 @@ def answered(reply: str, facts: list[str]) -> bool:
     return bool(facts) and fact_recall(reply, facts) == 1.0
 
 
-def score(model: str, items: list, system: str) -> dict[str, list[bool]]:
-    """Per language, whether each question was answered."""
+def score(model: str, items: list, system: str, replies_file: Path | None = None) -> dict[str, list[bool]]:
+    """Per language, whether each question was answered; each reply is appended to `replies_file` to read later."""
     from doctune.generation import generate_answers
 
     replies = generate_answers(model, [i.question for i in items], [system] * len(items))
     out: dict[str, list[bool]] = {}
     for item, reply in zip(items, replies):
         out.setdefault(item.language, []).append(answered(reply, item.facts))
+    if replies_file is not None:
+        with replies_file.open("a", encoding="utf-8") as f:
+            for item, reply in zip(items, replies):
+                f.write(json.dumps({"model": str(model), "system": bool(system), "id": item.id, "language": item.language,
+                                    "question": item.question, "facts": item.facts, "reply": reply,
+                                    "answered": answered(reply, item.facts)}, ensure_ascii=False) + "\n")
     return out
 
 
@@ -130,8 +137,10 @@ def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out
             metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
             row = {"corpus": name, "recipe": recipe, "seed": seed, "run": str(run_dir),
                    "train_minutes": round(metrics.get("train_seconds", time.perf_counter() - start) / 60, 1)}
+            replies = out / name / f"replies-{recipe}-seed{seed}.jsonl"
+            replies.unlink(missing_ok=True)
             for how, sys in (("system", system), ("none", "")):
-                for lang, flags in score(run_dir, items, sys).items():
+                for lang, flags in score(run_dir, items, sys, replies).items():
                     row[f"{lang}_{how}"] = share(flags)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from doctune.exam import EXAM_FILE, ExamSettings, exam_digest
 from doctune.gold import gold_bytes, gold_files
-from doctune.loop import LoopSettings, after_evaluation, close_without_training, missed, read_loop
+from doctune.loop import LoopSettings, after_evaluation, close_without_training, missed
 from doctune.model_settings import EvalSettings, ExportSettings, TrainSettings
 from doctune.records import read_jsonl
 from doctune.registry import check_model_name, earlier_decision, model_name_for, read_current
@@ -158,9 +158,7 @@ def loop_after_evaluation(registry: Path, dataset_dir: str, decision: dict, repo
 
 def loop_without_training(registry: Path, why: str, settings: LoopSettings) -> list[dict] | None:
     """Tonight trained nothing: an open round's material changed nothing, so it gained nothing."""
-    if not settings.max_rounds or not read_loop(registry)["documents"]:
-        return None
-    return close_without_training(registry, why)
+    return (close_without_training(registry, why) or None) if settings.max_rounds else None
 
 
 def child_failure(kind: str, child, ui_url: str | None) -> str:
