@@ -231,7 +231,7 @@ class DatasetSettings(_Settings):
 
 class RewriteSettings(_Settings):
     styles: list[Literal["notes", "relations", "paraphrase"]] = Field(
-        default_factory=list,
+        [],  # a plain default, not a factory: the Prefect UI's run form draws a field without one empty
         description="With dataset.text_rows: each chunk rewritten by the endpoint once per style, as more "
         "text-completion rows (tasks/rewrite.py): notes (study notes, one self-contained line per fact, as in Active "
         "Reading), relations (the passage's entities and how each linked pair relates, as in EntiGraph), paraphrase "
