@@ -175,9 +175,15 @@ def decide_promotion(report: EvalReport, registry_dir: str | Path, margin: float
     row = report.get(metric, set_name) if set_name else None
     drilled = drilled_exam_ids(report) if set_name == "exam" else set()
 
+    kept: list[dict] | None = None
+
     def examples() -> list[dict]:
-        return [e for e in read_jsonl(Path(report.eval_dir) / "examples.jsonl")
-                if not (e["set"] == "exam" and e["id"] in drilled)]
+        """examples.jsonl without the drilled questions, read once."""
+        nonlocal kept
+        if kept is None:
+            kept = [e for e in read_jsonl(Path(report.eval_dir) / "examples.jsonl")
+                    if not (e["set"] == "exam" and e["id"] in drilled)]
+        return kept
 
     left_out = ""
     if drilled:
