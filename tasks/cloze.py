@@ -58,13 +58,23 @@ _LABEL_BEFORE = re.compile(
 # A second clause: "and" followed by a verb ("and needs ...", "and can fly ...").
 _AND_CLAUSE = re.compile(r",? and (?=(?:can|must|may|will|is|are|has|have|[a-z]+[^s\W]s)\b)")
 
-_ZH_VALUES = [  # (pattern, kind): the first match from the end of the sentence is asked for
+_ZH_UNITS = "个工作日|工作日|个月|分钟|小时|公斤|千克|公里|千米|米|天|周|年|次|台|架|人|名|位|个|岁|件|盒|份|张|层|楼"
+_ZH_TIME_UNITS = {"个工作日", "工作日", "个月", "分钟", "小时", "天", "周", "年"}
+_ZH_VALUES = [  # (pattern, kind), by priority where two overlap; the last two values of a sentence are asked for
     (re.compile(r"\d{3,4}-\d{3,4}-\d{3,4}(?:\s*转\s*\d+)?"), "number"),
-    (re.compile(r"(?:人民币)?\d+(?:[.,]\d+)*\s?(?:元|欧元|美元)"), "money"),
-    (re.compile(r"\d+(?:\.\d+)?\s?(个工作日|工作日|个月|分钟|小时|公斤|千克|天|周|年|次|台|架|人|个)"), "count"),
+    (re.compile(r"\d{1,2}:\d\d\s*(?:至|到|-|–|~)\s*\d{1,2}:\d\d"), "time_range"),
+    (re.compile(r"(?:人民币)?\d+(?:[.,]\d+)*\s?(元|欧元|美元)"), "money"),
+    (re.compile(rf"\d+(?:\.\d+)?(?:\s?(?:到|至|-|~)\s?\d+(?:\.\d+)?)?\s?({_ZH_UNITS})"), "count"),
     (re.compile(r"\d{1,2}:\d\d"), "time"),
+    (re.compile(r"[一二三四五六七八九]{1,2}折"), "discount"),
+    (re.compile(r"每(?:周|星期)[一二三四五六日天]"), "weekday"),
+    (re.compile(r"\d+号(?=[\u4e00-\u9fff])"), "ordinal"),
 ]
 _ZH_PERSON = re.compile(r"(负责人|创始人|首席执行官|总经理|经理|主管|总监|联系人)(是|为)[\u4e00-\u9fff]{2,4}$")
+# A section heading glued to the first sentence of a plain-text file ("售后政策 ===== 一、保修 特萨林无人机…").
+_ZH_HEADING = re.compile(r"^(?:\S[^=]{0,30}?\s+=+\s+)?(?:[一二三四五六七八九十]+、\S{1,10}\s+)?")
+# A verb or word after a duration that makes "多久" read well ("开船前20分钟到达" -> "开船前多久到达").
+_ZH_AFTER_DURATION = re.compile(r"^(?:$|[内后前，,]|到达|送达|完成|开具|有效)")
 
 
 def _kind(target: str) -> str | None:
@@ -272,19 +282,78 @@ def _short_name(subject: str) -> str:
     return (m.group(1) or "") + m.group(2) if m and any(c.isdigit() for c in m.group(2)) else subject
 
 
+def chinese_fact(fact: str) -> str:
+    """The fact sentence without a section heading glued to its front by the reader."""
+    sentence = fact.strip()
+    head = _ZH_HEADING.match(sentence)
+    rest = sentence[head.end():] if head else sentence
+    return rest if len(rest) >= 8 else sentence
+
+
+def _zh_values(sentence: str) -> list[tuple[re.Match, str]]:
+    """The values of a Chinese sentence in order, a higher-priority kind winning where two overlap."""
+    found: list[tuple[re.Match, str]] = []
+    for pattern, kind in _ZH_VALUES:
+        for m in pattern.finditer(sentence):
+            if all(m.end() <= o.start() or m.start() >= o.end() for o, _ in found):
+                found.append((m, kind))
+    return sorted(found, key=lambda x: x[0].start())
+
+
+def _zh_words(m: re.Match, kind: str, before: str, after: str, t: dict) -> list[str]:
+    """The question words for one value, the plainest last."""
+    if kind == "count":
+        unit = m.group(1)
+        words = [render(t["count_few"], unit=unit)]
+        if unit in _ZH_TIME_UNITS and _ZH_AFTER_DURATION.match(after):
+            words.append(render(t["how_long"]))
+        return words + [render(t["count"], unit=unit)]
+    if kind == "money":
+        return [render(t["money_unit"], unit=m.group(1)), render(t["money"])]
+    if kind == "number":
+        return ([] if before.endswith("为") else [render(t["number_which"])]) + [render(t["number"])]
+    if kind == "weekday":
+        return [render(t["weekday_which"]), render(t["weekday"])]
+    pairs = {"time": ("time_when", "time"), "time_range": ("time_range_when", "time_range")}
+    if kind in pairs:
+        return [render(t[k]) for k in pairs[kind]]
+    return [render(t[kind])]
+
+
+def _without_owner(question: str) -> str | None:
+    """"卢门轮渡的中文服务热线是多少？" -> "中文服务热线是多少？": the short owner before the first 的 left out,
+    as people ask when the company is clear."""
+    if m := re.match(r"^[\u4e00-\u9fffA-Za-z0-9]{2,7}的(?=.{8,})", question):
+        return question[m.end():]
+    return None
+
+
 def chinese_questions(fact: str, prompt: dict) -> list[str]:
-    """The last value of a Chinese fact replaced in place: Chinese asks that way anyway."""
-    sentence = fact.strip().rstrip("。！!.")
+    """Questions for the last two values of a Chinese fact, each asked in place with every question word
+    Chinese asks it with ("保修几个月", "保修多久", "保修多少个月"), and once more without a short owner
+    before 的. The plainest question of the last value comes last (the exam asks that one). A question
+    that still holds its value (a value said twice) is left out."""
+    sentence = chinese_fact(fact).rstrip("。！!.")
     t = prompt["zh"]
     if m := _ZH_PERSON.search(sentence):
-        return [sentence[: m.start()] + m.group(1) + m.group(2) + render(t["person"]) + "？"]
-    for pattern, kind in _ZH_VALUES:
-        matches = list(pattern.finditer(sentence))
-        if matches:
-            m = matches[-1]
-            unit = m.group(1) if kind == "count" else ""
-            return [sentence[: m.start()].rstrip() + render(t[kind], unit=unit) + sentence[m.end():].lstrip() + "？"]
-    return []
+        head = sentence[: m.start()] + m.group(1)
+        asked = [head + render(t["person_name"]) + "？", head + m.group(2) + render(t["person"]) + "？"]
+        return [q for q in [_without_owner(asked[-1])] if q] + asked
+    if m := re.search(r"(位于|坐落于)([^，,]{4,})$", sentence):
+        asked = [sentence[: m.start()] + m.group(1) + render(t["place"]) + "？"]
+        return [q for q in [_without_owner(asked[0])] if q] + asked
+    questions: list[str] = []
+    for m, kind in _zh_values(sentence)[-2:]:
+        before, after = sentence[: m.start()].rstrip(), sentence[m.end():].lstrip()
+        after = re.split(r"[，,；;]", after, maxsplit=1)[0]  # a later clause is another fact, not this question's
+        value = m.group(0)
+        asked = [before + word + after + "？" for word in _zh_words(m, kind, before, after, t)]
+        asked = [q for q in asked if value not in q]
+        if not asked:
+            continue
+        short = _without_owner(asked[-1])
+        questions += ([short] if short else []) + asked
+    return list(dict.fromkeys(reversed(questions)))[::-1]
 
 
 def cloze_pairs(chunks: list[Chunk]) -> list[QAPair]:
@@ -295,6 +364,7 @@ def cloze_pairs(chunks: list[Chunk]) -> list[QAPair]:
     for chunk in chunks:
         for fact in extract_facts(chunk):
             if chunk.language == "zh":
+                fact = chinese_fact(fact)
                 questions = chinese_questions(fact, prompt)
             else:
                 questions = english_questions(fact, question_targets(fact, chunk), prompt)

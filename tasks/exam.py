@@ -41,6 +41,7 @@ STAGE = "exam"
 PROMPT = "exam_questions"
 CLOZE_PROMPT = "cloze"
 HUMAN_WRITTEN = {"faq", "instruction"}
+NOT_ONE_FACT = {"passage", "replay"}  # sources whose answer is a section's text or the base model's own reply
 
 
 class ExamResult(BaseModel):
@@ -153,17 +154,27 @@ class HeldOut(BaseModel):
     dropped: list[Dropped]
 
 
+def _fact_key(answer: str) -> str:
+    return " ".join(answer.split())
+
+
 def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings) -> HeldOut:
     """Keep the exam unseen: a training question whose shingle Jaccard with an exam question reaches
-    dedup.near_threshold leaves the dataset, unless a person wrote it; then the exam question leaves."""
+    dedup.near_threshold leaves the dataset, unless a person wrote it, or it is the last training question
+    its answer has (a fact the exam's rules asked with the one wording training had too): then the exam
+    question leaves, so that no fact is taken out of training by being examined."""
     train = [shingles(normalize(p.question), dedup.ngram) for p in pairs]
     t = dedup.near_threshold
+    asked: dict[str, int] = {}  # training questions left per answer (passages and replay answer no one fact)
+    for p in pairs:
+        if p.source not in NOT_ONE_FACT:
+            asked[_fact_key(p.answer)] = asked.get(_fact_key(p.answer), 0) + 1
     drop_pairs: dict[int, tuple[ExamItem, float]] = {}
     kept_items, dropped = [], []
     for item in items:
         q = shingles(normalize(item.question), dedup.ngram)
-        twins = [(j, s) for j, other in enumerate(train)
-                 if t * len(q) <= len(other) <= len(q) / t and (s := jaccard(q, other)) >= t]
+        twins = [(j, s) for j, other in enumerate(train) if j not in drop_pairs
+                 and t * len(q) <= len(other) <= len(q) / t and (s := jaccard(q, other)) >= t]
         human = next(((j, s) for j, s in twins if pairs[j].source in HUMAN_WRITTEN), None)
         if human:
             j, s = human
@@ -171,7 +182,20 @@ def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings) -
                                    duplicate_of=pairs[j].pair_id,
                                    detail=f"question jaccard≈{s:.2f} with a {pairs[j].source} row, which stays"))
             continue
+        taken: dict[str, int] = {}
+        for j, _ in twins:
+            if pairs[j].source not in NOT_ONE_FACT:
+                taken[_fact_key(pairs[j].answer)] = taken.get(_fact_key(pairs[j].answer), 0) + 1
+        last = next((j for j, s in twins if taken.get(key := _fact_key(pairs[j].answer), 0) >= asked.get(key, 0) > 0),
+                    None)
+        if last is not None:
+            dropped.append(Dropped(stage=STAGE, reason="exam_question_is_a_facts_only_training_question",
+                                   record=item.model_dump(), duplicate_of=pairs[last].pair_id,
+                                   detail="its training twin is the only question its fact has, and stays"))
+            continue
         kept_items.append(item)
+        for key, n in taken.items():
+            asked[key] -= n
         for j, s in twins:
             drop_pairs.setdefault(j, (item, s))
     for j, (item, s) in sorted(drop_pairs.items()):

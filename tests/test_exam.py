@@ -116,3 +116,21 @@ def test_exam_file_is_written_once_and_a_hand_edit_wins(tmp_path):
     rows = exam_table([item("How much does the Kestrel K4 cost?")], ["prices.md", "empty.md"])
     assert rows[0]["questions"] == 1 and rows[0]["by rule"] == 1 and rows[1]["questions"] == 0
     assert "8,950" in rows[0]["example"] and "no fact sentence" in rows[1]["example"]
+
+
+def test_an_exam_question_never_takes_a_facts_only_training_question():
+    exam = [item("Who is the chief executive of Tessarine?", "The chief executive of Tessarine is Jonas Villemo."),
+            item("How much does the Kestrel K4 cost?")]
+    pairs = [QAPair(question="Who is the chief executive of Tessarine?", answer="The chief executive of Tessarine is "
+                    "Jonas Villemo.", source="cloze"),
+             QAPair(question="What does the handbook say about the company?", answer="The chief executive of "
+                    "Tessarine is Jonas Villemo.", source="passage"),
+             QAPair(question="How much does the Kestrel K4 cost?", answer="The Kestrel K4 costs 8,950 euros.",
+                    source="cloze"),
+             QAPair(question="The Kestrel K4 costs how much?", answer="The Kestrel K4 costs 8,950 euros.", source="cloze")]
+    held = hold_out(exam, pairs, DedupSettings())
+    # the CEO's one question stays in training (its passage does not count) and the exam asks the price only
+    assert [i.question for i in held.items] == ["How much does the Kestrel K4 cost?"]
+    assert [p.question for p in held.pairs] == [p.question for p in pairs if p.question != "How much does the Kestrel K4 cost?"]
+    assert sorted(d.reason for d in held.dropped) == ["exam_question_is_a_facts_only_training_question",
+                                                     "held_out_for_exam"]
