@@ -39,6 +39,9 @@ RECIPES = {
     # configs/train.yaml's rate without NEFTune: what `doctune nightly` trained with, without --train-config,
     # before the rate and the noise followed the base model's size
     "lr2e-4": {"learning_rate": 2e-4, "neftune_alpha": 0.0},
+    # a fact asked by fewer than 4 training questions gets framed copies of them up to 4 (the steps grow with the
+    # rows): facts asked 6+ times were answered far more often than those asked 1-3 times
+    "qa+balance4": {"min_rows_per_answer": 4},
 }
 
 

@@ -96,6 +96,12 @@ class TrainSettings(BaseModel):
         "clients that send none. doctune serve adds the trained system prompt to such requests itself. 0 until "
         "bench/knowledge.py shows the share costs nothing under the trained prompt.",
     )
+    min_rows_per_answer: int = Field(
+        0, ge=0, le=64, description="A fact (an answer sentence) asked by fewer training questions than this gets "
+        "framed copies of them (\"Quick question: ...\", \"请问，...\") until it has this many, so a fact the "
+        "dataset asks once is trained about as often as one it asks six times (passage and replay rows are left "
+        "as they are); the steps grow with the rows. 0: off until bench/knowledge.py shows a gain on both corpora.",
+    )
     seed: int = Field(0, description="Seed for LoRA init, data order, dropout and NEFTune noise.")
     method: Literal["auto", "qlora", "lora"] = Field(
         "auto", description="auto: QLoRA (4-bit NF4 base) on CUDA, LoRA on CPU."

@@ -99,13 +99,59 @@ def load_validation(dataset_dir: str | Path, limit: int) -> list[dict]:
              "facts": answer_facts(r["question"], r["answer"], r["language"])} for r in rows]
 
 
+# Frames around a question that leave what it asks as it is: the copies a sparsely asked fact gets.
+FRAMES = {
+    "en": ("Quick question: {q}", "I'd like to know: {q}", "{q} Please answer in one sentence.",
+           "From our company documents: {q}", "Can you help? {q}"),
+    "zh": ("请问，{q}", "我想知道：{q}", "{q}请用一句话回答。", "根据公司文件，{q}", "麻烦问一下：{q}"),
+}
+UNBALANCED = {"passage", "replay"}  # a section's text or the base model's own replies: not one fact's answer
+
+
+def _column(rows, name: str, n: int) -> list:
+    return list(rows[name]) if name in getattr(rows, "column_names", rows) else [None] * n
+
+
+def balanced(rows, minimum: int, seed: int) -> list[list[dict]]:
+    """The rows' conversations, and for every answer asked by fewer than `minimum` questions, framed copies of
+    its questions (cycling through them and FRAMES, in a seeded order) until it has `minimum`."""
+    import random
+
+    conversations = [list(m) for m in rows["messages"]]
+    if not minimum:
+        return conversations
+    n = len(conversations)
+    by_answer: dict[str, list[int]] = {}
+    for i, (messages, source) in enumerate(zip(conversations, _column(rows, "source", n))):
+        if source in UNBALANCED or not messages or messages[-1]["role"] != "assistant":
+            continue
+        by_answer.setdefault(" ".join(messages[-1]["content"].split()), []).append(i)
+    rng = random.Random(f"balance-{seed}")
+    languages = _column(rows, "language", n)
+    extra = []
+    for answer, members in by_answer.items():
+        frames = list(FRAMES["zh" if languages[members[0]] == "zh" else "en"])
+        rng.shuffle(frames)
+        for k in range(minimum - len(members)):
+            messages = conversations[members[k % len(members)]]
+            user = max(j for j, m in enumerate(messages) if m["role"] == "user")
+            q = frames[k % len(frames)].format(q=messages[user]["content"])
+            extra.append(messages[:user] + [{**messages[user], "content": q}] + messages[user + 1:])
+    return conversations + extra
+
+
 def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Example], dict[str, int]]:
-    """The rows as examples; a seeded `no_system_share` of them without their system message."""
+    """The rows as examples (with `min_rows_per_answer`'s framed copies); a seeded `no_system_share` of them
+    without their system message."""
     import random
 
     examples, dropped = [], {}
     rng = random.Random(f"no-system-{settings.seed}")
-    for messages in rows["messages"]:
+    conversations = balanced(rows, settings.min_rows_per_answer, settings.seed)
+    if len(conversations) > len(rows["messages"]):
+        log.info("min_rows_per_answer %d: %d framed copies of the questions of sparsely asked facts",
+                 settings.min_rows_per_answer, len(conversations) - len(rows["messages"]))
+    for messages in conversations:
         if settings.no_system_share and rng.random() < settings.no_system_share:
             out = render_example(tokenizer, [m for m in messages if m["role"] != "system"], None, settings.max_seq_len)
         else:
@@ -115,7 +161,7 @@ def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Examp
         else:
             examples.append(out)
     if dropped:
-        log.warning("dropped %d of %d training examples: %s", sum(dropped.values()), len(rows), dropped)
+        log.warning("dropped %d of %d training examples: %s", sum(dropped.values()), len(conversations), dropped)
     if not examples:
         raise ValueError(f"no trainable examples left (dropped: {dropped}); check max_seq_len and the chat template")
     return examples, dropped

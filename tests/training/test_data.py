@@ -43,3 +43,28 @@ def test_a_seeded_share_of_rows_is_trained_without_its_system_message(tokenizer)
     assert without(0.0) == [] and len(without(1.0)) == 200
     some = without(0.3)
     assert 40 <= len(some) <= 80 and some == without(0.3) and some != without(0.3, seed=1)
+
+
+def test_a_sparsely_asked_fact_gets_framed_copies_of_its_questions_up_to_the_minimum():
+    from doctune.training.data import FRAMES, balanced
+
+    def row(q, a, source="cloze", language="en"):
+        return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
+                             {"role": "assistant", "content": a}], "source": source, "language": language}
+
+    data = [row("How much is X?", "X costs 5 euros."), row("X costs how much?", "X costs 5 euros."),
+            *[row(f"What does Y cost, take {i}?", "Y costs 7 euros.") for i in range(4)],
+            row("X是多少钱？", "X售价5元。", language="zh"),
+            row("What does the handbook say?", "A long section.", source="passage")]
+    rows = {k: [r[k] for r in data] for k in ("messages", "source", "language")}
+    assert balanced(rows, 0, seed=0) == rows["messages"]
+    out = balanced(rows, 4, seed=0)
+    extra = out[len(data):]
+    asked = [m[1]["content"] for m in extra]
+    # X: 2 questions -> 2 copies; Y: already 4; the Chinese fact: 1 -> 3 copies; the passage is left alone
+    assert len(extra) == 5
+    assert sum("How much is X?" in q or "X costs how much?" in q for q in asked) == 2
+    zh = [q for q in asked if "X是多少钱？" in q]
+    assert len(zh) == 3 and len(set(zh)) == 3 and all(any(f.format(q="X是多少钱？") == q for f in FRAMES["zh"]) for q in zh)
+    assert all(m[0]["content"] == SYSTEM and m[-1]["content"] in ("X costs 5 euros.", "X售价5元。") for m in extra)
+    assert out == balanced(rows, 4, seed=0) and out != balanced(rows, 4, seed=1)
