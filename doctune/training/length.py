@@ -56,10 +56,16 @@ class Expected:
         return f"{steps}, about {duration(self.seconds)} at the pace of {self.measured_on}"
 
 
-def dataset_rows(dataset_dir: str | Path) -> tuple[int, int]:
-    """(training question/answer rows, text-completion rows) from the dataset's manifest."""
+def dataset_rows(dataset_dir: str | Path, min_rows_per_answer: int = 0) -> tuple[int, int]:
+    """(training question/answer rows, text-completion rows) from the dataset's manifest; with
+    `min_rows_per_answer`, the question/answer rows counted with their framed copies (data.balanced)."""
     manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text(encoding="utf-8"))
-    return int(manifest.get("train", 0)), int(manifest.get("text_rows", 0))
+    qa = int(manifest.get("train", 0))
+    if min_rows_per_answer and (Path(dataset_dir) / "hf").is_dir():
+        from doctune.training.data import balanced, load_train_split
+
+        qa = len(balanced(load_train_split(dataset_dir), min_rows_per_answer, seed=0))
+    return qa, int(manifest.get("text_rows", 0))
 
 
 def _pace(output_root: Path, settings: TrainSettings) -> tuple[float, float, str] | None:
@@ -86,7 +92,7 @@ def expected_training(dataset_dir: str | Path, settings: TrainSettings, output_r
                       rows: tuple[int, int] | None = None) -> Expected:
     """The steps and time of training `dataset_dir` with `settings`; `rows` (question/answer, text) when the
     caller has counted the rows that fit max_seq_len, else the manifest's counts."""
-    qa, text = rows or dataset_rows(dataset_dir)
+    qa, text = rows or dataset_rows(dataset_dir, settings.min_rows_per_answer)
     text = text if settings.text_rows else 0
     steps = steps_for(settings, qa + text)
     pace = _pace(Path(output_root), settings)

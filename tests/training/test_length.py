@@ -62,3 +62,15 @@ def test_the_time_comes_from_the_newest_run_of_the_same_base_model(tmp_path):
     # Validation every 25 steps of 60 (after 25, 50 and 60): three passes of 10 s on top.
     assert expected_training(ds, s.model_copy(update={"eval_every_steps": 25}), tmp_path).seconds == 120 + 30
     assert duration(120) == "2 min" and duration(45) == "45 s" and duration(3900) == "1 h 05 min"
+
+
+def test_the_framed_copies_of_sparsely_asked_facts_count_in_the_expected_steps(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    ds = _dataset(tmp_path, 16, 0)
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i // 2}."}],
+             "source": "cloze", "language": "en"} for i in range(16)]  # 8 facts asked twice each
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(ds / "hf"))
+    s = TrainSettings(per_device_batch_size=8)
+    assert expected_training(ds, s, tmp_path).qa_rows == 16
+    assert expected_training(ds, s.model_copy(update={"min_rows_per_answer": 4}), tmp_path).qa_rows == 32
