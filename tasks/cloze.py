@@ -73,7 +73,7 @@ _ZH_VALUES = [  # (pattern, kind), by priority where two overlap; the last two v
 _ZH_PERSON = re.compile(r"(负责人|创始人|首席执行官|总经理|经理|主管|总监|联系人)(是|为)[\u4e00-\u9fff]{2,4}$")
 # A section heading glued to the first sentence of a plain-text file ("售后政策 ===== 一、保修 特萨林无人机…").
 _ZH_HEADING = re.compile(r"^(?:\S[^=]{0,30}?\s+=+\s+)?(?:[一二三四五六七八九十]+、\S{1,10}\s+)?")
-# A verb or word after a duration that makes "多久" read well ("开船前20分钟到达" -> "开船前多久到达").
+# A word after a duration that lets "多久" stand for it ("开船前20分钟到达" -> "开船前多久到达").
 _ZH_AFTER_DURATION = re.compile(r"^(?:$|[内后前，,]|到达|送达|完成|开具|有效)")
 
 
