@@ -6,7 +6,11 @@ import ast
 import hashlib
 import importlib.util
 import inspect
+import logging
+import sys
 import threading
+import time
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +20,9 @@ from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("doctune", "tasks", "flows")
+# When this process loaded the project's code: prefect_utils comes in with the first task module.
+_LOADED_AT = time.time()
+log = logging.getLogger(__name__)
 
 
 def _module_path(name: str, root: Path) -> Path | None:
@@ -82,6 +89,20 @@ def code_digest(module_file: str | Path, root: Path | None = None) -> str:
         return _digest(module_file, root)
 
 
+@lru_cache(maxsize=None)
+def code_files_of(module_file: str | Path, root: Path | None = None) -> tuple[Path, ...]:
+    """`code_files`, once per module and process."""
+    with _DIGEST_LOCK:
+        return tuple(code_files(module_file, root))
+
+
+def edited_since_loaded(files) -> list[Path]:
+    """The files among `files` that this process loaded a module from and that changed on disk since it
+    started: a flow still running while its code is edited."""
+    loaded = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
+    return [f for f in files if f in loaded and f.stat().st_mtime > _LOADED_AT]
+
+
 def _digest(module_file: str | Path, root: Path | None) -> str:
     root = root or ROOT
     h = hashlib.sha256()
@@ -102,7 +123,15 @@ class ModuleSource(CachePolicy):
             return None
         fn = task_ctx.task.fn
         # By module name under ROOT: the same file for a task shipped to a Dask worker.
-        return code_digest(_module_path(fn.__module__, ROOT) or module_file(fn), ROOT)
+        path = _module_path(fn.__module__, ROOT) or module_file(fn)
+        if edited := edited_since_loaded(code_files_of(path, ROOT)):
+            # The code on disk is not the code this process runs: a result filed under the disk's digest
+            # would answer later runs of the new code with what the old code computed. A key of its own
+            # misses the cache and is never asked for again (None would leave the inputs alone as the key).
+            log.warning("%s changed after this process loaded it: %s runs uncached (restart the process to "
+                        "cache it again)", ", ".join(sorted(f.name for f in edited)), fn.__name__)
+            return f"edited-since-loaded-{uuid.uuid4().hex}"
+        return code_digest(path, ROOT)
 
 
 class OutputInputs(CachePolicy):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from prefect import flow, task
 
@@ -120,3 +121,32 @@ def test_every_prompt_a_task_reads_is_in_its_cache_key(tmp_path, monkeypatch, pr
             "passages.yaml", "judge.md", "judge_zh.md", "exam_questions.en.yaml"} <= read
     for module, path in seen:
         assert path.resolve() in code_files(module), f"{module} reads {path.name}, which is not in its cache key"
+
+
+edited_calls = []
+
+
+@task(cache_policy=CACHE, persist_result=True)
+def triple(x: int) -> int:
+    edited_calls.append(x)
+    return 3 * x
+
+
+def test_a_task_whose_loaded_code_was_edited_since_runs_uncached(prefect_server, monkeypatch):
+    """A flow still running while its code is edited runs the old code: a result filed under the new code's
+    digest would answer the next run of the new code with the old code's result."""
+    from doctune import prefect_utils
+
+    @flow
+    def thrice(x: int) -> int:
+        return triple(x)
+
+    x = random.randrange(10**12)
+    assert thrice(x) == 3 * x and thrice(x) == 3 * x
+    assert edited_calls.count(x) == 1  # cached while the code on disk is the code loaded
+    here = Path(__file__).resolve()
+    assert prefect_utils.edited_since_loaded([here]) == []
+    monkeypatch.setattr(prefect_utils, "_LOADED_AT", here.stat().st_mtime - 1)  # as if edited after loading
+    assert prefect_utils.edited_since_loaded([here]) == [here]
+    assert thrice(x) == 3 * x and thrice(x) == 3 * x
+    assert edited_calls.count(x) == 3  # each run computed anew, none answered from (or filed into) the cache
