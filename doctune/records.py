@@ -76,6 +76,9 @@ class Chunk(BaseModel):
 
 
 PairSource = Literal["synthesized", "faq", "instruction", "translated", "replay", "passage", "cloze"]
+# Sources whose answer is not one fact: a section's text (passage) or the base model's own reply (replay). Here,
+# not in tasks/exam.py: a task module's strings that match a prompt file's name put that prompt in its cache key.
+NOT_ONE_FACT = frozenset({"passage", "replay"})
 
 
 class QAPair(BaseModel):

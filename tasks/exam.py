@@ -31,7 +31,7 @@ from doctune.llm import chat, make_client
 from doctune.metrics import answer_facts
 from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt, render
-from doctune.records import Chunk, Dropped, QAPair, short_hash
+from doctune.records import NOT_ONE_FACT, Chunk, Dropped, QAPair, short_hash
 from doctune.settings import DedupSettings, LLMSettings
 from tasks.cloze import chinese_questions, english_questions
 from tasks.dedup import jaccard, normalize, shingles
@@ -41,7 +41,6 @@ STAGE = "exam"
 PROMPT = "exam_questions"
 CLOZE_PROMPT = "cloze"
 HUMAN_WRITTEN = {"faq", "instruction"}
-NOT_ONE_FACT = {"passage", "replay"}  # sources whose answer is a section's text or the base model's own reply
 
 
 class ExamResult(BaseModel):

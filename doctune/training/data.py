@@ -10,6 +10,7 @@ from pathlib import Path
 
 from doctune.metrics import answer_facts
 from doctune.model_settings import TrainSettings
+from doctune.records import NOT_ONE_FACT
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,6 @@ FRAMES = {
            "From our company documents: {q}", "Can you help? {q}"),
     "zh": ("请问，{q}", "我想知道：{q}", "{q}请用一句话回答。", "根据公司文件，{q}", "麻烦问一下：{q}"),
 }
-UNBALANCED = {"passage", "replay"}  # a section's text or the base model's own replies: not one fact's answer
 
 
 def _column(rows, name: str, n: int) -> list:
@@ -123,7 +123,7 @@ def balanced(rows, minimum: int, seed: int) -> list[list[dict]]:
     n = len(conversations)
     by_answer: dict[str, list[int]] = {}
     for i, (messages, source) in enumerate(zip(conversations, _column(rows, "source", n))):
-        if source in UNBALANCED or not messages or messages[-1]["role"] != "assistant":
+        if source in NOT_ONE_FACT or not messages or messages[-1]["role"] != "assistant":
             continue
         by_answer.setdefault(" ".join(messages[-1]["content"].split()), []).append(i)
     rng = random.Random(f"balance-{seed}")
