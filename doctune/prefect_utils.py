@@ -80,36 +80,35 @@ _DIGEST_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=None)
-def code_digest(module_file: str | Path, root: Path | None = None) -> str:
-    """sha256 over `code_files`; computed once per module and process (every task run asks). One thread
-    parses at a time: task runs started side by side ask at once, and Python 3.11's ast.parse fails when two
-    threads parse together ("AST constructor recursion depth mismatch"): that run's result would not be
-    persisted, and the next night would repeat its LLM calls."""
-    with _DIGEST_LOCK:
-        return _digest(module_file, root)
-
-
-@lru_cache(maxsize=None)
 def code_files_of(module_file: str | Path, root: Path | None = None) -> tuple[Path, ...]:
-    """`code_files`, once per module and process."""
+    """`code_files`, once per module and process (every task run asks). One thread parses at a time: task runs
+    started side by side ask at once, and Python 3.11's ast.parse fails when two threads parse together ("AST
+    constructor recursion depth mismatch"): that run's result would not be persisted, and the next night would
+    repeat its LLM calls."""
     with _DIGEST_LOCK:
         return tuple(code_files(module_file, root))
 
 
-def edited_since_loaded(files) -> list[Path]:
-    """The files among `files` that this process loaded a module from and that changed on disk since it
-    started: a flow still running while its code is edited."""
-    loaded = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
-    return [f for f in files if f in loaded and f.stat().st_mtime > _LOADED_AT]
-
-
-def _digest(module_file: str | Path, root: Path | None) -> str:
+@lru_cache(maxsize=None)
+def code_digest(module_file: str | Path, root: Path | None = None) -> str:
+    """sha256 over `code_files_of`, once per module and process."""
     root = root or ROOT
     h = hashlib.sha256()
-    for f in code_files(module_file, root):
+    for f in code_files_of(module_file, root):
         h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def edited_since_loaded(files) -> list[Path]:
+    """The files among `files` that this process loaded a module from and that changed on disk since it
+    started: a flow still running while its code is edited. Asked on every task run, so the loaded modules
+    are only looked through when a file is newer than the process."""
+    newer = [f for f in files if f.stat().st_mtime > _LOADED_AT]
+    if not newer:
+        return []
+    loaded = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
+    return [f for f in newer if f in loaded]
 
 
 class ModuleSource(CachePolicy):

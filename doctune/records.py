@@ -81,6 +81,11 @@ PairSource = Literal["synthesized", "faq", "instruction", "translated", "replay"
 NOT_ONE_FACT = frozenset({"passage", "replay"})
 
 
+def fact_key(answer: str) -> str:
+    """The fact a question/answer row teaches, as rows are grouped by it: its answer, whitespace collapsed."""
+    return " ".join(answer.split())
+
+
 class QAPair(BaseModel):
     pair_id: str = ""
     question: str

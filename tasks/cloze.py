@@ -320,12 +320,12 @@ def _zh_words(m: re.Match, kind: str, before: str, after: str, t: dict) -> list[
     return [render(t[kind])]
 
 
-def _without_owner(question: str) -> str | None:
-    """"卢门轮渡的中文服务热线是多少？" -> "中文服务热线是多少？": the short owner before the first 的 left out,
-    as people ask when the company is clear."""
-    if m := re.match(r"^[\u4e00-\u9fffA-Za-z0-9]{2,7}的(?=.{8,})", question):
-        return question[m.end():]
-    return None
+def _also_without_owner(asked: list[str]) -> list[str]:
+    """`asked`, after its plainest question (the last) with the short owner before the first 的 left out, as people
+    ask when the company is clear: "卢门轮渡的中文服务热线是多少？" -> "中文服务热线是多少？"."""
+    if m := re.match(r"^[\u4e00-\u9fffA-Za-z0-9]{2,7}的(?=.{8,})", asked[-1]):
+        return [asked[-1][m.end():]] + asked
+    return asked
 
 
 def chinese_questions(fact: str, prompt: dict) -> list[str]:
@@ -337,11 +337,9 @@ def chinese_questions(fact: str, prompt: dict) -> list[str]:
     t = prompt["zh"]
     if m := _ZH_PERSON.search(sentence):
         head = sentence[: m.start()] + m.group(1)
-        asked = [head + render(t["person_name"]) + "？", head + m.group(2) + render(t["person"]) + "？"]
-        return [q for q in [_without_owner(asked[-1])] if q] + asked
+        return _also_without_owner([head + render(t["person_name"]) + "？", head + m.group(2) + render(t["person"]) + "？"])
     if m := re.search(r"(位于|坐落于)([^，,]{4,})$", sentence):
-        asked = [sentence[: m.start()] + m.group(1) + render(t["place"]) + "？"]
-        return [q for q in [_without_owner(asked[0])] if q] + asked
+        return _also_without_owner([sentence[: m.start()] + m.group(1) + render(t["place"]) + "？"])
     questions: list[str] = []
     for m, kind in _zh_values(sentence)[-2:]:
         before, after = sentence[: m.start()].rstrip(), sentence[m.end():].lstrip()
@@ -349,10 +347,8 @@ def chinese_questions(fact: str, prompt: dict) -> list[str]:
         value = m.group(0)
         asked = [before + word + after + "？" for word in _zh_words(m, kind, before, after, t)]
         asked = [q for q in asked if value not in q]
-        if not asked:
-            continue
-        short = _without_owner(asked[-1])
-        questions += ([short] if short else []) + asked
+        if asked:
+            questions += _also_without_owner(asked)
     return list(dict.fromkeys(reversed(questions)))[::-1]
 
 

@@ -21,6 +21,7 @@ file format and the settings).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from prefect import task
@@ -31,7 +32,7 @@ from doctune.llm import chat, make_client
 from doctune.metrics import answer_facts
 from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt, render
-from doctune.records import NOT_ONE_FACT, Chunk, Dropped, QAPair, short_hash
+from doctune.records import NOT_ONE_FACT, Chunk, Dropped, QAPair, fact_key, short_hash
 from doctune.settings import DedupSettings, LLMSettings
 from tasks.cloze import chinese_questions, english_questions
 from tasks.dedup import jaccard, normalize, shingles
@@ -153,10 +154,6 @@ class HeldOut(BaseModel):
     dropped: list[Dropped]
 
 
-def _fact_key(answer: str) -> str:
-    return " ".join(answer.split())
-
-
 def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings) -> HeldOut:
     """Keep the exam unseen: a training question whose shingle Jaccard with an exam question reaches
     dedup.near_threshold leaves the dataset, unless a person wrote it, or it is the last training question
@@ -164,10 +161,8 @@ def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings) -
     question leaves, so that no fact is taken out of training by being examined."""
     train = [shingles(normalize(p.question), dedup.ngram) for p in pairs]
     t = dedup.near_threshold
-    asked: dict[str, int] = {}  # training questions left per answer (passages and replay answer no one fact)
-    for p in pairs:
-        if p.source not in NOT_ONE_FACT:
-            asked[_fact_key(p.answer)] = asked.get(_fact_key(p.answer), 0) + 1
+    # training questions left per answer (passages and replay answer no one fact)
+    asked = Counter(fact_key(p.answer) for p in pairs if p.source not in NOT_ONE_FACT)
     drop_pairs: dict[int, tuple[ExamItem, float]] = {}
     kept_items, dropped = [], []
     for item in items:
@@ -181,20 +176,15 @@ def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings) -
                                    duplicate_of=pairs[j].pair_id,
                                    detail=f"question jaccard≈{s:.2f} with a {pairs[j].source} row, which stays"))
             continue
-        taken: dict[str, int] = {}
-        for j, _ in twins:
-            if pairs[j].source not in NOT_ONE_FACT:
-                taken[_fact_key(pairs[j].answer)] = taken.get(_fact_key(pairs[j].answer), 0) + 1
-        last = next((j for j, s in twins if taken.get(key := _fact_key(pairs[j].answer), 0) >= asked.get(key, 0) > 0),
-                    None)
+        taken = Counter(fact_key(pairs[j].answer) for j, _ in twins if pairs[j].source not in NOT_ONE_FACT)
+        last = next((j for j, _ in twins if taken[key := fact_key(pairs[j].answer)] >= asked[key] > 0), None)
         if last is not None:
             dropped.append(Dropped(stage=STAGE, reason="exam_question_is_a_facts_only_training_question",
                                    record=item.model_dump(), duplicate_of=pairs[last].pair_id,
                                    detail="its training twin is the only question its fact has, and stays"))
             continue
         kept_items.append(item)
-        for key, n in taken.items():
-            asked[key] -= n
+        asked.subtract(taken)
         for j, s in twins:
             drop_pairs.setdefault(j, (item, s))
     for j, (item, s) in sorted(drop_pairs.items()):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from doctune.metrics import answer_facts
 from doctune.model_settings import TrainSettings
-from doctune.records import NOT_ONE_FACT
+from doctune.records import NOT_ONE_FACT, fact_key
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def balanced(rows, minimum: int, seed: int) -> list[list[dict]]:
     for i, (messages, source) in enumerate(zip(conversations, _column(rows, "source", n))):
         if source in NOT_ONE_FACT or not messages or messages[-1]["role"] != "assistant":
             continue
-        by_answer.setdefault(" ".join(messages[-1]["content"].split()), []).append(i)
+        by_answer.setdefault(fact_key(messages[-1]["content"]), []).append(i)
     rng = random.Random(f"balance-{seed}")
     languages = _column(rows, "language", n)
     extra = []

@@ -33,8 +33,10 @@ def code_copy(tmp_path, monkeypatch):
                         ignore=shutil.ignore_patterns("__pycache__", "node_modules", "*.pyc"))
     monkeypatch.setattr(prefect_utils, "ROOT", code)
     prefect_utils.code_digest.cache_clear()
+    prefect_utils.code_files_of.cache_clear()
     yield code
     prefect_utils.code_digest.cache_clear()
+    prefect_utils.code_files_of.cache_clear()
 
 
 def test_an_edit_misses_exactly_the_tasks_that_read_the_file(tmp_path, code_copy):
@@ -54,6 +56,7 @@ def test_an_edit_misses_exactly_the_tasks_that_read_the_file(tmp_path, code_copy
         path = code_copy / relpath
         path.write_text(path.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
         prefect_utils.code_digest.cache_clear()
+        prefect_utils.code_files_of.cache_clear()
 
     def files_from_cache() -> int:
         return {r["what"]: r["count"] for r in asyncio.run(latest_table("ingest"))}["from the cache"]
