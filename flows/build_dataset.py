@@ -108,7 +108,8 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     # 3c. The loop: more questions for the facts the served model missed on the exam (tasks/loop.py).
     looped = None
     if loop_registry and made is not None:
-        looped = loop_material(loop_registry, prep.chunks, faq, made.items, llm, loop, settings.dedup,
+        # the reserves too: any of them may be asked tonight in place of an exam question
+        looped = loop_material(loop_registry, prep.chunks, faq, made.items + made.reserves, llm, loop, settings.dedup,
                                sorted(choice.skip_languages))
         if looped is not None:
             usage.append(usage_row("loop", looped.made, None, looped.reused))
@@ -178,7 +179,7 @@ def build_dataset(folder: str = "data/docs", settings: BuildSettings = BuildSett
     check_stage("dedup", len(pairs), len(dd.kept), dd.dropped, settings.synth, llm)
     kept, exam_items = dd.kept, []
     if made is not None:  # no exam question was seen in training
-        held = hold_out(made.items, dd.kept, settings.dedup)
+        held = hold_out(made.items, dd.kept, settings.dedup, made.reserves)
         kept, exam_items, dropped = held.pairs, held.items, dropped + made.dropped + held.dropped
         rates += keep_rate_rows("exam", len(dd.kept), [d for d in held.dropped if d.reason == "held_out_for_exam"])
     artifacts.dedup_counts(dd.counts)

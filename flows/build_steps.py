@@ -204,6 +204,7 @@ def stop_if_every_document_failed(jobs: list, synthesized: Synthesized, llm: LLM
 @dataclass
 class Exam:
     items: list[ExamItem] = field(default_factory=list)  # every document's, in folder order
+    reserves: list[ExamItem] = field(default_factory=list)  # rule-made stand-ins, asked where an item must go
     dropped: list = field(default_factory=list)
     made: ExamResult = field(default_factory=ExamResult)  # what this run asked the endpoint
     reused: int = 0
@@ -220,7 +221,8 @@ def exam_documents(chunks: dict[str, list[Chunk]], faq: list[Chunk], llm: LLMSet
     task = with_network_retries(exam_document_task, llm)
     done = gather("exam", [(path, task.submit(path, cs, llm, settings, sorted(skip_languages)))
                            for path, cs in docs.items()])
-    return Exam(items=[i for r in done.results for i in r.items], dropped=[d for r in done.results for d in r.dropped],
+    return Exam(items=[i for r in done.results for i in r.items], reserves=[i for r in done.results for i in r.reserves],
+                dropped=[d for r in done.results for d in r.dropped],
                 made=ExamResult(**{k: sum(getattr(r, k) for r in done.made)
                                    for k in ("calls", "prompt_tokens", "completion_tokens")}),
                 reused=done.reused, failures=done.failures)

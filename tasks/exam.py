@@ -16,11 +16,14 @@ file format and the settings).
 - **Never seen in training**: `hold_out` compares every exam question with every training question (the
   character shingles and threshold of the MinHash dedup, computed exactly); a training twin is taken out of
   the dataset with the reason, and the fact stays taught by its other wordings and its passage. When the twin
-  was written by a person (a FAQ row), the exam question goes instead."""
+  was written by a person (a FAQ row), or is its fact's only question, the exam question goes instead, and a
+  rule-made reserve about the document's next fact is asked in its place. A Chinese exam question's twins
+  include the rule-made questions that differ from it only in the question word."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +37,7 @@ from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt, render
 from doctune.records import NOT_ONE_FACT, Chunk, Dropped, QAPair, fact_key, short_hash
 from doctune.settings import DedupSettings, LLMSettings
-from tasks.cloze import chinese_questions, english_questions
+from tasks.cloze import ZH_UNITS, chinese_fact, chinese_questions, english_questions
 from tasks.dedup import jaccard, normalize, shingles
 from tasks.synthesize import check_question, clean_question, extract_facts, question_targets
 
@@ -46,6 +49,9 @@ HUMAN_WRITTEN = {"faq", "instruction"}
 
 class ExamResult(BaseModel):
     items: list[ExamItem] = Field(default_factory=list)
+    # rule-made questions (no call) for the next facts in the exam's order, asked in place of one that
+    # hold_out has to let go
+    reserves: list[ExamItem] = Field(default_factory=list)
     dropped: list[Dropped] = Field(default_factory=list)
     calls: int = 0
     prompt_tokens: int = 0
@@ -74,6 +80,8 @@ def exam_messages(fact: str, language: str) -> tuple[list[dict], str]:
 
 
 def _item(chunk: Chunk, fact: str, question: str, source: str, version: str) -> ExamItem | None:
+    if chunk.language == "zh":
+        fact = chinese_fact(fact)  # the sentence as training answers it, without a heading the reader glued on
     facts = answer_facts(question, fact, chunk.language)
     if not facts:
         return None
@@ -139,6 +147,11 @@ def make_exam(chunks: list[Chunk], llm: LLMSettings, settings: ExamSettings,
                 result.calls += r.calls
                 result.prompt_tokens += r.prompt_tokens
                 result.completion_tokens += r.completion_tokens
+    for chunk, fact, targets in candidates[rank:]:
+        if len(result.reserves) >= wanted:
+            break
+        if item := rule_question(chunk, fact, targets, cloze):
+            result.reserves.append(item)
     return result
 
 
@@ -154,40 +167,67 @@ class HeldOut(BaseModel):
     dropped: list[Dropped]
 
 
-def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings) -> HeldOut:
+# Chinese question words with the unit after them: two rule-made questions that differ only in these ask the
+# same thing the same way ("保修几个月", "保修多少个月", "保修多久").
+_ZH_ASKING = re.compile(f"(?:几点到几点|什么时间|什么时候|什么号码|叫什么名字|每周哪一天|星期几|多少钱|多少|多久|几点|几折|几号|几"
+                        f"|哪里|谁)(?:{ZH_UNITS}|欧元|美元|元)?")
+
+
+def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings,
+             reserves: list[ExamItem] = ()) -> HeldOut:
     """Keep the exam unseen: a training question whose shingle Jaccard with an exam question reaches
-    dedup.near_threshold leaves the dataset, unless a person wrote it, or it is the last training question
-    its answer has (a fact the exam's rules asked with the one wording training had too): then the exam
-    question leaves, so that no fact is taken out of training by being examined."""
-    train = [shingles(normalize(p.question), dedup.ngram) for p in pairs]
-    t = dedup.near_threshold
+    dedup.near_threshold leaves the dataset, and so does, for a Chinese exam question, a training question
+    about the same fact that reaches it once the question words are left out of both ("…保修几个月？" for
+    "…保修多少个月？": the rules write every question word, and the exam would only measure the swap).
+    Unless a person wrote the twin, or it is the last training question its answer has (a fact the exam's
+    rules asked with the one wording training had too): then the exam question leaves, so that no fact is
+    taken out of training by being examined, and the next of its document's `reserves` (rule-made, in the
+    exam's order) is tried in its place, so the exam keeps its size."""
+    n, t = dedup.ngram, dedup.near_threshold
+    train = [shingles(normalize(p.question), n) for p in pairs]
     # training questions left per answer (passages and replay answer no one fact)
     asked = Counter(fact_key(p.answer) for p in pairs if p.source not in NOT_ONE_FACT)
-    drop_pairs: dict[int, tuple[ExamItem, float]] = {}
+    by_fact: dict[str, list[int]] = {}
+    for j, p in enumerate(pairs):
+        by_fact.setdefault(fact_key(p.answer), []).append(j)
+    drop_pairs: dict[int, tuple[ExamItem, float, bool]] = {}
+    quota = Counter(i.doc_id for i in items)  # questions per document: a reserve only fills a place that came free
+    examined: set[str] = set()
     kept_items, dropped = [], []
-    for item in items:
-        q = shingles(normalize(item.question), dedup.ngram)
-        twins = [(j, s) for j, other in enumerate(train) if j not in drop_pairs
-                 and t * len(q) <= len(other) <= len(q) / t and (s := jaccard(q, other)) >= t]
-        human = next(((j, s) for j, s in twins if pairs[j].source in HUMAN_WRITTEN), None)
-        if human:
-            j, s = human
-            dropped.append(Dropped(stage=STAGE, reason="exam_question_seen_in_training", record=item.model_dump(),
-                                   duplicate_of=pairs[j].pair_id,
-                                   detail=f"question jaccard≈{s:.2f} with a {pairs[j].source} row, which stays"))
+    for item, reserve in [*((i, False) for i in items), *((r, True) for r in reserves)]:
+        if reserve and (quota[item.doc_id] <= 0 or fact_key(item.answer) in examined):
             continue
-        taken = Counter(fact_key(pairs[j].answer) for j, _ in twins if pairs[j].source not in NOT_ONE_FACT)
-        last = next((j for j, _ in twins if taken[key := fact_key(pairs[j].answer)] >= asked[key] > 0), None)
+        q = shingles(normalize(item.question), n)
+        twins = {j: (s, False) for j, other in enumerate(train) if j not in drop_pairs
+                 and t * len(q) <= len(other) <= len(q) / t and (s := jaccard(q, other)) >= t}
+        if item.language == "zh":
+            bare = shingles(normalize(_ZH_ASKING.sub("", item.question)), n)
+            for j in by_fact.get(fact_key(item.answer), []):
+                if j not in drop_pairs and j not in twins and pairs[j].source not in NOT_ONE_FACT \
+                        and (s := jaccard(bare, shingles(normalize(_ZH_ASKING.sub("", pairs[j].question)), n))) >= t:
+                    twins[j] = (s, True)
+        human = next((j for j in twins if pairs[j].source in HUMAN_WRITTEN), None)
+        if human is not None:
+            dropped.append(Dropped(stage=STAGE, reason="exam_question_seen_in_training", record=item.model_dump(),
+                                   duplicate_of=pairs[human].pair_id,
+                                   detail=f"question jaccard≈{twins[human][0]:.2f} with a {pairs[human].source} row, "
+                                          "which stays"))
+            continue
+        taken = Counter(fact_key(pairs[j].answer) for j in twins if pairs[j].source not in NOT_ONE_FACT)
+        last = next((j for j in twins if taken[key := fact_key(pairs[j].answer)] >= asked[key] > 0), None)
         if last is not None:
             dropped.append(Dropped(stage=STAGE, reason="exam_question_is_a_facts_only_training_question",
                                    record=item.model_dump(), duplicate_of=pairs[last].pair_id,
                                    detail="its training twin is the only question its fact has, and stays"))
             continue
         kept_items.append(item)
+        quota[item.doc_id] -= 1
+        examined.add(fact_key(item.answer))
         asked.subtract(taken)
-        for j, s in twins:
-            drop_pairs.setdefault(j, (item, s))
-    for j, (item, s) in sorted(drop_pairs.items()):
+        for j, (s, bare_only) in twins.items():
+            drop_pairs.setdefault(j, (item, s, bare_only))
+    for j, (item, s, bare_only) in sorted(drop_pairs.items()):
+        how = "without the question words, " if bare_only else ""
         dropped.append(Dropped(stage=STAGE, reason="held_out_for_exam", record=pairs[j].model_dump(),
-                               duplicate_of=item.id, detail=f"question jaccard≈{s:.2f} with exam question {item.id}"))
+                               duplicate_of=item.id, detail=f"question jaccard≈{s:.2f} {how}with exam question {item.id}"))
     return HeldOut(items=kept_items, pairs=[p for j, p in enumerate(pairs) if j not in drop_pairs], dropped=dropped)

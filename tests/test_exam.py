@@ -134,3 +134,62 @@ def test_an_exam_question_never_takes_a_facts_only_training_question():
     assert [p.question for p in held.pairs] == [p.question for p in pairs if p.question != "How much does the Kestrel K4 cost?"]
     assert sorted(d.reason for d in held.dropped) == ["exam_question_is_a_facts_only_training_question",
                                                      "held_out_for_exam"]
+
+
+def zh_item(question: str, answer: str, doc_id: str = "z") -> ExamItem:
+    return ExamItem(id=f"exam-{doc_id}-{len(question)}-{question[-4:]}", question=question, answer=answer,
+                    facts=["x"], language="zh", path="售后政策.md", doc_id=doc_id, chunk_id=f"{doc_id}:0",
+                    source="rule", prompt_version="cloze-5")
+
+
+def test_a_chinese_exam_question_takes_its_question_word_swaps_out_of_training():
+    fact = "中国旅行团人数满15人可享受九折团体优惠。"
+    exam = [zh_item("中国旅行团人数满多少人可享受九折团体优惠？", fact)]
+    pairs = [QAPair(question="中国旅行团人数满几人可享受九折团体优惠？", answer=fact, source="cloze", language="zh"),
+             QAPair(question="中国旅行团人数满15人可享受几折团体优惠？", answer=fact, source="cloze", language="zh"),
+             QAPair(question="船上商店出售晕船药，每盒几欧元？", answer="船上商店出售晕船药，每盒6欧元。", source="cloze",
+                    language="zh")]
+    held = hold_out(exam, pairs, DedupSettings())
+    # the swap of 多少 for 几 is the exam's own question; the question about the discount (another value) teaches
+    # the fact on, and a question about another fact is no twin even with the question words left out
+    assert [i.question for i in held.items] == [exam[0].question]
+    assert [p.question for p in held.pairs] == [pairs[1].question, pairs[2].question]
+    (d,) = held.dropped
+    assert d.reason == "held_out_for_exam" and "without the question words" in d.detail
+    # an English exam question keeps its siblings: only the shingle twins leave
+    en = hold_out([item("How much does the Kestrel K4 cost?")],
+                  [QAPair(question="How many euros does the Kestrel K4 cost?", answer="The Kestrel K4 costs 8,950 euros.",
+                          source="cloze"),
+                   QAPair(question="The Kestrel K4 costs how much?", answer="The Kestrel K4 costs 8,950 euros.",
+                          source="cloze")], DedupSettings())
+    assert len(en.pairs) == 2 and not en.dropped
+
+
+def test_a_reserve_of_the_same_document_takes_the_place_of_an_exam_question_that_must_go():
+    one = "步行旅客应在开船前20分钟到达登船口。"
+    two = "船上商店出售晕船药，每盒6欧元。"
+    exam = [zh_item("步行旅客应在开船前多少分钟到达登船口？", one)]
+    reserves = [zh_item("其他文件的问题多少？", "其他文件的问题3个。", doc_id="other"),
+                zh_item("船上商店出售晕船药，每盒多少钱？", two), zh_item("第三个问题多少？", "第三个问题5个。")]
+    pairs = [QAPair(question="步行旅客应在开船前几分钟到达登船口？", answer=one, source="cloze", language="zh"),
+             QAPair(question="船上商店出售晕船药，每盒多少欧元？", answer=two, source="cloze", language="zh"),
+             QAPair(question="船上商店出售什么？", answer=two, source="synthesized", language="zh")]
+    held = hold_out(exam, pairs, DedupSettings(), reserves)
+    # the walk-on fact has one training question, a swap of the exam's: it stays and the exam asks the next fact of
+    # the same document, once (the document had one question); another document's reserve is not asked
+    assert [i.question for i in held.items] == ["船上商店出售晕船药，每盒多少钱？"]
+    assert [p.question for p in held.pairs] == [pairs[0].question, pairs[2].question]
+    assert sorted(d.reason for d in held.dropped) == ["exam_question_is_a_facts_only_training_question",
+                                                     "held_out_for_exam"]
+    assert hold_out(exam, pairs, DedupSettings()).items == []  # without reserves the exam just gets smaller
+
+
+def test_the_exam_keeps_rule_made_reserves_and_a_chinese_answer_without_its_glued_heading():
+    llm = LLMSettings(base_url="http://127.0.0.1:9/v1")
+    made = make_exam(chunks(EN, "prices.md"), llm, rule_only(), [])
+    assert made.reserves and made.calls == 0
+    assert {r.answer for r in made.reserves}.isdisjoint({i.answer for i in made.items})
+    assert all(r.source == "rule" and r.doc_id == made.items[0].doc_id for r in made.reserves)
+    glued = "售后政策 ==== 一、保修 特萨林FjordCell电池的保修期为12个月。深圳办事处共有员工37人。红隼K4老用户以旧换新可抵扣900元。\n"
+    zh = make_exam(chunks(glued, "售后政策.txt", "zh"), llm, rule_only(facts_per_question=1), [])
+    assert zh.items and not any("====" in i.answer or "一、" in i.answer for i in zh.items + zh.reserves)
