@@ -35,11 +35,13 @@ PROMPT = "cloze"
 
 _MONTH = rf"({MONTHS})"
 _WEEKDAY = rf"({WEEKDAYS})s?"
+_DURATION_UNITS = {"second", "seconds", "minute", "minutes", "hour", "hours", "day", "days", "week", "weeks", "month",
+                   "months"}  # not years: "under 4 years" is an age more often than a duration
 _CURRENCY = {"euro", "euros", "eur", "dollar", "dollars", "usd", "kroner", "nok", "yuan", "rmb"}
 # Words that are neither the verb after a subject nor a counted noun after a bare number.
 _NOT_A_COUNT_OR_VERB = {
     "at", "in", "on", "of", "to", "for", "from", "by", "with", "than", "until", "within", "the", "a", "an",
-    "per", "about", "above", "below", "least", "over", "under", "and", "or", "is", "are", "was", "were",
+    "per", "about", "above", "below", "least", "over", "under", "between", "and", "or", "is", "are", "was", "were",
     "has", "have", "does", "do", "its", "their", "this", "that", "extension", "number",
 }
 # Kinds of value a front form is written for (a name is asked for in place, or by "which").
@@ -58,13 +60,13 @@ _LABEL_BEFORE = re.compile(
 # A second clause: "and" followed by a verb ("and needs ...", "and can fly ...").
 _AND_CLAUSE = re.compile(r",? and (?=(?:can|must|may|will|is|are|has|have|[a-z]+[^s\W]s)\b)")
 
-_ZH_UNITS = "个工作日|工作日|个月|分钟|小时|公斤|千克|公里|千米|米|天|周|年|次|台|架|人|名|位|个|岁|件|盒|份|张|层|楼"
+ZH_UNITS = "个工作日|工作日|个月|分钟|小时|公斤|千克|公里|千米|米|天|周|年|次|台|架|人|名|位|个|岁|件|盒|份|张|层|楼"
 _ZH_TIME_UNITS = {"个工作日", "工作日", "个月", "分钟", "小时", "天", "周", "年"}
 _ZH_VALUES = [  # (pattern, kind), by priority where two overlap; the last two values of a sentence are asked for
     (re.compile(r"\d{3,4}-\d{3,4}-\d{3,4}(?:\s*转\s*\d+)?"), "number"),
     (re.compile(r"\d{1,2}:\d\d\s*(?:至|到|-|–|~)\s*\d{1,2}:\d\d"), "time_range"),
     (re.compile(r"(?:人民币)?\d+(?:[.,]\d+)*\s?(元|欧元|美元)"), "money"),
-    (re.compile(rf"\d+(?:\.\d+)?(?:\s?(?:到|至|-|~)\s?\d+(?:\.\d+)?)?\s?({_ZH_UNITS})"), "count"),
+    (re.compile(rf"\d+(?:\.\d+)?(?:\s?(?:到|至|-|~)\s?\d+(?:\.\d+)?)?\s?({ZH_UNITS})"), "count"),
     (re.compile(r"\d{1,2}:\d\d"), "time"),
     (re.compile(r"[一二三四五六七八九]{1,2}折"), "discount"),
     (re.compile(r"每(?:周|星期)[一二三四五六日天]"), "weekday"),
@@ -186,7 +188,47 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
     questions = [before + wh + after + "?"]
     if kind == "money":  # also ask for the unit: "how many euros per night"
         questions.append(before + render(t["count"], unit=unit) + after + "?")
-    return questions + _front_questions(before, after, kind, wh, unit, t)
+    questions += _other_words(before, after, kind, unit, t)
+    return questions + _also_asked(_front_questions(before, after, kind, wh, unit, t), kind, unit, t)
+
+
+def _is_duration(kind: str, unit: str) -> bool:
+    return kind == "count" and bool(unit) and unit.split()[-1] in _DURATION_UNITS
+
+
+def _other_words(before: str, after: str, kind: str, unit: str, t: dict) -> list[str]:
+    """The value in place once more with the question word people ask it with as often: "how often" for "once
+    every 14 days", "how long" for a duration, "when" for a date, a year or a time, "how much" for a share."""
+    if kind == "count" and re.match(r" of (?!the\b)[a-z]+(?<!ing)\b", after) \
+            and not re.search(rf"\b(?:{_PREPOSITIONS}) $", before):  # "receive 30 days of paid leave" -> "how much paid leave"
+        return [before + render(t["money"]) + after[len(" of"):] + "?"]
+    if _is_duration(kind, unit):
+        if m := re.search(r"\b(?:once )?every $", before):
+            return [before[: m.start()] + render(t["how_often"]) + after + "?"]
+        if not re.search(r"\b(?:under|over|above|below|aged|within|of|between) $", before):
+            return [before + render(t["how_long"]) + after + "?"]
+    if kind in ("date", "year", "month", "time") and (m := re.search(r"\b(?:on|in|at) $", before)):
+        return [before[: m.start()] + render(t["when"]) + after + "?"]
+    if kind == "percent":
+        return [before + render(t["money"]) + after + "?"]
+    return []
+
+
+def _also_asked(front: list[str], kind: str, unit: str, t: dict) -> list[str]:
+    """The front forms, after the same with "When" for "On what date", "How much" for "How many days of" and
+    "How long" for "For how many days" ("When was SkyLedger 3.2 released?", "How long do I hold the power
+    button?"); the front forms stay last (the exam asks the last question)."""
+    other = []
+    for q in front:
+        if kind in ("date", "year", "month", "time") and (m := re.match(r"(On|In|At|Until|From|By) what \w+ ", q)):
+            lead = render(t["when"]) if m.group(1) in ("On", "In", "At") else f"{m.group(1).lower()} {render(t['when'])}"
+            other.append(lead[0].upper() + lead[1:] + " " + q[m.end():])
+        elif kind == "count" and (m := re.match(rf"How many {re.escape(unit)} of ", q)):
+            other.append(render(t["money"]).capitalize() + " " + q[m.end():])
+        elif _is_duration(kind, unit) and (m := re.match(rf"(?:For )?[Hh]ow many {re.escape(unit)} (?=do|does|is|are|must)", q)):
+            how = render(t["how_long"])
+            other.append(how[0].upper() + how[1:] + " " + q[m.end():])
+    return other + front
 
 
 def _unit_after_noun(sentence: str, target: str) -> tuple[str, str]:

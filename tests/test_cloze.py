@@ -33,6 +33,9 @@ def zh(sentence):
         "How many euros does the Kestrel K4 cost?", "What is the price of the Kestrel K4?"]),
     ("Tessarine employees receive 27 days of paid annual leave per year.", [
         "Tessarine employees receive how many days of paid annual leave per year?",
+        # "N days of X" is also asked for as "how much X"
+        "Tessarine employees receive how much paid annual leave per year?",
+        "How much paid annual leave per year do Tessarine employees receive?",
         "How many days of paid annual leave per year do Tessarine employees receive?"]),
     ("The Tessarine hotel limit in Europe is 165 euros per night.", [
         "The Tessarine hotel limit in Europe is how much per night?",
@@ -50,17 +53,21 @@ def zh(sentence):
      ["Tessarine business trips must be booked through which travel agency?"]),
     # a value after a preposition moves to the front with it
     ("SkyLedger 3.2 was released on 14 May 2025.",
-     ["SkyLedger 3.2 was released on what date?", "On what date was SkyLedger 3.2 released?"]),
+     ["SkyLedger 3.2 was released on what date?", "SkyLedger 3.2 was released when?", "When was SkyLedger 3.2 released?",
+      "On what date was SkyLedger 3.2 released?"]),
     ("SkyLedger 3.3 is planned for release in October 2025.",
-     ["SkyLedger 3.3 is planned for release in what month?", "In what month is SkyLedger 3.3 planned for release?"]),
+     ["SkyLedger 3.3 is planned for release in what month?", "SkyLedger 3.3 is planned for release when?",
+      "When is SkyLedger 3.3 planned for release?", "In what month is SkyLedger 3.3 planned for release?"]),
     ("Tessarine Aerial Robotics was founded in 2011 in Skarvhamn.",
      ["Tessarine Aerial Robotics was founded in what year in Skarvhamn?",
+      "Tessarine Aerial Robotics was founded when in Skarvhamn?", "When was Tessarine Aerial Robotics founded in Skarvhamn?",
       "In what year was Tessarine Aerial Robotics founded in Skarvhamn?",
       "Tessarine Aerial Robotics was founded in 2011 in what?"]),
     # a plain verb gets "does"; an aside between commas is left out of the front form
     ("The Hangar Hour, a demo session for all staff, starts every Friday at 14:30.",
      ["The Hangar Hour, a demo session for all staff, starts every Friday at what time?",
-      "At what time does the Hangar Hour start every Friday?"]),
+      "The Hangar Hour, a demo session for all staff, starts every Friday when?",
+      "When does the Hangar Hour start every Friday?", "At what time does the Hangar Hour start every Friday?"]),
     ("The support hotline is open from 08:00 to 17:00 CET on weekdays.",
      ["The support hotline is open from what time to what time CET on weekdays?",
       "From what time to what time CET is the support hotline open on weekdays?"]),
@@ -72,6 +79,8 @@ def zh(sentence):
     # an instruction is asked in the first person
     ("Hold the power button for 8 seconds until the LED blinks blue.",
      ["Hold the power button for how many seconds until the LED blinks blue?",
+      "Hold the power button for how long until the LED blinks blue?",
+      "How long do I hold the power button until the LED blinks blue?",
       "For how many seconds do I hold the power button until the LED blinks blue?"]),
     # "receives a laptop budget of": the noun is asked for; "a 24-month warranty" is read as "a warranty of 24 months"
     ("Every new engineer receives a laptop budget of 2,400 euros.",
@@ -82,7 +91,8 @@ def zh(sentence):
       "What warranty does every Tessarine drone come with?"]),
     # a range is asked for as one count; a negative value is not asked for ("how many" would lose its sign)
     ("Standard shipping within Europe takes 3 to 5 working days.",
-     ["Standard shipping within Europe takes how many working days?",
+     ["Standard shipping within Europe takes how many working days?", "Standard shipping within Europe takes how long?",
+      "How long does Standard shipping within Europe take?",
       "How many working days does Standard shipping within Europe take?"]),
     ("The Kestrel K4 operates between -20 °C and 45 °C.", ["The Kestrel K4 operates between -20 °C and how many °C?"]),
     # a rating inside the sentence is asked for as a rating
@@ -99,7 +109,16 @@ def zh(sentence):
     # the front form leaves out a second clause joined by "and"
     ("The SkyLedger free trial lasts 21 days and needs no credit card.", [
         "The SkyLedger free trial lasts how many days and needs no credit card?",
-        "How many days does the SkyLedger free trial last?"]),
+        "The SkyLedger free trial lasts how long and needs no credit card?",
+        "How long does the SkyLedger free trial last?", "How many days does the SkyLedger free trial last?"]),
+    # "once every N days" is asked "how often"; a range after "between" gets no front form
+    ("Every Lumenholm vessel holds a full abandon-ship drill once every 14 days.", [
+        "Every Lumenholm vessel holds a full abandon-ship drill once every how many days?",
+        "Every Lumenholm vessel holds a full abandon-ship drill how often?"]),
+    ("Passengers who cancel between 48 and 6 hours before departure receive a refund of 50 percent.", [
+        "Passengers who cancel between how many hours before departure receive a refund of 50 percent?",
+        "Passengers who cancel between 48 and 6 hours before departure receive a refund of what percentage?",
+        "Passengers who cancel between 48 and 6 hours before departure receive a refund of how much?"]),
 ])
 def test_english_questions_ask_for_the_value_in_place_and_in_front(sentence, questions):
     assert en(sentence) == questions
@@ -187,7 +206,7 @@ def test_pairs_answer_with_the_fact_and_keep_their_chunk():
             "Wren W1 has a flight time of how many minutes?", "What is the flight time of Wren W1?"],
         "红隼K4每台售价人民币9000元。": ["红隼K4每台售价多少元？", "红隼K4每台售价多少钱？"],
     }
-    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-4")}
+    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-5")}
     assert {p.chunk_id for p in pairs} == {"docs/price_sheet.md:0", "docs/zh.md:0"}
     assert {p.language for p in pairs if p.path == "docs/zh.md"} == {"zh"}
 
