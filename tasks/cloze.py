@@ -53,6 +53,8 @@ _DETERMINER = "the|a|an|every|all|each|its|their|your|our|both"
 _SUBJECT = r"[A-Z][^,]*?"  # from the capital that starts the sentence, as short as the rest allows
 _VERB_S = r"[a-z]+[^s\W]s"  # "costs", "reimburses" (not "class"): a singular verb, or a plural noun
 _ROLE = re.compile(r"\b(founder|chief|ceo|head|manager|director|controller|owner|contact|chair|president|lead)\b", re.I)
+# A company's head, asked for as the one who runs or leads it.
+_LEADER = re.compile(r"chief executive(?: officer)?|ceo|managing director|president|head|general manager|director", re.I)
 _ENGLISH_LEAD = re.compile(r"^(The|A|An|Every|All|Each) ")
 # Nouns that name the number after them ("extension 4471", "room 12"), with up to one word before.
 _LABEL_BEFORE = re.compile(
@@ -126,33 +128,55 @@ def _verb_base(verb: str) -> str:
     return verb[:-3] + "y" if verb.endswith("ies") else verb[:-1]
 
 
-def english_questions(fact: str, targets: list[str], prompt: dict) -> list[str]:
+def english_questions(fact: str, targets: list[str], prompt: dict, text: str = "") -> list[str]:
     """Questions asking for the fact's last two values: the value in place ("… costs how much?")
-    and, for the sentence shapes below, moved to the front ("How much does … cost?")."""
+    and, for the sentence shapes below, moved to the front ("How much does … cost?"). `text` is the fact's
+    chunk: a company it calls by its short name is asked for by that name too."""
     sentence = fact.strip().rstrip(".!")
     t = prompt["en"]
     questions = []
     kinds = [(v, kind) for v in targets if (kind := _kind(v))]
     for target, kind in kinds[-2:]:
-        questions += [q for q in _questions_for(sentence, target, kind, t) if not facts_found(q, [target])[0]]
+        questions += [q for q in _questions_for(sentence, target, kind, t, text) if not facts_found(q, [target])[0]]
     return list(dict.fromkeys(questions))
 
 
-def _name_question(before: str, t: dict) -> str:
-    """A question for a name that ends the sentence; `before` is the sentence up to the name."""
+def _name_question(before: str, t: dict, text: str) -> list[str]:
+    """Questions for a name that ends the sentence, the plainest last; `before` is the sentence up to the name."""
     if m := re.fullmatch(r"(.+) (is|are|was|were) called ", before):
-        return render(t["front_called"], be=m.group(2), subject=_lower_lead(m.group(1)))
+        return [render(t["front_called"], be=m.group(2), subject=_lower_lead(m.group(1)))]
     if m := re.fullmatch(r"(.+) (is|are|was|were) ", before):
         wh = "Who" if _ROLE.search(m.group(1)) else "What"
-        return render(t["front_copula"], wh=wh, be=m.group(2), subject=_lower_lead(m.group(1)), rest="")
+        return _owner_questions(m.group(1), wh, m.group(2), t, text) + [
+            render(t["front_copula"], wh=wh, be=m.group(2), subject=_lower_lead(m.group(1)), rest="")]
     m = re.search(r"\bthe ((?:[a-z][a-z-]* ){0,2}[a-z][a-z-]*),? $", before)
     if m and m.group(1).split()[-1] not in _NOT_A_COUNT_OR_VERB:
         # "through the travel agency Nordbris Travel" -> "through which travel agency"
-        return before[: m.start()] + render(t["which"], np=m.group(1)) + "?"
-    return before + render(t["name"]) + "?"
+        return [before[: m.start()] + render(t["which"], np=m.group(1)) + "?"]
+    return [before + render(t["name"]) + "?"]
 
 
-def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
+def _owner_questions(subject: str, wh: str, be: str, t: dict, text: str) -> list[str]:
+    """"The founder of Lumenholm Ferries is …": asked with the owner first ("Who is Lumenholm Ferries' founder?"),
+    and for a founder or a company's head with the verbs people use ("Who founded …?", "Who runs …?"); a company
+    the chunk also calls by its first word alone ("Tessarine" for "Tessarine Aerial Robotics") by that name too."""
+    m = re.fullmatch(r"[Tt]he ((?:[a-z-]+ ){0,2}[a-z-]+|CEO) of ((?:the )?[A-Z][\w&.-]*(?: [A-Z0-9][\w&.-]*)*)", subject)
+    if not m:
+        return []
+    role, owner = m.group(1), m.group(2)
+    owners = [owner]
+    if len(words := owner.split()) > 1 and words[0] != "the" and re.search(rf"\b{re.escape(words[0])}\b(?! {re.escape(words[1])})", text):
+        owners.append(words[0])
+    questions = []
+    for name in owners:
+        questions.append(render(t["front_possessive"], wh=wh, be=be, np=role, owner=name + ("'" if name.endswith("s") else "'s")))
+        if wh == "Who":
+            kind = "founder" if role == "founder" else "leader" if _LEADER.fullmatch(role) else None
+            questions += [render(q, owner=name) for q in t.get(kind, [])] if kind else []
+    return [q for q in dict.fromkeys(questions) if q.lower() != f"who is the {role.lower()} of {owner.lower()}?"]
+
+
+def _questions_for(sentence: str, target: str, kind: str, t: dict, text: str = "") -> list[str]:
     sentence, new_target = _unit_after_noun(sentence, target)
     if new_target != target:
         target, kind = new_target, _kind(new_target)
@@ -168,7 +192,7 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict) -> list[str]:
                      render(t["front_rating"], do="does" if m.group(2) == "is" else "do", subject=subject)]
             return _with_short_name(front, subject)
         # A name inside the sentence is usually its subject or the object of its verb: skipped.
-        return [] if after.strip() else [_name_question(before, t)]
+        return [] if after.strip() else _name_question(before, t, text)
     if kind == "number" and (counted := _counted(after)):
         # "400 charge cycles": the words after a bare number say what it counts
         kind, unit, after = "count", counted, after[len(" " + counted):]
@@ -405,7 +429,7 @@ def cloze_pairs(chunks: list[Chunk]) -> list[QAPair]:
                 fact = chinese_fact(fact)
                 questions = chinese_questions(fact, prompt)
             else:
-                questions = english_questions(fact, question_targets(fact, chunk), prompt)
+                questions = english_questions(fact, question_targets(fact, chunk), prompt, chunk.text)
             pairs += [QAPair(question=q, answer=fact, source="cloze", doc_id=chunk.doc_id, path=chunk.path,
                              chunk_id=chunk.chunk_id, mode="cloze", prompt_version=prompt["version"],
                              language=chunk.language) for q in questions]

@@ -93,7 +93,7 @@ def _item(chunk: Chunk, fact: str, question: str, source: str, version: str) -> 
 def rule_question(chunk: Chunk, fact: str, targets: list[str], cloze: dict) -> ExamItem | None:
     """The cloze rules' question for the fact: the value moved to the front where the sentence allows
     ("How much does … cost?"), else in place ("特萨林深圳办事处共有员工多少人？")."""
-    questions = chinese_questions(fact, cloze) if chunk.language == "zh" else english_questions(fact, targets, cloze)
+    questions = chinese_questions(fact, cloze) if chunk.language == "zh" else english_questions(fact, targets, cloze, chunk.text)
     for q in reversed(questions):
         if item := _item(chunk, fact, q, "rule", cloze["version"]):
             return item

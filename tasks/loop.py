@@ -69,7 +69,7 @@ def rule_wordings(target: LoopTarget, chunk: Chunk) -> list[str]:
     if chunk.language == "zh":
         questions = chinese_questions(target.fact, cloze)
     else:
-        questions = english_questions(target.fact, question_targets(target.fact, chunk), cloze)
+        questions = english_questions(target.fact, question_targets(target.fact, chunk), cloze, chunk.text)
     return [f for q in questions if (f := framed(q, chunk, target.round))]
 
 

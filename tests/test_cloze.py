@@ -47,7 +47,11 @@ def zh(sentence):
     ("The Brekke garage has 40 spaces for staff cars.", [
         "The Brekke garage has how many spaces for staff cars?",
         "How many spaces does the Brekke garage have for staff cars?"]),
-    ("The founder of Tessarine Aerial Robotics is Maren Oksavik.", ["Who is the founder of Tessarine Aerial Robotics?"]),
+    # a role of a company: the owner first, and the verbs a founder or a company's head is asked with
+    ("The founder of Tessarine Aerial Robotics is Maren Oksavik.", [
+        "Who is Tessarine Aerial Robotics' founder?", "Who founded Tessarine Aerial Robotics?",
+        "Who started Tessarine Aerial Robotics?", "Who is the founder of Tessarine Aerial Robotics?"]),
+    ("The capital of Norway is Oslo.", ["What is Norway's capital?", "What is the capital of Norway?"]),
     ("The Tessarine support portal is called HangarDesk.", ["What is the Tessarine support portal called?"]),
     ("Tessarine business trips must be booked through the travel agency Nordbris Travel.",
      ["Tessarine business trips must be booked through which travel agency?"]),
@@ -122,6 +126,17 @@ def zh(sentence):
 ])
 def test_english_questions_ask_for_the_value_in_place_and_in_front(sentence, questions):
     assert en(sentence) == questions
+
+
+def test_a_company_the_chunk_calls_by_its_first_word_is_asked_for_by_that_name_too():
+    prompt = load_prompt("cloze", required=("en",))
+    fact = "The chief executive of Tessarine Aerial Robotics is Jonas Villemo."
+    short = english_questions(fact, ["Jonas Villemo"], prompt, "Tessarine employees receive 27 days of leave. " + fact)
+    assert {"Who runs Tessarine Aerial Robotics?", "Who is Tessarine's chief executive?", "Who runs Tessarine?",
+            "Who is the CEO of Tessarine?"} <= set(short)
+    assert short[-1] == "Who is the chief executive of Tessarine Aerial Robotics?"  # the plainest stays last
+    # a chunk that never says "Tessarine" alone gets no short name
+    assert not any("Tessarine's" in q for q in english_questions(fact, ["Jonas Villemo"], prompt, fact))
 
 
 def test_a_question_never_holds_its_value_and_a_day_of_the_week_is_not_asked_for():
