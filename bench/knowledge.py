@@ -36,6 +36,9 @@ RECIPES = {
     "qa+text": {"text_rows": True},  # plus the documents' own text, loss on every token
     "qa+nosys": {"no_system_share": 0.3},  # 30% of the rows without their system message
     "qa+text+nosys": {"text_rows": True, "no_system_share": 0.3},
+    # the text rows of the languages the endpoint wrote no questions in only (Chinese, with the offline model):
+    # qa+text raised Chinese on both corpora and cost English on one
+    "qa+text-unwritten": {"text_rows_unwritten": True},
     # configs/train.yaml's rate without NEFTune: what `doctune nightly` trained with, without --train-config,
     # before the rate and the noise followed the base model's size
     "lr2e-4": {"learning_rate": 2e-4, "neftune_alpha": 0.0},

@@ -90,6 +90,12 @@ class TrainSettings(BaseModel):
         "token), mixed with the question/answer rows. Off until bench/knowledge.py shows it raises paraphrased "
         "recall on both bench corpora over several seeds.",
     )
+    text_rows_unwritten: bool = Field(
+        False, description="With text_rows off: train on the text rows of the languages the dataset's endpoint wrote "
+        "no questions in (the offline 135M model writes no Chinese, so a Chinese fact has rule-made questions only), "
+        "mixed with the question/answer rows; the steps grow with them. Off until bench/knowledge.py shows it "
+        "raises paraphrased recall in those languages on both bench corpora without costing English.",
+    )
     no_system_share: float = Field(
         0.0, ge=0, le=1, description="Share of question/answer rows trained without their system message (the "
         "chat template's own default then stands in), drawn with the seed, so an exported model also answers "

@@ -39,8 +39,8 @@ from doctune.prefect_utils import CACHE
 from doctune.runs import dataset_hash, dataset_system_prompt, run_dir_for, settings_hash, write_json
 from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
 from doctune.training.checkpoint import load_checkpoint, resume_checkpoint, save_adapter, save_checkpoint
-from doctune.training.data import (IGNORE, load_text_rows, load_train_split, load_validation, tokenize_split,
-                                   tokenize_texts, with_system)
+from doctune.training.data import (IGNORE, load_train_split, load_validation, text_rows_for, tokenize_split,
+                                   tokenize_texts, unwritten_languages, with_system)
 from doctune.training.length import duration, expected_training
 from doctune.training.merge import merge_and_check
 from doctune.training.model import (
@@ -257,11 +257,12 @@ def train(
     tokenizer = load_tokenizer(base)
     examples, dropped = tokenize_split(tokenizer, load_train_split(dataset_dir), settings)
     n_qa = len(examples)
-    if settings.text_rows:
-        texts = tokenize_texts(tokenizer, load_text_rows(dataset_dir), settings.max_seq_len)
-        log.info("text-completion rows: %d examples of the documents' own text, mixed with %d question/answer rows",
-                 len(texts), len(examples))
-        if not texts:
+    if settings.text_rows or settings.text_rows_unwritten:
+        texts = tokenize_texts(tokenizer, text_rows_for(dataset_dir, settings), settings.max_seq_len)
+        which = "" if settings.text_rows else f" in {', '.join(sorted(unwritten_languages(dataset_dir))) or 'no language'}"
+        log.info("text-completion rows: %d examples of the documents' own text%s, mixed with %d question/answer rows",
+                 len(texts), which, len(examples))
+        if not texts and settings.text_rows:
             log.warning("%s has no text-completion rows (built with dataset.text_rows off?): training on the "
                         "question/answer rows only", dataset_dir)
         examples += texts

@@ -32,6 +32,7 @@ def test_run_folder_names_are_pinned(tmp_path):
     assert run_dir_for(ds, TrainSettings(lora_r=8, seed=3), "outputs").name == "287415a9db4a-236491eb"
     # A field added later changes the name only when it is set.
     assert settings_hash(TrainSettings(text_rows=True)) != settings_hash(TrainSettings())
+    assert settings_hash(TrainSettings(text_rows_unwritten=True)) != settings_hash(TrainSettings())
 
 
 def test_base_model_and_resolve_name_the_missing_file(tmp_path):

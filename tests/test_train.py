@@ -308,9 +308,15 @@ def test_text_rows_are_trained_beside_the_questions_when_asked_for(tiny_model, d
     with_text = tmp_path / "with-text"
     shutil.copytree(dataset_dir, with_text)
     (with_text / "text.jsonl").write_text("".join(
-        json.dumps({"text": f"# Catalogue\n\nItem {i} costs {10 + i} euros and ships in two days.",
-                    "path": "catalogue.md", "chunk_id": f"d1:{i}", "language": "en"}) + "\n" for i in range(5)))
+        json.dumps({"text": text, "path": "catalogue.md", "chunk_id": f"d1:{i}", "language": lang}) + "\n"
+        for i, (text, lang) in enumerate([(f"# Catalogue\n\nItem {i} costs {10 + i} euros and ships in two days.", "en")
+                                          for i in range(5)] + [("# 目录\n\n电池保修12个月。", "zh")] * 2)))
+    # the endpoint wrote no Chinese questions
+    (with_text / "manifest.json").write_text(json.dumps({"counts": {"skipped_languages": ["zh"]}}))
     plain = train(with_text, tiny_settings(tiny_model, max_steps=2), tmp_path / "a", progress=False)
     mixed = train(with_text, tiny_settings(tiny_model, max_steps=2, text_rows=True), tmp_path / "b", progress=False)
+    unwritten = train(with_text, tiny_settings(tiny_model, max_steps=2, text_rows_unwritten=True), tmp_path / "c",
+                      progress=False)
     assert json.loads((plain / "metrics.json").read_text())["examples"] == 12  # off by default
-    assert json.loads((mixed / "metrics.json").read_text())["examples"] == 12 + 5
+    assert json.loads((mixed / "metrics.json").read_text())["examples"] == 12 + 7
+    assert json.loads((unwritten / "metrics.json").read_text())["examples"] == 12 + 2  # the Chinese rows only

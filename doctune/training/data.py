@@ -167,15 +167,38 @@ def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Examp
     return examples, dropped
 
 
-def load_text_rows(dataset_dir: str | Path) -> list[str]:
-    """The dataset's text-completion rows (text.jsonl: the documents' own text); [] for a dataset written
-    without them."""
+def load_text_rows(dataset_dir: str | Path, languages: set[str] | None = None) -> list[str]:
+    """The dataset's text-completion rows (text.jsonl: the documents' own text), of `languages` only when given;
+    [] for a dataset written without them."""
     import json
 
     path = Path(dataset_dir) / "text.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["text"] for r in rows if languages is None or r.get("language") in languages]
+
+
+def unwritten_languages(dataset_dir: str | Path) -> set[str]:
+    """The languages the dataset's endpoint wrote no questions in (its build's probe skipped them: the offline
+    135M model writes no Chinese), from manifest.json (none without one)."""
+    import json
+
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.is_file():
+        return set()
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    return set(manifest.get("counts", {}).get("skipped_languages", []))
+
+
+def text_rows_for(dataset_dir: str | Path, settings: TrainSettings) -> list[str]:
+    """The text rows `settings` trains on: all with text_rows, those of the unwritten languages with
+    text_rows_unwritten, else none."""
+    if settings.text_rows:
+        return load_text_rows(dataset_dir)
+    if settings.text_rows_unwritten and (languages := unwritten_languages(dataset_dir)):
+        return load_text_rows(dataset_dir, languages)
+    return []
 
 
 def tokenize_texts(tokenizer, texts: list[str], max_seq_len: int) -> list[Example]:

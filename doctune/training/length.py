@@ -92,8 +92,14 @@ def expected_training(dataset_dir: str | Path, settings: TrainSettings, output_r
                       rows: tuple[int, int] | None = None) -> Expected:
     """The steps and time of training `dataset_dir` with `settings`; `rows` (question/answer, text) when the
     caller has counted the rows that fit max_seq_len, else the manifest's counts."""
-    qa, text = rows or dataset_rows(dataset_dir, settings.min_rows_per_answer)
-    text = text if settings.text_rows else 0
+    if rows:
+        qa, text = rows
+    else:
+        qa, text = dataset_rows(dataset_dir, settings.min_rows_per_answer)
+        if not settings.text_rows:
+            from doctune.training.data import text_rows_for
+
+            text = len(text_rows_for(dataset_dir, settings)) if settings.text_rows_unwritten else 0
     steps = steps_for(settings, qa + text)
     pace = _pace(Path(output_root), settings)
     batch = settings.per_device_batch_size * settings.gradient_accumulation_steps

@@ -47,6 +47,24 @@ def test_a_folder_twice_as_big_trains_twice_as_long_by_default(tmp_path):
     assert "6 epochs over 380 question/answer rows + 160 text rows" in e.text(with_text)
 
 
+def test_text_rows_of_the_unwritten_languages_count_alone(tmp_path):
+    from doctune.training.data import text_rows_for
+
+    ds = _dataset(tmp_path, 380, 3)
+    (ds / "manifest.json").write_text(json.dumps({"train": 380, "text_rows": 3, "counts": {"skipped_languages": ["zh"]}}))
+    (ds / "text.jsonl").write_text("".join(json.dumps({"text": t, "language": lang}, ensure_ascii=False) + "\n" for t, lang in
+                                           [("The K4 costs 8,950 euros.", "en"), ("电池保修12个月。", "zh"), ("员工37人。", "zh")]),
+                                   encoding="utf-8")
+    unwritten = TrainSettings(text_rows_unwritten=True)
+    assert text_rows_for(ds, unwritten) == ["电池保修12个月。", "员工37人。"]
+    assert text_rows_for(ds, TrainSettings()) == []
+    assert len(text_rows_for(ds, unwritten.model_copy(update={"text_rows": True}))) == 3  # text_rows: every language
+    e = expected_training(ds, unwritten, tmp_path)
+    assert (e.qa_rows, e.text_rows, e.steps) == (380, 2, steps_for(unwritten, 382))
+    (ds / "manifest.json").write_text(json.dumps({"train": 380, "text_rows": 3, "counts": {"skipped_languages": []}}))
+    assert text_rows_for(ds, unwritten) == [] and expected_training(ds, unwritten, tmp_path).text_rows == 0
+
+
 def test_the_time_comes_from_the_newest_run_of_the_same_base_model(tmp_path):
     s = TrainSettings(per_device_batch_size=8)
     ds = _dataset(tmp_path, 80, 0)  # 10 batches x 6 epochs = 60 steps
