@@ -394,6 +394,15 @@ def _also_without_owner(asked: list[str]) -> list[str]:
     return asked
 
 
+def _role_verbs(owner: str, role: str, t: dict) -> list[str]:
+    """"X的负责人是…" asked with the verb people use for the role: "谁负责X？", "X由谁负责？" (创始人: 谁创立了X;
+    a manager: 谁管理X); none without an owner before 的."""
+    if not (m := re.fullmatch(r"([\u4e00-\u9fffA-Za-z0-9]{2,12})的", owner)):
+        return []
+    kind = {"负责人": "role_in_charge", "创始人": "role_founder"}.get(role, "role_manager")
+    return [render(q, owner=m.group(1)) for q in t[kind]]
+
+
 def chinese_questions(fact: str, prompt: dict) -> list[str]:
     """Questions for the last two values of a Chinese fact, each asked in place with every question word
     Chinese asks it with ("保修几个月", "保修多久", "保修多少个月"), and once more without a short owner
@@ -403,7 +412,8 @@ def chinese_questions(fact: str, prompt: dict) -> list[str]:
     t = prompt["zh"]
     if m := _ZH_PERSON.search(sentence):
         head = sentence[: m.start()] + m.group(1)
-        return _also_without_owner([head + render(t["person_name"]) + "？", head + m.group(2) + render(t["person"]) + "？"])
+        return _role_verbs(sentence[: m.start()], m.group(1), t) + _also_without_owner(
+            [head + render(t["person_name"]) + "？", head + m.group(2) + render(t["person"]) + "？"])
     if m := re.search(r"(位于|坐落于)([^，,]{4,})$", sentence):
         return _also_without_owner([sentence[: m.start()] + m.group(1) + render(t["place"]) + "？"])
     questions: list[str] = []

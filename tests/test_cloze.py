@@ -177,6 +177,9 @@ def test_chinese_questions_replace_the_value_where_it_stands(sentence, question)
       "奥尔德茅斯码头的行李寄存处每件行李每天收费多少钱？"]),
     # a person by name too; a time range as a range
     ("卢门轮渡的中文客服经理是林嘉禾。", ["中文客服经理是谁？", "卢门轮渡的中文客服经理叫什么名字？", "卢门轮渡的中文客服经理是谁？"]),
+    # the role of an owner (before 的) also asked with its verb
+    ("特萨林深圳办事处的负责人是周雅岚。", ["谁负责特萨林深圳办事处？", "特萨林深圳办事处由谁负责？",
+                                    "特萨林深圳办事处的负责人叫什么名字？", "特萨林深圳办事处的负责人是谁？"]),
     ("中文服务热线每天8:00至20:00有人接听。", ["中文服务热线每天什么时间有人接听？", "中文服务热线每天几点到几点有人接听？"]),
     # two values: each asked within its own clause, the later clause not carried into the earlier one's question
     ("特萨林加急维修服务收费人民币600元，3个工作日内完成。",
