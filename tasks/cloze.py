@@ -226,6 +226,8 @@ def _other_words(before: str, after: str, kind: str, unit: str, t: dict) -> list
     if kind == "count" and re.match(r" of (?!the\b)[a-z]+(?<!ing)\b", after) \
             and not re.search(rf"\b(?:{_PREPOSITIONS}) $", before):  # "receive 30 days of paid leave" -> "how much paid leave"
         return [before + render(t["money"]) + after[len(" of"):] + "?"]
+    if kind == "count" and unit in ("year", "years") and re.search(r"\b(?:under|over|above|below|aged) $", before):
+        return [before + render(t["age"]) + re.sub(r"^ old\b", "", after) + "?"]  # "Children under what age …"
     if _is_duration(kind, unit):
         if m := re.search(r"\b(?:once )?every $", before):
             return [before[: m.start()] + render(t["how_often"]) + after + "?"]

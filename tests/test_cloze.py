@@ -98,6 +98,9 @@ def zh(sentence):
      ["Standard shipping within Europe takes how many working days?", "Standard shipping within Europe takes how long?",
       "How long does Standard shipping within Europe take?",
       "How many working days does Standard shipping within Europe take?"]),
+    ("Children under 4 years travel free on all Lumenholm routes.", [
+        "Children under how many years travel free on all Lumenholm routes?",
+        "Children under what age travel free on all Lumenholm routes?"]),
     ("The Kestrel K4 operates between -20 °C and 45 °C.", ["The Kestrel K4 operates between -20 °C and how many °C?"]),
     # a rating inside the sentence is asked for as a rating
     ("The Heron H2 inspection drone is rated IP54 and can fly in light rain.", [
