@@ -219,7 +219,8 @@ class DatasetSettings(_Settings):
     text_rows: bool = Field(
         True, description="Also write the documents' own text (each chunk under its title and headings) as "
         "text-completion rows: `text.jsonl` and LLaMA-Factory's `doctune_text` (a pt dataset). "
-        "Training uses them only with train.text_rows.",
+        "Training uses them only with train.text_rows (or, for the languages the endpoint wrote no questions in, "
+        "train.text_rows_unwritten).",
     )
     variants: bool = Field(
         True, description="With text_rows: also write each fact sentence restated under its document and "
