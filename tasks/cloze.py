@@ -217,7 +217,8 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict, text: str = "
 
 
 def _is_duration(kind: str, unit: str) -> bool:
-    return kind == "count" and bool(unit) and unit.split()[-1] in _DURATION_UNITS
+    """"7 days", "3 to 5 working days"; not "12 metres per second" (a rate)."""
+    return kind == "count" and bool(unit) and " per " not in f" {unit} " and unit.split()[-1] in _DURATION_UNITS
 
 
 def _other_words(before: str, after: str, kind: str, unit: str, t: dict) -> list[str]:

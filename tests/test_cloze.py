@@ -98,6 +98,9 @@ def zh(sentence):
      ["Standard shipping within Europe takes how many working days?", "Standard shipping within Europe takes how long?",
       "How long does Standard shipping within Europe take?",
       "How many working days does Standard shipping within Europe take?"]),
+    # a rate per second is no duration
+    ("The test range is closed when the wind speed exceeds 12 metres per second.",
+     ["The test range is closed when the wind speed exceeds how many metres per second?"]),
     ("Children under 4 years travel free on all Lumenholm routes.", [
         "Children under how many years travel free on all Lumenholm routes?",
         "Children under what age travel free on all Lumenholm routes?"]),
