@@ -96,10 +96,10 @@ def expected_training(dataset_dir: str | Path, settings: TrainSettings, output_r
         qa, text = rows
     else:
         qa, text = dataset_rows(dataset_dir, settings.min_rows_per_answer)
-        if not settings.text_rows:
+        if not settings.text_rows:  # text_rows_for reads nothing when no text rows train
             from doctune.training.data import text_rows_for
 
-            text = len(text_rows_for(dataset_dir, settings)) if settings.text_rows_unwritten else 0
+            text = len(text_rows_for(dataset_dir, settings))
     steps = steps_for(settings, qa + text)
     pace = _pace(Path(output_root), settings)
     batch = settings.per_device_batch_size * settings.gradient_accumulation_steps
