@@ -45,6 +45,9 @@ RECIPES = {
     # a fact asked by fewer than 4 training questions gets framed copies of them up to 4 (the steps grow with the
     # rows): facts asked 6+ times were answered far more often than those asked 1-3 times
     "qa+balance4": {"min_rows_per_answer": 4},
+    # a rank-128 adapter (alpha 90 keeps rsLoRA's alpha/sqrt(r) of the default r 16, alpha 32): a full fine-tune
+    # answered more paraphrases than rank 16 (bench/README.md), and its change is far above rank 16
+    "r128": {"lora_r": 128, "lora_alpha": 90},
 }
 
 
