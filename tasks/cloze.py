@@ -118,6 +118,11 @@ def _counted(after: str) -> str:
     return " ".join(words) if after.startswith(" ") else ""
 
 
+def _upper_first(words: str) -> str:
+    """The first letter upper case, the rest as it is ("how much" -> "How much", "within" -> "Within")."""
+    return words[:1].upper() + words[1:]
+
+
 def _lower_lead(subject: str) -> str:
     return _ENGLISH_LEAD.sub(lambda m: m.group(1).lower() + " ", subject)
 
@@ -249,12 +254,11 @@ def _also_asked(front: list[str], kind: str, unit: str, t: dict) -> list[str]:
     for q in front:
         if kind in ("date", "year", "month", "time") and (m := re.match(r"(On|In|At|Until|From|By) what \w+ ", q)):
             lead = render(t["when"]) if m.group(1) in ("On", "In", "At") else f"{m.group(1).lower()} {render(t['when'])}"
-            other.append(lead[0].upper() + lead[1:] + " " + q[m.end():])
+            other.append(_upper_first(lead) + " " + q[m.end():])
         elif kind == "count" and (m := re.match(rf"How many {re.escape(unit)} of ", q)):
-            other.append(render(t["money"]).capitalize() + " " + q[m.end():])
+            other.append(_upper_first(render(t["money"])) + " " + q[m.end():])
         elif _is_duration(kind, unit) and (m := re.match(rf"(?:For )?[Hh]ow many {re.escape(unit)} (?=do|does|is|are|must)", q)):
-            how = render(t["how_long"])
-            other.append(how[0].upper() + how[1:] + " " + q[m.end():])
+            other.append(_upper_first(render(t["how_long"])) + " " + q[m.end():])
     return other + front
 
 
@@ -286,7 +290,7 @@ def _front_questions(before: str, after: str, kind: str, wh: str, unit: str, t: 
 
 def _after_verb(before: str, after: str, kind: str, wh: str, t: dict) -> tuple[list[str], str]:
     """A value right after the verb (or after "has a … of"); returns the questions and the subject."""
-    wh = wh[0].upper() + wh[1:]
+    wh = _upper_first(wh)
     if m := re.fullmatch(r"(.+) (has|have) an? ([a-z][a-z -]*) of ", before):
         subject = _lower_lead(m.group(1))
         return [render(t["front_has"], np=m.group(3), subject=subject)], subject
@@ -333,7 +337,7 @@ def _after_preposition(before: str, after: str, wh: str, t: dict) -> tuple[list[
         return [], ""
     if len(subject.split()) > 8 or " and " in subject:
         return [], ""
-    return [render(t["front_prep"], prep=m.group(2).capitalize(), wh=wh, do=do, subject=subject,
+    return [render(t["front_prep"], prep=_upper_first(m.group(2)), wh=wh, do=do, subject=subject,
                    rest=rest + after)], subject
 
 

@@ -167,10 +167,13 @@ class HeldOut(BaseModel):
     dropped: list[Dropped]
 
 
-# Chinese question words with the unit after them: two rule-made questions that differ only in these ask the
-# same thing the same way ("保修几个月", "保修多少个月", "保修多久").
-_ZH_ASKING = re.compile(f"(?:几点到几点|什么时间|什么时候|什么号码|叫什么名字|每周哪一天|星期几|多少钱|多少|多久|几点|几折|几号|几"
-                        f"|哪里|谁)(?:{ZH_UNITS}|欧元|美元|元)?")
+def zh_asking(cloze: dict) -> re.Pattern:
+    """The Chinese question words of the cloze prompt (its zh wordings less the unit), with the unit after them:
+    two rule-made questions that differ only in these ask the same thing the same way ("保修几个月", "保修多少个月",
+    "保修多久"). Longest first, so "多少钱" is taken whole, not as "多少"."""
+    words = {re.sub(r"\{\{\s*unit\s*\}\}", "", v).strip() for v in cloze["zh"].values() if isinstance(v, str)}
+    alternatives = "|".join(re.escape(w) for w in sorted(words - {""}, key=lambda w: (-len(w), w)))
+    return re.compile(f"(?:{alternatives})(?:{ZH_UNITS}|欧元|美元|元)?")
 
 
 def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings,
@@ -185,6 +188,12 @@ def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings,
     exam's order) is tried in its place, so the exam keeps its size."""
     n, t = dedup.ngram, dedup.near_threshold
     train = [shingles(normalize(p.question), n) for p in pairs]
+    asking = zh_asking(load_prompt(CLOZE_PROMPT, required=("version", "en", "zh"))) \
+        if any(i.language == "zh" for i in [*items, *reserves]) else None
+    bare_train: dict[int, set] = {}  # training questions without their question words, as asked
+
+    def bare(text: str) -> set:
+        return shingles(normalize(asking.sub("", text)), n)
     # training questions left per answer (passages and replay answer no one fact)
     asked = Counter(fact_key(p.answer) for p in pairs if p.source not in NOT_ONE_FACT)
     by_fact: dict[str, list[int]] = {}
@@ -201,10 +210,13 @@ def hold_out(items: list[ExamItem], pairs: list[QAPair], dedup: DedupSettings,
         twins = {j: (s, False) for j, other in enumerate(train) if j not in drop_pairs
                  and t * len(q) <= len(other) <= len(q) / t and (s := jaccard(q, other)) >= t}
         if item.language == "zh":
-            bare = shingles(normalize(_ZH_ASKING.sub("", item.question)), n)
+            asked_bare = bare(item.question)
             for j in by_fact.get(fact_key(item.answer), []):
-                if j not in drop_pairs and j not in twins and pairs[j].source not in NOT_ONE_FACT \
-                        and (s := jaccard(bare, shingles(normalize(_ZH_ASKING.sub("", pairs[j].question)), n))) >= t:
+                if j in drop_pairs or j in twins or pairs[j].source in NOT_ONE_FACT:
+                    continue
+                if j not in bare_train:
+                    bare_train[j] = bare(pairs[j].question)
+                if (s := jaccard(asked_bare, bare_train[j])) >= t:
                     twins[j] = (s, True)
         human = next((j for j in twins if pairs[j].source in HUMAN_WRITTEN), None)
         if human is not None:

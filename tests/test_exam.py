@@ -13,7 +13,8 @@ from doctune.metrics import facts_found
 from doctune.records import Document, QAPair
 from doctune.settings import ChunkSettings, DedupSettings, LLMSettings
 from tasks.chunk import chunk_document
-from tasks.exam import hold_out, make_exam
+from doctune.prompts import load_prompt
+from tasks.exam import hold_out, make_exam, zh_asking
 from tests.endpoints import ScriptedEndpoint
 
 EN = ("# Price sheet\n\nThe Kestrel K4 survey drone costs 8,950 euros. The Heron H2 costs 12,400 euros. "
@@ -163,6 +164,19 @@ def test_a_chinese_exam_question_takes_its_question_word_swaps_out_of_training()
                    QAPair(question="The Kestrel K4 costs how much?", answer="The Kestrel K4 costs 8,950 euros.",
                           source="cloze")], DedupSettings())
     assert len(en.pairs) == 2 and not en.dropped
+
+
+def test_the_question_words_left_out_are_the_cloze_prompts_own():
+    cloze = load_prompt("cloze", required=("version", "en", "zh"))
+    asking = zh_asking(cloze)
+    # every Chinese wording the rules ask with, its unit filled in, is left out whole
+    for key, wording in cloze["zh"].items():
+        if isinstance(wording, str):
+            assert asking.sub("", "保修" + wording.replace("{{ unit }}", "个月") + "？") == "保修？", key
+    # a wording added to the prompt is left out too, with no second list to keep in step
+    more = {**cloze, "zh": {**cloze["zh"], "how_far": "多远"}}
+    assert zh_asking(more).sub("", "码头离市中心多远？") == "码头离市中心？"
+    assert asking.sub("", "码头离市中心多远？") == "码头离市中心多远？"
 
 
 def test_a_reserve_of_the_same_document_takes_the_place_of_an_exam_question_that_must_go():
