@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--output-dir", default=str(ROOT / "outputs/bench/knowledge"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per synthesis call otherwise
     out = Path(args.output_dir)
     report = []
     for corpus in args.corpora:
