@@ -40,8 +40,9 @@ def train_full(dataset: str, settings, base: str, out: Path, lr: float) -> float
     from transformers import AutoModelForCausalLM, get_scheduler
 
     from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
-    from doctune.training.data import IGNORE, load_train_split, tokenize_split
-    from doctune.training.model import Plan, add_neftune, load_tokenizer, micro_step_loss
+    from doctune.training.data import load_train_split, tokenize_split
+    from doctune.training.model import Plan, add_neftune, load_tokenizer
+    from tasks.train import optimizer_step  # normalising, clipping and stepping as doctune's training does
 
     tokenizer = load_tokenizer(base)
     examples, _ = tokenize_split(tokenizer, load_train_split(dataset), settings)
@@ -63,15 +64,9 @@ def train_full(dataset: str, settings, base: str, out: Path, lr: float) -> float
     start = time.perf_counter()
     for step in range(1, steps + 1):
         batch = to_device(collate(next(stream), settings.batching, tokenizer.pad_token_id, settings.max_seq_len), "cpu")
-        loss = micro_step_loss(model, batch, plan) / max(int((batch["labels"] != IGNORE).sum()), 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = optimizer_step(model, [batch], plan, optimizer, scheduler, settings.max_grad_norm)
         if step % 20 == 0 or step == steps:
-            logging.info("full fine-tune step %d/%d loss %.4f, %.0f s", step, steps, loss.item(),
-                         time.perf_counter() - start)
+            logging.info("full fine-tune step %d/%d loss %.4f, %.0f s", step, steps, loss, time.perf_counter() - start)
     seconds = time.perf_counter() - start
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -124,19 +119,9 @@ def run_corpus(name: str, seeds: list[int], lr: float, ranks: list[int], with_so
                out: Path) -> tuple[list[dict], dict, str]:
     from doctune.base_model import prepare_base_model
     from doctune.model_settings import load_train_settings
-    from doctune.runs import dataset_system_prompt
-    from doctune.settings import BuildSettings
-    from flows.build_dataset import build_dataset
-    from tasks.evaluate import load_gold
     from tasks.train import train
 
-    docs, questions = knowledge.CORPORA[name]
-    dataset = build_dataset(str(docs), BuildSettings(output_dir=str(out / name)))
-    system = dataset_system_prompt(dataset)
-    items, dropped = load_gold(questions, system)
-    if dropped:
-        raise ValueError(f"{questions}: {dropped}")
-    items = [i for i in items if i.facts]
+    dataset, system, items = knowledge.corpus_questions(name, out)
     base = str(prepare_base_model())
     rows, fulls = [], []
     for seed in seeds:

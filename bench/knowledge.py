@@ -115,15 +115,13 @@ def loop_round(docs: Path, dataset: str, run_dir: str, settings, out: Path, syst
             "train_seconds": json.loads((Path(run2) / "metrics.json").read_text())["train_seconds"]}
 
 
-def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out: Path, max_steps: int | None,
-               loop: bool = False):
-    from doctune.base_model import prepare_base_model
-    from doctune.model_settings import load_train_settings
+def corpus_questions(name: str, out: Path) -> tuple[str, str, list]:
+    """The corpus's dataset (built as the nightly builds it, cached), its trained system prompt, and the
+    paraphrased questions that have key facts."""
     from doctune.runs import dataset_system_prompt
     from doctune.settings import BuildSettings
     from flows.build_dataset import build_dataset
     from tasks.evaluate import load_gold
-    from tasks.train import train
 
     docs, questions = CORPORA[name]
     dataset = build_dataset(str(docs), BuildSettings(output_dir=str(out / name)))
@@ -131,7 +129,17 @@ def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out
     items, dropped = load_gold(questions, system)
     if dropped:
         raise ValueError(f"{questions}: {dropped}")
-    items = [i for i in items if i.facts]
+    return dataset, system, [i for i in items if i.facts]
+
+
+def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out: Path, max_steps: int | None,
+               loop: bool = False):
+    from doctune.base_model import prepare_base_model
+    from doctune.model_settings import load_train_settings
+    from tasks.train import train
+
+    docs = CORPORA[name][0]
+    dataset, system, items = corpus_questions(name, out)
     base = str(prepare_base_model())
     rows = [{"corpus": name, "recipe": "base", "seed": None, "train_minutes": 0.0,
              **{f"{lang}_{how}": share(flags) for how, sys in (("system", system), ("none", ""))
