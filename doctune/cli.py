@@ -74,23 +74,24 @@ def serve(
 
     A request to an adapter without a system message gets the system prompt that adapter was trained with.
 
-    All adapters must share the base they were trained on (run.json base_model); --model must be that base."""
-    from doctune.serving import adapter_system_prompts, check_exposure, plan_models
+    All adapters must share the base they were trained on (run.json base_model); --model must be that base.
+    A full fine-tune (train method full: a run folder with model/) is a model of its own: it is served alone,
+    under its names ('promoted', NAME), and the base is not served beside it."""
+    from doctune.serving import check_exposure, plan_models
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = os.environ.get(api_key_env) or None
     try:
         check_exposure(host, api_key, api_key_env)  # before anything loads
-        base, adapters = plan_models(str(model) if model else None, adapter, outputs if promoted else None, name)
-        systems = adapter_system_prompts(adapters)
+        plan = plan_models(str(model) if model else None, adapter, outputs if promoted else None, name)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"doctune serve: {exc}", err=True)
         raise typer.Exit(2) from None
     from doctune.base_model import prepare_base_model
     from doctune.serving import run_server
 
-    run_server(base or str(prepare_base_model()), host=host, port=port, served_name=name, api_key=api_key,
-               adapters=adapters, max_body_mb=max_body_mb, system_prompts=systems,
+    run_server(plan.model or str(prepare_base_model()), host=host, port=port, served_name=plan.name, api_key=api_key,
+               adapters=plan.adapters, aliases=plan.aliases, max_body_mb=max_body_mb, system_prompts=plan.system_prompts,
                max_embedding_tokens=max_embedding_tokens)
 
 

@@ -10,7 +10,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from doctune.runs import base_model_of
+from doctune.runs import base_model_of, full_model_of
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 30  # a log line at most this often: evaluation is minutes on a CPU, not a silent hang
@@ -70,8 +70,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
 
 def load_model(model_ref: str | Path):
     """(model, tokenizer), ready for batched greedy generation, for a base model path or hub id, a merged
-    model folder, or a training run folder (run.json + adapter/), which loads run.json's base model with
-    the peft adapter on top."""
+    model folder, or a training run folder: run.json + adapter/ loads run.json's base model with the peft
+    adapter on top, run.json + model/ (a full fine-tune) loads that model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,9 +80,14 @@ def load_model(model_ref: str | Path):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if (ref / "adapter_config.json").exists():
         raise ValueError(f"{ref} is a bare adapter folder; pass its run folder ({ref.parent}, with run.json)")
-    if (ref / "run.json").exists():
+    if (ref / "run.json").exists() and full_model_of(ref) is not None:
+        model_ref = full_model_of(ref)  # a full fine-tune: its model/ folder is the whole model
+        tokenizer = AutoTokenizer.from_pretrained(model_ref)
+        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
+    elif (ref / "run.json").exists():
         if not (ref / "adapter" / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{ref}/adapter/adapter_config.json is missing: did training finish?")
+            raise FileNotFoundError(f"{ref}: neither adapter/adapter_config.json nor model/config.json is there: "
+                                    "did training finish?")
         from peft import PeftModel
 
         base = base_model_of(ref)

@@ -6,6 +6,7 @@ the Prefect UI is one form with every field described."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -18,8 +19,10 @@ from doctune.loop import LoopSettings, after_evaluation, close_without_training,
 from doctune.model_settings import EvalSettings, ExportSettings, TrainSettings
 from doctune.records import read_jsonl
 from doctune.registry import check_model_name, earlier_decision, model_name_for, read_current
-from doctune.runs import settings_hash
+from doctune.runs import full_model_of, settings_hash
 from doctune.settings import BuildSettings
+
+log = logging.getLogger(__name__)
 
 
 AUTO_GOLD = "auto"
@@ -51,8 +54,9 @@ class NightlySettings(BaseModel):
     )
     init_from: Literal["base", "promoted"] = Field(
         "base",
-        description="base: train fresh LoRA weights on the base model; promoted: continue from the promoted model's "
-        "adapter on the new dataset (cheaper for a folder that grows; the base is used while none is promoted).",
+        description="base: train fresh LoRA weights (or, with train.method full, every weight) from the base model; "
+        "promoted: continue from the promoted model's adapter (or its full model/) on the new dataset (cheaper for a "
+        "folder that grows; the base is used while none is promoted, or when the promoted run is of the other kind).",
     )
     train_deployment: str = Field(
         "train/train", description="Deployment ('flow/deployment') that trains; it runs on the gpu work pool."
@@ -122,11 +126,21 @@ def resolve_gold(folder: str | Path, settings: NightlySettings) -> str | None:
 
 
 def train_settings(settings: NightlySettings, registry: Path) -> TrainSettings:
-    """The training settings of tonight's candidate: init_from=promoted continues the promoted adapter."""
+    """The training settings of tonight's candidate: init_from=promoted continues the promoted adapter, or the
+    promoted model/ of a full fine-tune when tonight trains in full too. A promoted run of the other kind
+    (an adapter while tonight trains in full, or the other way round) cannot be continued: training starts
+    from the base, and the log says so."""
     current = read_current(registry)
-    if settings.init_from == "promoted" and current:
-        return settings.train.model_copy(update={"init_adapter": str(Path(current["run_dir"]) / "adapter")})
-    return settings.train
+    if settings.init_from != "promoted" or not current:
+        return settings.train
+    run_dir = Path(current["run_dir"])
+    full = full_model_of(run_dir)
+    if (full is not None) != (settings.train.method == "full"):
+        log.warning("init_from promoted: %s is %s but tonight's training is %s; training starts from the base model",
+                    run_dir, "a full fine-tune" if full is not None else "a LoRA adapter",
+                    "a full fine-tune (method full)" if full is None else f"an adapter (method {settings.train.method})")
+        return settings.train
+    return settings.train.model_copy(update={"init_adapter": str(full or run_dir / "adapter")})
 
 
 def nothing_new(registry: Path, dataset_sha256: str, train: TrainSettings) -> str | None:

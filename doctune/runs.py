@@ -5,12 +5,14 @@ is the same folder, found again instead of trained again:
 
     outputs/models/<dataset_sha256[:12]>-<settings_sha256[:8]>/
         settings.yaml      the TrainSettings of the run (written first, before any model loads)
-        checkpoints/       step-N/: adapter/, optimizer.pt, scheduler.pt, rng.pt, state.json (written last;
+        checkpoints/       step-N/: adapter/ (or model/), optimizer.pt, scheduler.pt, rng.pt, state.json (written last;
                            a folder without it was never finished); the two newest are kept for resuming
-        best/              while training with select_checkpoint=best: the best adapter so far
+        best/              while training with select_checkpoint=best: the best weights so far
         adapter/           the LoRA adapter chosen (peft's adapter_config.json + adapter_model.safetensors)
                            and the tokenizer with its chat template
-        merged/            with merge: true, the adapter folded into a full model
+        model/             instead of adapter/, for a full fine-tune (method full): the whole model chosen
+                           (config.json + model.safetensors) with the tokenizer and its chat template
+        merged/            with merge: true, the adapter folded into a full model (not for model/)
         loss.png           loss curve (and validation fact recall when evaluated)
         metrics.json       losses, validation scores, tokens/s, peak memory, the precision plan
         run.json           written last: its presence marks the run finished. base_model (the model the
@@ -82,9 +84,16 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def full_model_of(run_dir: str | Path) -> Path | None:
+    """A full fine-tune's model/ folder (a whole transformers model); None for a LoRA run (adapter/)."""
+    model = Path(run_dir) / "model"
+    return model if (model / "config.json").is_file() else None
+
+
 def is_finished(run_dir: str | Path) -> bool:
     run_dir = Path(run_dir)
-    return (run_dir / "run.json").exists() and (run_dir / "adapter" / "adapter_config.json").exists()
+    weights = (run_dir / "adapter" / "adapter_config.json").exists() or full_model_of(run_dir) is not None
+    return (run_dir / "run.json").exists() and weights
 
 
 def base_model_of(run_dir: str | Path) -> str:
@@ -126,8 +135,8 @@ def resolve_run(ref: str, output_dir: str | Path = "outputs") -> Path:
         ref = current["run_dir"]
     run_dir = Path(ref)
     if not is_finished(run_dir):
-        raise FileNotFoundError(f"{run_dir}: not a finished training run (run.json and adapter/ are written when "
-                                "training ends); pass outputs/models/<run>, 'promoted' or 'promoted/NAME'")
+        raise FileNotFoundError(f"{run_dir}: not a finished training run (run.json and adapter/ or model/ are "
+                                "written when training ends); pass outputs/models/<run>, 'promoted' or 'promoted/NAME'")
     return run_dir
 
 
@@ -168,9 +177,10 @@ def trained_system_prompt(run_dir: Path, dataset_dir: str | None) -> str:
 @dataclass
 class AdapterSource:
     name: str
-    folder: Path  # holds adapter_config.json
+    folder: Path  # holds adapter_config.json; for a full fine-tune, the run's model/ folder (a whole model)
     base_model: str  # the model it was trained on
     said_by: Path  # the file that names base_model
+    full: bool = False  # a full fine-tune: served as its own model, not as an adapter over base_model
 
     @property
     def system_prompt(self) -> str | None:
@@ -183,19 +193,25 @@ class AdapterSource:
 
 def find_adapter(name: str, path: Path, what: str | None = None) -> AdapterSource:
     """The adapter of a run folder (`<run>/adapter/` + `<run>/run.json`) or an adapter folder itself,
-    with the base model it was trained on. `what` names where `path` came from, for errors."""
+    with the base model it was trained on; for a full fine-tune's run folder (or its model/ folder), its
+    whole model (`full`). `what` names where `path` came from, for errors."""
     what = what or f"--adapter {name}={path}"
+    full = False
     if (path / "adapter_config.json").is_file():
         folder, run_json = path, path.parent / "run.json"
     elif (path / "adapter" / "adapter_config.json").is_file():
         folder, run_json = path / "adapter", path / "run.json"
+    elif (path / "run.json").is_file() and full_model_of(path) is not None:
+        folder, run_json, full = path / "model", path / "run.json", True
+    elif path.name == "model" and (path.parent / "run.json").is_file() and full_model_of(path.parent) is not None:
+        folder, run_json, full = path, path.parent / "run.json", True
     elif not path.exists():
         raise FileNotFoundError(f"{what}: {path} does not exist; give a run folder (outputs/models/<run>) "
                                 "or its adapter/ folder")
     else:
-        raise FileNotFoundError(f"{what}: {path} has neither adapter/adapter_config.json (a run folder) nor "
-                                "adapter_config.json (an adapter folder); is the run finished (run.json is "
-                                "written last)?")
+        raise FileNotFoundError(f"{what}: {path} has neither adapter/adapter_config.json nor model/config.json (a "
+                                "run folder) nor adapter_config.json (an adapter folder); is the run finished "
+                                "(run.json is written last)?")
     if run_json.is_file():
         said_by, base = run_json, read_json(run_json).get("base_model")
     else:  # an adapter folder outside a run: peft records the base it was made on
@@ -204,7 +220,7 @@ def find_adapter(name: str, path: Path, what: str | None = None) -> AdapterSourc
     if not base:
         raise ValueError(f"{what}: {said_by} names no base model (base_model / base_model_name_or_path); "
                          "pass the base it was trained on with --model")
-    return AdapterSource(name, folder, str(base), said_by)
+    return AdapterSource(name, folder, str(base), said_by, full)
 
 
 def _registry_adapter(name: str, current_json: Path, outputs: Path) -> AdapterSource:

@@ -1,4 +1,4 @@
-"""train: fine-tune the base model on a dataset folder (QLoRA on CUDA, LoRA on CPU).
+"""train: fine-tune the base model on a dataset folder (QLoRA on CUDA, LoRA on CPU, or every weight with method full).
 
 Meant for the `gpu` work pool (concurrency 1). Retrying resumes from the last checkpoint."""
 

@@ -33,7 +33,7 @@ from doctune.model_settings import EvalSettings, MetricName
 from doctune.prefect_utils import CACHE
 from doctune.prompts import PROMPTS_DIR, load_prompt
 from doctune.records import read_jsonl, sha256_bytes, sha256_text, write_jsonl
-from doctune.runs import base_model_of, dataset_system_prompt
+from doctune.runs import base_model_of, dataset_system_prompt, full_model_of
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def model_fingerprint(model_ref: str | Path) -> str:
     if not ref.exists():
         return f"id:{model_ref}"
     if (ref / "run.json").exists():
-        files = [ref / "run.json", *sorted((ref / "adapter").glob("*"))]
+        files = [ref / "run.json", *sorted((full_model_of(ref) or ref / "adapter").glob("*"))]
         base = base_model_of(ref)
         extra = model_fingerprint(base)
     else:

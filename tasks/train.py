@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of the base model on the chat dataset: LoRA on CPU, QLoRA on CUDA.
+"""Supervised fine-tuning of the base model on the chat dataset: LoRA on CPU, QLoRA on CUDA, or (method full) every
+weight of a model under a billion parameters.
 
 The loop is written out (no `Trainer`) so that what it does is visible on one screen and a
 crash can resume exactly: micro-batches come from a schedule fixed by the seed, so a checkpoint
@@ -34,11 +35,11 @@ from tqdm.auto import tqdm
 
 from doctune.generation import chat_prompts, generate_greedy
 from doctune.metrics import fact_recall, rouge_l
-from doctune.model_settings import TrainSettings, for_base_model
+from doctune.model_settings import SMALL_MODEL, TrainSettings, for_base_model
 from doctune.prefect_utils import CACHE
 from doctune.runs import dataset_hash, dataset_system_prompt, run_dir_for, settings_hash, write_json
 from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
-from doctune.training.checkpoint import load_checkpoint, resume_checkpoint, save_adapter, save_checkpoint
+from doctune.training.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint, save_weights, weights_name
 from doctune.training.data import (IGNORE, load_train_split, load_validation, text_rows_for, tokenize_split,
                                    tokenize_texts, unwritten_languages, with_system)
 from doctune.training.length import duration, expected_training
@@ -93,13 +94,13 @@ def score_validation(model, tokenizer, items: list[dict], settings: TrainSetting
 
 def validate_step(run_dir: Path, model, tokenizer, items: list[dict], settings: TrainSettings, plan: Plan,
                   state: dict) -> None:
-    """Score the validation questions now; keep the adapter aside when it is the best so far."""
+    """Score the validation questions now; keep the weights aside when they are the best so far."""
     result = {"step": state["step"], **score_validation(model, tokenizer, items, settings, plan)}
     example = result.pop("example")
     state["evals"].append(result)
     best = best_eval(state["evals"])
     if best is result and settings.select_checkpoint == "best":
-        save_adapter(run_dir, model, tokenizer, name="best")
+        save_weights(run_dir, model, tokenizer, name="best")
     log.info("step %d: validation fact recall %.3f, ROUGE-L %.3f (%d questions)%s; e.g. %r -> %r",
              state["step"], result["fact_recall"], result["rouge_l"], result["questions"],
              " - best so far" if best is result else f" - best is step {best['step']}",
@@ -139,19 +140,21 @@ def settle_precision(model, plan: Plan, settings: TrainSettings, base: str, last
     return plan
 
 
-def keep_adapter(run_dir: Path, model, tokenizer, settings: TrainSettings, state: dict) -> None:
-    """adapter/: the best validated step's (select_checkpoint best) or the last step's; notes which in state."""
+def keep_weights(run_dir: Path, model, tokenizer, settings: TrainSettings, state: dict) -> None:
+    """adapter/ (model/ for a full fine-tune): the best validated step's (select_checkpoint best) or the last
+    step's; notes which in state."""
+    folder = weights_name(model)
     if settings.select_checkpoint == "best":
-        # The last step is always evaluated, so best/ holds the best adapter, the last one included.
+        # The last step is always evaluated, so best/ holds the best weights, the last step's included.
         best = best_eval(state["evals"])
-        shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-        (run_dir / "best").rename(run_dir / "adapter")
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+        (run_dir / "best").rename(run_dir / folder)
         state["selected_step"] = best["step"]
         if best["step"] != state["step"]:
-            log.info("selected the adapter of step %d (validation fact recall %.3f) over the last step %d",
+            log.info("selected the %s of step %d (validation fact recall %.3f) over the last step %d", folder,
                      best["step"], best["fact_recall"], state["step"])
     else:
-        save_adapter(run_dir, model, tokenizer)
+        save_weights(run_dir, model, tokenizer)
         state["selected_step"] = state["step"]
 
 
@@ -177,7 +180,9 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
         "plan": plan.describe(),
         "probe": plan.probe,
     }
-    if settings.merge:
+    if settings.merge and plan.method == "full":
+        log.info("merge: a full fine-tune's model/ is a whole model already; no merged/ written")
+    elif settings.merge:
         prompts = [
             tokenizer.apply_chat_template(with_system(m, settings.system_prompt)[:-1], tokenize=False,
                                           add_generation_prompt=True)
@@ -210,6 +215,20 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
             else dataset_system_prompt(dataset_dir),
         },
     )
+
+
+def check_full_fits(settings: TrainSettings, parameters: int | None, base: str) -> None:
+    """method full trains every weight: fp32 weights, gradients and two AdamW states, ~16 bytes per parameter.
+    Refused above SMALL_MODEL parameters, where an adapter (LoRA, or QLoRA on a GPU) is the way."""
+    if settings.method != "full":
+        return
+    if parameters is None:
+        log.warning("method full: the parameter count of %s is unknown; a full fine-tune needs about 16 bytes of "
+                    "memory per parameter", base)
+    elif parameters > SMALL_MODEL:
+        raise ValueError(f"method full: {base} has {parameters / 1e9:.1f}B parameters; a full fine-tune needs about "
+                         f"{parameters * 16 / 2**30:.0f} GiB for weights, gradients and optimizer states and is "
+                         f"offered up to {SMALL_MODEL / 1e9:.0f}B; set method: auto (LoRA, or QLoRA on a GPU)")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -251,7 +270,9 @@ def train(
 
         base = str(prepare_base_model())
     asked = settings  # names the run; `settings` below is what trains (the size-dependent defaults filled in)
-    settings, chosen = for_base_model(settings, parameter_count(base))
+    parameters = parameter_count(base)
+    check_full_fits(settings, parameters, base)
+    settings, chosen = for_base_model(settings, parameters)
     if chosen:
         log.info("%s", chosen)
     tokenizer = load_tokenizer(base)
@@ -346,7 +367,7 @@ def train(
     bar.close()
     state["seconds"] += time.perf_counter() - t0
 
-    keep_adapter(run_dir, model, tokenizer, settings, state)
+    keep_weights(run_dir, model, tokenizer, settings, state)
     del model, optimizer, scheduler  # free the training copy before a merge loads an unquantized one
     write_outputs(run_dir, tokenizer, state, plan, settings, asked, base, dataset_dir,
                   {"examples": len(examples), "dropped": dropped})

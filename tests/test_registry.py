@@ -50,6 +50,19 @@ def test_init_from_promoted_continues_the_promoted_adapter(tmp_path):
     assert train_settings(base.model_copy(update={"init_from": "base"}), tmp_path / "registry").init_adapter is None
 
 
+def test_init_from_promoted_continues_a_full_fine_tune_only_in_full(tmp_path, caplog):
+    full_run = tmp_path / "models" / "f"
+    (full_run / "model").mkdir(parents=True)
+    (full_run / "model" / "config.json").write_text("{}")
+    write_registry(tmp_path, {"run_dir": str(full_run), "promoted_at": "x"}, [])
+    full = NightlySettings(output_dir=str(tmp_path), init_from="promoted", train={"method": "full"})
+    assert train_settings(full, tmp_path / "registry").init_adapter == str(full_run / "model")
+    lora = NightlySettings(output_dir=str(tmp_path), init_from="promoted")
+    with caplog.at_level("WARNING", logger="doctune.nightly"):
+        assert train_settings(lora, tmp_path / "registry").init_adapter is None  # an adapter cannot start from it
+    assert "is a full fine-tune but tonight's training is an adapter (method auto)" in caplog.text
+
+
 def test_registry_markdown_lists_the_current_model_and_every_candidate_newest_first(tmp_path):
     reg = write_registry(tmp_path, {"run_dir": "/o/models/a", "promoted_at": "2026-12-01", "dataset_sha256": "d1" * 8,
                                     "metric": "fact_recall", "score": 0.5, "previous": None},

@@ -320,3 +320,90 @@ def test_text_rows_are_trained_beside_the_questions_when_asked_for(tiny_model, d
     assert json.loads((plain / "metrics.json").read_text())["examples"] == 12  # off by default
     assert json.loads((mixed / "metrics.json").read_text())["examples"] == 12 + 7
     assert json.loads((unwritten / "metrics.json").read_text())["examples"] == 12 + 2  # the Chinese rows only
+
+
+# --------------------------------------------------------------------------- method full
+
+
+def full_weights(run_dir: Path, folder: str = "model") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / folder / "model.safetensors"))
+
+
+def test_a_full_fine_tune_changes_every_layer_and_leaves_a_whole_model(tiny_model, dataset_dir, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from doctune.generation import generate_answers, load_model as load_for_answers
+    from doctune.runs import is_finished, resolve_run
+    from tasks.evaluate import model_fingerprint
+    from tasks.export import merge_run
+
+    settings = tiny_settings(tiny_model, method="full", max_steps=6, learning_rate=1e-3, save_every_steps=2,
+                             merge=True, cpu_dtype="fp32")
+    with caplog.at_level("INFO", logger="tasks.train"):
+        run_dir = train(dataset_dir, settings, tmp_path, progress=False)
+    assert not (run_dir / "adapter").exists() and not (run_dir / "merged").exists()
+    assert any("model/ is a whole model already" in r.message for r in caplog.records)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["method"] == "full_fp32" and run["base_model"] == tiny_model
+    losses = [r["loss"] for r in json.loads((run_dir / "metrics.json").read_text())["losses"]]
+    assert losses[-1] < losses[0] - 0.2
+
+    base, tuned = load_file(str(Path(tiny_model) / "model.safetensors")), full_weights(run_dir)
+    assert tuned.keys() == base.keys()
+    # every weight of every layer trains, the norms and the (tied) embeddings included
+    assert all(not torch.equal(tuned[k], base[k]) for k in base if ".layers." in k or "norm" in k)
+    assert (tuned["model.embed_tokens.weight"] != base["model.embed_tokens.weight"]).any()
+    model_config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert model_config["use_cache"] is True  # training switched it off; the saved model generates with it
+    assert (run_dir / "model" / "tokenizer_config.json").exists()
+    # checkpoints hold the whole model for a resume (the last two)
+    assert [p.name for p in checkpoints(run_dir)] == ["step-2", "step-4"]
+    assert set(full_weights(checkpoints(run_dir)[-1])) == set(base)
+
+    # what reads a run folder takes model/ for the weights
+    assert is_finished(run_dir) and resolve_run(str(run_dir)) == run_dir
+    model, _ = load_for_answers(run_dir)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert torch.equal(model.get_parameter("model.norm.weight"), tuned["model.norm.weight"])
+    assert len(generate_answers(run_dir, ["How much is item 1?"], SYSTEM, max_new_tokens=4)) == 1
+    before = model_fingerprint(run_dir)
+    (run_dir / "model" / "generation_config.json").write_text("{}")
+    assert model_fingerprint(run_dir) != before  # the exam cache misses when the model changes
+    merged = merge_run(run_dir, tmp_path / "export" / "merged")  # export: the whole model as it is
+    assert full_weights(merged.parent, "merged").keys() == tuned.keys()
+
+    # init_adapter (nightly init_from: promoted): the next full run starts from these weights
+    again = tiny_settings(tiny_model, method="full", init_adapter=str(run_dir / "model"))
+    start = load_model(tiny_model, initial_plan(again), again).state_dict()
+    assert all(torch.equal(start[k], w) for k, w in tuned.items())
+    with pytest.raises(FileNotFoundError, match="model/ folder of a finished full run"):
+        bad = tiny_settings(tiny_model, method="full", init_adapter=str(tmp_path))
+        load_model(tiny_model, initial_plan(bad), bad)
+
+
+def test_full_takes_a_tenth_of_the_adapter_rate_and_is_refused_on_large_models(tiny_model, dataset_dir, tmp_path):
+    full, said = for_base_model(TrainSettings(method="full"), 134_515_008)
+    assert (full.learning_rate, full.neftune_alpha) == (1e-4, 15) and "trained in full" in said
+    assert for_base_model(TrainSettings(method="full", learning_rate=3e-4), 10**8)[0].learning_rate == 3e-4
+    with pytest.raises(ValueError, match=r"7.0B parameters; a full fine-tune needs about 104 GiB.*method: auto"):
+        tr.check_full_fits(TrainSettings(method="full"), 7 * SMALL_MODEL, "/models/big")
+    tr.check_full_fits(TrainSettings(), 7 * SMALL_MODEL, "/models/big")  # LoRA: any size
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_resumed_after_a_crash_matches_an_uninterrupted_one(tiny_model, dataset_dir, tmp_path):
+    settings = tiny_settings(tiny_model, method="full", max_steps=5, save_every_steps=2, cpu_dtype="fp32",
+                             neftune_alpha=5, learning_rate=1e-3)
+    straight = train(dataset_dir, settings, tmp_path / "a", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(dataset_dir, settings, tmp_path / "b", progress=False, stop_after_steps=3)
+    resumed = train(dataset_dir, settings, tmp_path / "b", resume=True, progress=False)
+    m_a = json.loads((straight / "metrics.json").read_text())
+    m_b = json.loads((resumed / "metrics.json").read_text())
+    assert [r["loss"] for r in m_b["losses"]] == pytest.approx([r["loss"] for r in m_a["losses"]], abs=1e-4)
+    wa, wb = full_weights(straight), full_weights(resumed)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

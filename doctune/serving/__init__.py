@@ -26,7 +26,7 @@ server against `transformers serve --continuous-batching`), so:
   a probe at load finds that faster than fp32 logits: the head reads a fifth of a small model's weights.
 
 The wire format (`protocol`) reuses the response models of the `openai` package. `models.plan_models`
-decides what `doctune serve` serves (the base, the promoted adapter, named adapters);
+decides what `doctune serve` serves (the base, the promoted adapter, named adapters; or one full fine-tune);
 `api.check_exposure` refuses a server that anyone on the network could use.
 
 Dependencies point one way: api -> handlers -> engine -> {batch, embedding, sampling, kv_cache,
@@ -35,6 +35,6 @@ cache digest scanner (doctune/prefect_utils.py) skips relative ones.
 """
 
 from doctune.serving.api import KEY_ENV, check_exposure, create_app, run_server
-from doctune.serving.models import adapter_system_prompts, plan_models
+from doctune.serving.models import ServePlan, plan_models
 
-__all__ = ["KEY_ENV", "adapter_system_prompts", "check_exposure", "create_app", "plan_models", "run_server"]
+__all__ = ["KEY_ENV", "ServePlan", "check_exposure", "create_app", "plan_models", "run_server"]

@@ -91,16 +91,20 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
                max_batch: int = 16, batch_wait_ms: float = 10, device="cpu",
                adapters: dict[str, str] | None = None, max_body_mb: float = 8,
                prefix_cache_mb: float = 256, system_prompts: dict[str, str] | None = None,
-               max_embedding_tokens: int = DEFAULT_MAX_EMBEDDING_TOKENS, embed_piece_tokens: int = 256) -> FastAPI:
+               max_embedding_tokens: int = DEFAULT_MAX_EMBEDDING_TOKENS, embed_piece_tokens: int = 256,
+               aliases: list[str] | None = None) -> FastAPI:
     """An OpenAI-compatible app over the model folder `model_path` (loaded now; the worker starts
-    with the app). `adapters` maps extra model names to LoRA adapter folders over that model;
+    with the app), asked for by `served_name` and by each of `aliases`. `adapters` maps extra model names to
+    LoRA adapter folders over that model;
     `system_prompts` maps a model name to the system message its requests get when they bring none.
     A request body over `max_body_mb` is refused with a 413, an embedding request of more than
     `max_embedding_tokens` tokens in all with a 400; embeddings run `embed_piece_tokens` at a time
     between decode steps. Up to `prefix_cache_mb` of prompt keys/values are kept for prompts that
     start alike (0: none)."""
-    if adapters and served_name in adapters:
-        raise ValueError(f"adapters: {served_name!r} is already the served_name of the base model; rename the adapter")
+    names = [served_name, *(aliases or [])]
+    taken = next((n for n in names if n in (adapters or {})), None)
+    if taken is not None:
+        raise ValueError(f"adapters: {taken!r} is already a name of the served model; rename the adapter")
     if max_body_mb <= 0:
         raise ValueError(f"max_body_mb={max_body_mb}: must be positive")
     if max_embedding_tokens < 1:
@@ -155,11 +159,11 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
                                 "this server was started with.", code="invalid_api_key")
 
     def adapter_for(name: str) -> str | None:
-        if name == served_name:
+        if name in names:
             return None
         if name in engine.adapters:
             return name
-        served = ", ".join([served_name, *engine.adapters])
+        served = ", ".join([*names, *engine.adapters])
         raise APIError(404, f"The model {name!r} does not exist on this server; it serves: {served}.",
                        code="model_not_found", param="model")
 
@@ -174,8 +178,8 @@ def create_app(model_path: str, served_name: str = "smollm2-135m-instruct", api_
     @v1.get("/models")
     async def models():
         # root/parent as vLLM reports them: the folder each name serves, and the base an adapter sits on.
-        data = [{**Model(id=served_name, object="model", created=created, owned_by="doctune").model_dump(),
-                 "root": str(model_path), "parent": None}]
+        data = [{**Model(id=name, object="model", created=created, owned_by="doctune").model_dump(),
+                 "root": str(model_path), "parent": None} for name in names]
         data += [{**Model(id=name, object="model", created=created, owned_by="doctune").model_dump(),
                   "root": folder, "parent": served_name} for name, folder in engine.adapter_dirs.items()]
         return {"object": "list", "data": data}

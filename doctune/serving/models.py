@@ -1,9 +1,11 @@
 """What `doctune serve` serves: the base model, the registries' promoted adapters (`promoted/NAME` per model,
-and `promoted`: the only one, or the one promoted last) and named adapters (NAME=RUN_DIR), all over one base. Reading a run folder's adapter is doctune/runs.py's."""
+and `promoted`: the only one, or the one promoted last) and named adapters (NAME=RUN_DIR), all over one base; or
+one full fine-tune, alone, under its names. Reading a run folder's weights is doctune/runs.py's."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from doctune.runs import PROMOTED, AdapterSource, find_adapter, promoted_adapters
@@ -25,12 +27,25 @@ def _same_model(a: str, b: str) -> bool:
     return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
-def plan_models(model: str | None, adapter_specs: list[str], outputs: Path | None,
-                served_name: str) -> tuple[str | None, dict[str, str]]:
-    """(base model, {name: adapter folder}) for `doctune serve`: the promoted adapters of `outputs/registry/`
-    as `promoted` and `promoted/NAME` (outputs=None: none), then every NAME=RUN_DIR.
-    The base is `model` or, when None, the one the adapters were trained on (None if there are
-    none: the caller picks the default). Raises ValueError/FileNotFoundError naming the file and the fix."""
+@dataclass
+class ServePlan:
+    """What one `doctune serve` loads: the engine's model (None: the offline base), the name it is asked for by
+    and more names for it, LoRA adapters over it by name, and the system prompt each name's requests get when
+    they bring none (the one it was trained with)."""
+
+    model: str | None
+    name: str
+    aliases: list[str] = field(default_factory=list)
+    adapters: dict[str, str] = field(default_factory=dict)
+    system_prompts: dict[str, str] = field(default_factory=dict)
+
+
+def plan_models(model: str | None, adapter_specs: list[str], outputs: Path | None, served_name: str) -> ServePlan:
+    """What `doctune serve` serves: the promoted runs of `outputs/registry/` as `promoted` and `promoted/NAME`
+    (outputs=None: none), then every NAME=RUN_DIR. LoRA adapters are served over one base: `model` or, when
+    None, the one they were trained on (None if there are none: the caller picks the default), asked for by
+    `served_name`. A full fine-tune is a model of its own: it is served alone, as the engine's model, under its
+    names (its base is not served beside it). Raises ValueError/FileNotFoundError naming the file and the fix."""
     sources: list[AdapterSource] = []
     if outputs is not None:
         promoted = promoted_adapters(outputs)
@@ -49,6 +64,10 @@ def plan_models(model: str | None, adapter_specs: list[str], outputs: Path | Non
         if name == BASE:
             raise ValueError(f"--adapter {spec}: {name!r} is reserved; pick another name")
         sources.append(find_adapter(name, path))
+    systems = {s.name: prompt for s in sources if (prompt := s.system_prompt)}
+    full = [s for s in sources if s.full]
+    if full:
+        return _plan_full(model, sources, full, systems)
     for s in sources:
         if model is not None and not _same_model(s.base_model, model):
             raise ValueError(f"adapter {s.name!r} was trained on {s.base_model} ({s.said_by}), but --model is "
@@ -59,14 +78,22 @@ def plan_models(model: str | None, adapter_specs: list[str], outputs: Path | Non
                              f"{first.name!r} on {first.base_model} ({first.said_by}); one server serves "
                              "adapters of one base: start one server per base")
     base = model if model is not None else (sources[0].base_model if sources else None)
-    return base, {s.name: str(s.folder) for s in sources}
+    return ServePlan(base, served_name, [], {s.name: str(s.folder) for s in sources}, systems)
 
 
-# ---------------------------------------------------------------- reading run folders and the registry
-
-
-def adapter_system_prompts(adapters: dict[str, str]) -> dict[str, str]:
-    """{name: the system prompt that adapter was trained with} for the adapters of training runs (their
-    run.json, else the run's settings or dataset); a request without a system message gets it."""
-    found = {name: find_adapter(name, Path(folder)).system_prompt for name, folder in adapters.items()}
-    return {name: prompt for name, prompt in found.items() if prompt}
+def _plan_full(model: str | None, sources: list[AdapterSource], full: list[AdapterSource],
+               systems: dict[str, str]) -> ServePlan:
+    """A full fine-tune served as the engine's model, under every name that points at it."""
+    first = full[0]
+    other = next((s for s in sources if not (s.full and _same_model(str(s.folder), str(first.folder)))), None)
+    if other is not None:
+        what = "the full fine-tune" if other.full else "the adapter"
+        raise ValueError(f"{first.name!r} is a full fine-tune ({first.folder}), a model of its own, and one server "
+                         f"serves one model's weights: {what} {other.name!r} ({other.folder}) cannot be served beside "
+                         "it; serve them from two servers (--no-promoted --adapter NAME=RUN_DIR picks what one serves)")
+    if model is not None and not _same_model(model, str(first.folder)):
+        raise ValueError(f"--model {model}: {first.name!r} is a full fine-tune ({first.folder}) and is served as its "
+                         "own model; drop --model, or serve the base from a second server")
+    log.info("%r is a full fine-tune: serving its model %s (the base %s is not served beside it)", first.name,
+             first.folder, first.base_model)
+    return ServePlan(str(first.folder), first.name, [s.name for s in full[1:]], {}, systems)

@@ -1,7 +1,8 @@
 """Checkpoints and adapters on disk, written so that a crash at any moment leaves either the old
 folder or the new one: files go into a .tmp- sibling, are fsynced, and the folder is renamed. A
 checkpoint (checkpoints/step-N/) is complete once its state.json, written last, is in; resuming
-clears the torn folders a crash left and continues from the newest complete one."""
+clears the torn folders a crash left and continues from the newest complete one. A LoRA run's
+checkpoint holds its adapter/, a full fine-tune's its model/ (every weight)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# What a checkpoint holds; state.json is written last, so a folder without it was never finished.
-CHECKPOINT_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt",
-                    "scheduler.pt", "rng.pt")
+# What a checkpoint holds besides its weights; state.json is written last, so a folder without it was never finished.
+CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
+# The weights, one of: a LoRA run's adapter, a full fine-tune's model.
+WEIGHT_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"),
+                "model": ("config.json", "model.safetensors")}
+
+
+def weights_name(model) -> str:
+    """The folder a model's trained weights go to: adapter/ for a peft model, model/ for a whole one."""
+    return "adapter" if hasattr(model, "peft_config") else "model"
 
 
 def atomic_dir(final: Path) -> Path:
@@ -58,7 +66,12 @@ def _is_complete(path: Path) -> bool:
         return False
     if not isinstance(state, dict) or state.get("step") != _step_of(path):
         return False
-    return all((path / name).is_file() and (path / name).stat().st_size > 0 for name in CHECKPOINT_FILES)
+
+    def there(name: str) -> bool:
+        return (path / name).is_file() and (path / name).stat().st_size > 0
+
+    weights = any(all(there(f"{folder}/{f}") for f in files) for folder, files in WEIGHT_FILES.items())
+    return weights and all(there(name) for name in CHECKPOINT_FILES)
 
 
 def _step_folders(run_dir: Path) -> list[Path]:
@@ -87,7 +100,7 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
     final = run_dir / "checkpoints" / f"step-{state['step']}"
     tmp = atomic_dir(final)
-    model.save_pretrained(tmp / "adapter")
+    model.save_pretrained(tmp / weights_name(model), max_shard_size="100GB")  # one file: WEIGHT_FILES
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -107,11 +120,29 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
     return final
 
 
+def load_full_state(model, weights: Path) -> None:
+    """A whole model's saved weights into `model`. save_pretrained leaves out a tensor tied to another (the
+    output head sharing the input embeddings): that one may be missing, nothing else."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    untied = [k for k in missing if k not in params or id(params[k]) not in loaded]
+    if unexpected or untied:
+        raise ValueError(f"{weights}: does not fit the model being trained (missing {untied[:3]}, unexpected "
+                         f"{unexpected[:3]}); delete the run folder to start over")
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    if weights_name(model) == "adapter":
+        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    else:
+        load_full_state(model, path / "model" / "model.safetensors")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: python's RNG state is a tuple
@@ -122,9 +153,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def save_adapter(run_dir: Path, model, tokenizer, name: str = "adapter") -> None:
+def save_weights(run_dir: Path, model, tokenizer, name: str | None = None) -> None:
+    """The trained weights with the tokenizer in run_dir/`name` (default: adapter/ or model/, weights_name).
+    A whole model is saved with its KV cache on (training switched it off), ready to generate."""
+    name = name or weights_name(model)
     tmp = atomic_dir(run_dir / name)
-    model.save_pretrained(tmp)
+    use_cache = model.config.use_cache
+    if weights_name(model) == "model":
+        model.config.use_cache = True
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        model.config.use_cache = use_cache
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(run_dir / name, ignore_errors=True)
     tmp.rename(run_dir / name)

@@ -1,5 +1,5 @@
 """The trainable model: where and in which precision it trains (Plan), the base loaded with LoRA
-adapters (4-bit NF4 for QLoRA), the loss of one micro-batch, and the optimizer.
+adapters (4-bit NF4 for QLoRA) or whole (method full), the loss of one micro-batch, and the optimizer.
 
 On CPU, cpu_dtype "auto" is settled by timing both dtypes on the real batch shape (probe_cpu_dtype)."""
 
@@ -25,21 +25,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class Plan:
     device: str  # "cpu" | "cuda"
-    method: str  # "lora" | "qlora"
+    method: str  # "lora" | "qlora" | "full"
     compute: str  # "fp32" | "bf16"
     optimizer: str  # "adamw_torch" | "paged_adamw_8bit"
     probe: dict = field(default_factory=dict)  # {"fp32_s_per_micro_step": .., "bf16_...": .., "cpu_bf16_flags": ..}
 
     @property
     def name(self) -> str:  # run.json "method"
-        return f"qlora_nf4_{self.compute}" if self.method == "qlora" else f"lora_{self.compute}"
+        return f"qlora_nf4_{self.compute}" if self.method == "qlora" else f"{self.method}_{self.compute}"
 
     def describe(self) -> str:
-        what = (
-            f"QLoRA NF4 + double quant, {self.compute} compute"
-            if self.method == "qlora"
-            else f"LoRA {self.compute}"
-        )
+        what = {"qlora": f"QLoRA NF4 + double quant, {self.compute} compute",
+                "full": f"full fine-tune, fp32 weights, {self.compute} compute"}.get(self.method, f"LoRA {self.compute}")
         line = f"training on {self.device}: {what}, {self.optimizer}"
         times = {k.split("_")[0]: v for k, v in self.probe.items() if k.endswith("_s_per_micro_step")}
         if times:
@@ -67,7 +64,9 @@ def initial_plan(settings: TrainSettings) -> Plan:
     method = settings.method if settings.method != "auto" else ("qlora" if device == "cuda" else "lora")
     if device == "cuda":
         compute = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return Plan(device, method, compute, "paged_adamw_8bit")
+        # A full fine-tune keeps fp32 master weights and plain AdamW states (it is refused above a billion
+        # parameters, where 8-bit paged states would matter).
+        return Plan(device, method, compute, "adamw_torch" if method == "full" else "paged_adamw_8bit")
     compute = settings.cpu_dtype if settings.cpu_dtype != "auto" else "fp32"  # auto is settled by probe_cpu_dtype
     return Plan(device, method, compute, "adamw_torch")
 
@@ -91,8 +90,32 @@ def set_4bit_compute(model, dtype: torch.dtype) -> None:
             module.compute_dtype = dtype
 
 
+def load_full_model(base: str, plan: Plan, settings: TrainSettings):
+    """The whole model, every weight trainable (method full): fp32 weights (bf16 comes from autocast), from
+    init_adapter (a finished full run's model/ folder) when set, else from the base."""
+    from transformers import AutoModelForCausalLM
+
+    source = base
+    if settings.init_adapter:
+        source = settings.init_adapter
+        if not (Path(source) / "config.json").is_file():
+            raise FileNotFoundError(f"init_adapter={source!r}: no config.json there; with method full, name the "
+                                    "model/ folder of a finished full run (outputs/models/<run>/model)")
+        log.info("continuing from the fully fine-tuned model %s", source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
+    model.to(plan.device)
+    model.config.use_cache = False  # a KV cache would also switch off packed-sequence masking
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    if settings.neftune_alpha:
+        add_neftune(model, settings.neftune_alpha)
+    return model
+
+
 def load_model(base: str, plan: Plan, settings: TrainSettings):
-    """The base model wrapped with fresh LoRA adapters, ready to train."""
+    """The base model wrapped with fresh LoRA adapters (or whole, for method full), ready to train."""
+    if plan.method == "full":
+        return load_full_model(base, plan, settings)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

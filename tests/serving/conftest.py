@@ -67,6 +67,22 @@ def runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="package")
+def full_run(tiny_model, runs, tmp_path_factory) -> Path:
+    """A full fine-tune's run folder (run.json + model/): the tiny model with alpha's adapter folded in, a whole
+    model that answers as base + alpha does."""
+    import shutil
+
+    from doctune.training.merge import load_with_adapter, save_merged
+    from doctune.training.model import load_tokenizer
+
+    run_dir = tmp_path_factory.mktemp("outputs") / "models" / "run-full"
+    run_dir.mkdir(parents=True)
+    save_merged(load_with_adapter(tiny_model, runs["alpha"] / "adapter"), load_tokenizer(tiny_model), run_dir / "model")
+    shutil.copy(runs["alpha"] / "run.json", run_dir / "run.json")
+    return run_dir
+
+
+@pytest.fixture(scope="package")
 def in_process(tiny_model, runs) -> dict[str, str]:
     """What peft's own greedy `generate` says to SAY with each adapter, and with none ("base")."""
     from peft import PeftModel

@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from doctune.runs import find_adapter
 from doctune.serving import plan_models
 from tests.endpoints import wait_until_healthy
 from tests.serving.common import KEY, say
@@ -26,12 +27,12 @@ def _promote(outputs: Path, run_dir: Path | str) -> None:
 
 def test_plan_serves_the_promoted_run_and_named_adapters_on_their_base(tiny_model, runs, tmp_path):
     _promote(tmp_path, runs["alpha"])
-    base, adapters = plan_models(None, [f"b={runs['beta']}"], tmp_path, "tiny")
-    assert base == tiny_model
-    assert adapters == {"promoted": str(runs["alpha"] / "adapter"), "b": str(runs["beta"] / "adapter")}
+    plan = plan_models(None, [f"b={runs['beta']}"], tmp_path, "tiny")
+    assert (plan.model, plan.name, plan.aliases) == (tiny_model, "tiny", [])
+    assert plan.adapters == {"promoted": str(runs["alpha"] / "adapter"), "b": str(runs["beta"] / "adapter")}
     # An adapter folder itself works too; --no-promoted (outputs None) leaves the registry alone.
-    assert plan_models(tiny_model, [f"b={runs['beta'] / 'adapter'}"], None, "tiny") == \
-        (tiny_model, {"b": str(runs["beta"] / "adapter")})
+    plan = plan_models(tiny_model, [f"b={runs['beta'] / 'adapter'}"], None, "tiny")
+    assert (plan.model, plan.adapters) == (tiny_model, {"b": str(runs["beta"] / "adapter")})
 
 
 def test_plan_serves_every_models_promoted_run_by_its_name(tiny_model, runs, tmp_path):
@@ -39,9 +40,9 @@ def test_plan_serves_every_models_promoted_run_by_its_name(tiny_model, runs, tmp
         (tmp_path / "registry" / name).mkdir(parents=True)
         (tmp_path / "registry" / name / "current.json").write_text(json.dumps({"run_dir": str(run),
                                                                                 "promoted_at": when}))
-    base, adapters = plan_models(None, [], tmp_path, "tiny")
-    assert base == tiny_model
-    assert adapters == {"promoted": str(runs["beta"] / "adapter"),  # the one promoted last
+    plan = plan_models(None, [], tmp_path, "tiny")
+    assert plan.model == tiny_model
+    assert plan.adapters == {"promoted": str(runs["beta"] / "adapter"),  # the one promoted last
                         "promoted/alpha": str(runs["alpha"] / "adapter"),
                         "promoted/beta": str(runs["beta"] / "adapter")}
     with pytest.raises(ValueError, match="promoted/NAME"):
@@ -49,13 +50,14 @@ def test_plan_serves_every_models_promoted_run_by_its_name(tiny_model, runs, tmp
 
 
 def test_plan_without_a_promotion_serves_the_default_base(tmp_path):
-    assert plan_models(None, [], tmp_path, "tiny") == (None, {})
+    plan = plan_models(None, [], tmp_path, "tiny")
+    assert (plan.model, plan.name, plan.aliases, plan.adapters) == (None, "tiny", [], {})
 
 
 def test_plan_finds_a_relative_run_dir_under_the_outputs_folder(runs):
     outputs = runs["alpha"].parent.parent  # <outputs>/models/run-alpha
     _promote(outputs, "somewhere/else/models/run-alpha")  # as a worker in another directory wrote it
-    assert plan_models(None, [], outputs, "tiny")[1] == {"promoted": str(runs["alpha"] / "adapter")}
+    assert plan_models(None, [], outputs, "tiny").adapters == {"promoted": str(runs["alpha"] / "adapter")}
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -72,7 +74,7 @@ def test_plan_refuses_a_bad_adapter_spec(runs, spec, message):
 
 
 def test_plan_refuses_a_folder_without_an_adapter(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither adapter/adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="neither adapter/adapter_config.json nor model/config.json"):
         plan_models(None, [f"b={tmp_path}"], None, "tiny")
 
 
@@ -128,6 +130,50 @@ def test_doctune_serve_serves_the_promoted_run_over_http(runs, in_process, tmp_p
         assert [m.id for m in client.models.list()] == ["tiny", "promoted", "b"]
         assert say(client, "promoted") == in_process["alpha"]
         assert say(client, "b") == in_process["beta"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_a_full_fine_tune_is_served_alone_under_its_names(full_run, runs, tmp_path):
+    (tmp_path / "registry" / "docs").mkdir(parents=True)
+    (tmp_path / "registry" / "docs" / "current.json").write_text(json.dumps({"run_dir": str(full_run)}))
+    plan = plan_models(None, [], tmp_path, "tiny")
+    assert (plan.model, plan.name, plan.aliases, plan.adapters) == (str(full_run / "model"), "promoted",
+                                                                    ["promoted/docs"], {})
+    trained = find_adapter("x", full_run).system_prompt  # its training system prompt, as an adapter's
+    assert trained and plan.system_prompts == {"promoted": trained, "promoted/docs": trained}
+    # By its run folder or its model/ folder, with --no-promoted.
+    assert plan_models(None, [f"ft={full_run / 'model'}"], None, "tiny").model == str(full_run / "model")
+
+    with pytest.raises(ValueError, match="one server serves one model's weights: the adapter 'b'"):
+        plan_models(None, [f"b={runs['beta']}"], tmp_path, "tiny")
+    with pytest.raises(ValueError, match="drop --model"):
+        plan_models("/models/qwen", [], tmp_path, "tiny")
+
+
+def test_doctune_serve_serves_a_promoted_full_fine_tune_over_http(full_run, in_process, tmp_path):
+    """The full fine-tune is alpha's adapter folded into the base: served alone, it answers as base + alpha."""
+    (tmp_path / "registry" / "docs").mkdir(parents=True)
+    (tmp_path / "registry" / "docs" / "current.json").write_text(json.dumps({"run_dir": str(full_run)}))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "doctune.cli", "serve", "--port", str(port), "--name", "tiny",
+                             "--outputs", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "DOCTUNE_SERVE_API_KEY": KEY}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(proc, url, lambda: proc.stdout.read().decode() if proc.poll() is not None else "")
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        models = client.models.list().data
+        # the base is not served beside a full fine-tune
+        assert [m.id for m in models] == ["promoted", "promoted/docs"]
+        assert {m.model_extra["root"] for m in models} == {str(full_run / "model")}
+        assert say(client, "promoted") == say(client, "promoted/docs") == in_process["alpha"]
+        with pytest.raises(openai.NotFoundError, match="it serves: promoted, promoted/docs"):
+            say(client, "tiny")
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=30)

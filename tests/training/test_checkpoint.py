@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from doctune.training import checkpoint
-from doctune.training.checkpoint import CHECKPOINT_FILES, checkpoints, resume_checkpoint, save_checkpoint
+from doctune.training.checkpoint import CHECKPOINT_FILES, WEIGHT_FILES, checkpoints, resume_checkpoint, save_checkpoint
 from doctune.training.model import initial_plan, load_model, make_optimizer
 from tests.training.common import tiny_settings
 
@@ -22,9 +22,10 @@ def train_log(caplog):
     return caplog
 
 
-def _fake_checkpoint(folder: Path, step: int, state: str | None = None, without: tuple[str, ...] = ()) -> Path:
+def _fake_checkpoint(folder: Path, step: int, state: str | None = None, without: tuple[str, ...] = (),
+                     weights: str = "adapter") -> Path:
     path = folder / f"step-{step}"
-    for name in CHECKPOINT_FILES:
+    for name in [*CHECKPOINT_FILES, *(f"{weights}/{f}" for f in WEIGHT_FILES[weights])]:
         if name not in without:
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             (path / name).write_bytes(b"x")
@@ -35,6 +36,8 @@ def _fake_checkpoint(folder: Path, step: int, state: str | None = None, without:
 def test_only_complete_checkpoints_count_and_a_resume_clears_the_rest(tmp_path, train_log):
     folder = tmp_path / "checkpoints"
     _fake_checkpoint(folder, 2)
+    _fake_checkpoint(folder, 3, weights="model")  # a full fine-tune's
+    _fake_checkpoint(folder, 5, without=("model/model.safetensors",), weights="model")
     _fake_checkpoint(folder, 4, state='{"step": 4, "micro_')  # state.json cut short
     _fake_checkpoint(folder, 6, without=("optimizer.pt",))  # a prune stopped halfway
     _fake_checkpoint(folder, 8, state=json.dumps({"step": 6}))  # a folder that is not what its name says
@@ -44,11 +47,11 @@ def test_only_complete_checkpoints_count_and_a_resume_clears_the_rest(tmp_path, 
     (folder / "step-16").write_text("not a folder")
     (folder / "step-x").mkdir()
 
-    assert [p.name for p in checkpoints(tmp_path)] == ["step-2"]
-    assert resume_checkpoint(tmp_path) == folder / "step-2"
-    assert sorted(p.name for p in folder.iterdir()) == ["step-16", "step-2", "step-x"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-2", "step-3"]
+    assert resume_checkpoint(tmp_path) == folder / "step-3"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-16", "step-2", "step-3", "step-x"]
     removed = [r.getMessage() for r in train_log.records if "unfinished checkpoint" in r.getMessage()]
-    assert len(removed) == 6 and any(".tmp-step-14" in m for m in removed)
+    assert len(removed) == 7 and any(".tmp-step-14" in m for m in removed)
 
     assert resume_checkpoint(tmp_path / "fresh") is None  # a run that never saved: nothing to clear
 
