@@ -371,6 +371,12 @@ def train(
     del model, optimizer, scheduler  # free the training copy before a merge loads an unquantized one
     write_outputs(run_dir, tokenizer, state, plan, settings, asked, base, dataset_dir,
                   {"examples": len(examples), "dropped": dropped})
+    if plan.method == "full" and (run_dir / "checkpoints").exists():
+        # A finished run is never resumed, and a full fine-tune's checkpoint is the whole model plus two optimizer
+        # states (~1.6 GB for SmolLM2-135M): a nightly would otherwise leave two of them behind every night.
+        freed = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
+        shutil.rmtree(run_dir / "checkpoints")
+        log.info("removed %s/checkpoints (%.1f GB): the run is finished", run_dir, freed / 1e9)
     log.info("trained %s in %.0f s: final loss %.4f", run_dir, state["seconds"], state["losses"][-1]["loss"])
     return run_dir
 

@@ -358,9 +358,9 @@ def test_a_full_fine_tune_changes_every_layer_and_leaves_a_whole_model(tiny_mode
     model_config = json.loads((run_dir / "model" / "config.json").read_text())
     assert model_config["use_cache"] is True  # training switched it off; the saved model generates with it
     assert (run_dir / "model" / "tokenizer_config.json").exists()
-    # checkpoints hold the whole model for a resume (the last two)
-    assert [p.name for p in checkpoints(run_dir)] == ["step-2", "step-4"]
-    assert set(full_weights(checkpoints(run_dir)[-1])) == set(base)
+    # a finished full run drops its checkpoints (each one the whole model and two optimizer states)
+    assert not (run_dir / "checkpoints").exists()
+    assert any("/checkpoints (" in r.message and "the run is finished" in r.message for r in caplog.records)
 
     # what reads a run folder takes model/ for the weights
     assert is_finished(run_dir) and resolve_run(str(run_dir)) == run_dir
@@ -399,6 +399,9 @@ def test_a_full_fine_tune_resumed_after_a_crash_matches_an_uninterrupted_one(tin
     straight = train(dataset_dir, settings, tmp_path / "a", progress=False)
     with pytest.raises(TrainingInterrupted):
         train(dataset_dir, settings, tmp_path / "b", progress=False, stop_after_steps=3)
+    crashed = run_dir_for(dataset_dir, settings, tmp_path / "b")
+    assert [p.name for p in checkpoints(crashed)] == ["step-2"]  # the whole model, for the resume
+    assert set(full_weights(crashed / "checkpoints" / "step-2")) == set(full_weights(straight))
     resumed = train(dataset_dir, settings, tmp_path / "b", resume=True, progress=False)
     m_a = json.loads((straight / "metrics.json").read_text())
     m_b = json.loads((resumed / "metrics.json").read_text())

@@ -58,7 +58,7 @@ def loss_markdown(run_dir: Path, every: int = 5) -> str:
     ]
     if metrics.get("validation"):
         lines += [
-            f"Validation (held-out paraphrased questions), every evaluated step; the adapter kept is step "
+            f"Validation (held-out paraphrased questions), every evaluated step; the weights kept are those of step "
             f"{metrics['selected_step']}:",
             "",
             "| step | validation fact recall | ROUGE-L |",
