@@ -261,17 +261,17 @@ def train(
             f"{run_dir} exists from an unfinished run; pass resume=True to continue it "
             f"(or delete the folder to start over)"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "settings.yaml").write_text(yaml.safe_dump(settings.model_dump(), sort_keys=False))
-
     base = settings.base_model
     if not base:
         from doctune.base_model import prepare_base_model
 
         base = str(prepare_base_model())
-    asked = settings  # names the run; `settings` below is what trains (the size-dependent defaults filled in)
     parameters = parameter_count(base)
-    check_full_fits(settings, parameters, base)
+    check_full_fits(settings, parameters, base)  # before the run folder exists: a refused run leaves none
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "settings.yaml").write_text(yaml.safe_dump(settings.model_dump(), sort_keys=False))
+
+    asked = settings  # names the run; `settings` below is what trains (the size-dependent defaults filled in)
     settings, chosen = for_base_model(settings, parameters)
     if chosen:
         log.info("%s", chosen)

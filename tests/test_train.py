@@ -391,6 +391,16 @@ def test_full_takes_a_tenth_of_the_adapter_rate_and_is_refused_on_large_models(t
         tr.check_full_fits(TrainSettings(method="full"), 7 * SMALL_MODEL, "/models/big")
     tr.check_full_fits(TrainSettings(), 7 * SMALL_MODEL, "/models/big")  # LoRA: any size
 
+    # through train(): refused from the safetensors header alone, before a run folder exists
+    big = tmp_path / "big"
+    big.mkdir()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [40_000, 40_000], "data_offsets": [0, 0]}}).encode()
+    (big / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    settings = TrainSettings(base_model=str(big), method="full", max_steps=1)
+    with pytest.raises(ValueError, match="1.6B parameters"):
+        train(dataset_dir, settings, tmp_path / "out", progress=False)
+    assert not run_dir_for(dataset_dir, settings, tmp_path / "out").exists()
+
 
 @pytest.mark.slow
 def test_a_full_fine_tune_resumed_after_a_crash_matches_an_uninterrupted_one(tiny_model, dataset_dir, tmp_path):
