@@ -108,9 +108,7 @@ def soup(models: list[Path], out: Path) -> None:
 
 def scored(row: dict, model: str, items: list, system: str, replies: Path) -> dict:
     replies.unlink(missing_ok=True)
-    for how, sys_prompt in (("system", system), ("none", "")):
-        for lang, flags in knowledge.score(model, items, sys_prompt, replies).items():
-            row[f"{lang}_{how}"] = knowledge.share(flags)
+    row.update(knowledge.shares(model, items, system, replies))
     print(json.dumps(row), flush=True)
     return row
 

@@ -77,6 +77,13 @@ def score(model: str, items: list, system: str, replies_file: Path | None = None
     return out
 
 
+def shares(model: str, items: list, system: str, replies_file: Path | None = None) -> dict[str, float]:
+    """{"en_system": .., "en_none": .., "zh_system": ..}: the share answered per language, asked under the trained
+    system prompt and with no system message."""
+    return {f"{lang}_{how}": share(flags) for how, sys in (("system", system), ("none", ""))
+            for lang, flags in score(model, items, sys, replies_file).items()}
+
+
 def share(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
@@ -145,8 +152,7 @@ def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out
     dataset, system, items = corpus_questions(name, out)
     base = str(prepare_base_model())
     rows = [{"corpus": name, "recipe": "base", "seed": None, "train_minutes": 0.0,
-             **{f"{lang}_{how}": share(flags) for how, sys in (("system", system), ("none", ""))
-                for lang, flags in score(base, items, sys).items()}}]
+             **shares(base, items, system)}]
     for recipe in recipes:
         for seed in seeds:
             settings = load_train_settings(config).model_copy(update={**RECIPES[recipe], "seed": seed})
@@ -159,9 +165,7 @@ def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out
                    "train_minutes": round(metrics.get("train_seconds", time.perf_counter() - start) / 60, 1)}
             replies = out / name / f"replies-{recipe}-seed{seed}.jsonl"
             replies.unlink(missing_ok=True)
-            for how, sys in (("system", system), ("none", "")):
-                for lang, flags in score(run_dir, items, sys, replies).items():
-                    row[f"{lang}_{how}"] = share(flags)
+            row.update(shares(run_dir, items, system, replies))
             rows.append(row)
             print(json.dumps(row), flush=True)
             if loop:
@@ -169,9 +173,7 @@ def run_corpus(name: str, recipes: list[str], seeds: list[int], config: str, out
                 row2 = {"corpus": name, "recipe": f"{recipe}+loop", "seed": seed, "run": looped["run"],
                         "train_minutes": round(row["train_minutes"] + looped["train_seconds"] / 60, 1),
                         **{k: looped[k] for k in ("exam_before", "exam_after", "missed_facts", "loop_pairs")}}
-                for how, sys in (("system", system), ("none", "")):
-                    for lang, flags in score(looped["run"], items, sys).items():
-                        row2[f"{lang}_{how}"] = share(flags)
+                row2.update(shares(looped["run"], items, system))
                 rows.append(row2)
                 print(json.dumps(row2), flush=True)
     counts = {lang: sum(i.language == lang for i in items) for lang in ("en", "zh")}
