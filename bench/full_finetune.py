@@ -41,7 +41,7 @@ def train_full(dataset: str, settings, base: str, out: Path, lr: float) -> float
 
     from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
     from doctune.training.data import load_train_split, tokenize_split
-    from doctune.training.model import Plan, add_neftune, load_tokenizer
+    from doctune.training.model import Plan, add_neftune, cpu_has_bf16, load_tokenizer
     from tasks.train import optimizer_step  # normalising, clipping and stepping as doctune's training does
 
     tokenizer = load_tokenizer(base)
@@ -55,7 +55,9 @@ def train_full(dataset: str, settings, base: str, out: Path, lr: float) -> float
     if settings.neftune_alpha:
         add_neftune(model, settings.neftune_alpha)
     model.train()
-    plan = Plan("cpu", "lora", "bf16", "adamw_torch")  # bf16 autocast, fp32 weights: what the CPU probe picks here
+    # bf16 autocast over fp32 weights where the CPU has bf16 units (what the CPU probe picked there); without them
+    # bf16 is many times slower (doctune/training/model.probe_cpu_dtype), so fp32
+    plan = Plan("cpu", "lora", "bf16" if cpu_has_bf16() else "fp32", "adamw_torch")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_training_steps=steps,
