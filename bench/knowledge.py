@@ -48,9 +48,10 @@ RECIPES = {
     # a rank-128 adapter (alpha 90 keeps rsLoRA's alpha/sqrt(r) of the default r 16, alpha 32): a full fine-tune
     # answered more paraphrases than rank 16 (bench/README.md), and its change is far above rank 16
     "r128": {"lora_r": 128, "lora_alpha": 90},
-    # every weight trains (method full, rate 1e-4 by default): bench/full_finetune.py's loop, inside doctune's training
-    "full": {"method": "full"},
-    "full+text": {"method": "full", "text_rows": True},
+    # every weight trains (method full): bench/full_finetune.py's loop, inside doctune's training; the rate unset, so
+    # the full fine-tune's 1e-4 (the config's 1e-3 is the adapter's)
+    "full": {"method": "full", "learning_rate": None},
+    "full+text": {"method": "full", "learning_rate": None, "text_rows": True},
 }
 
 
