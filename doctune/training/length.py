@@ -69,8 +69,8 @@ def dataset_rows(dataset_dir: str | Path, min_rows_per_answer: int = 0) -> tuple
 
 
 def _pace(output_root: Path, settings: TrainSettings) -> tuple[float, float, str] | None:
-    """Seconds per example and per validation pass of the newest finished run of this base model (None when
-    there is none)."""
+    """Seconds per example and per validation pass of the newest finished run of this base model trained the same
+    way, as an adapter or in full (method full paces differently); None when there is none."""
     finished = sorted((output_root / "models").glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for run_json in finished:  # newest first: the first of this base model is the one
         run = run_json.parent
@@ -80,6 +80,8 @@ def _pace(output_root: Path, settings: TrainSettings) -> tuple[float, float, str
         except (OSError, ValueError, yaml.YAMLError):
             continue
         if trained.get("base_model", "") != settings.base_model or not metrics.get("s_per_step"):
+            continue
+        if (trained.get("method") == "full") != (settings.method == "full"):
             continue
         batch = int(trained.get("per_device_batch_size", 8)) * int(trained.get("gradient_accumulation_steps", 1))
         passes = len(metrics.get("validation") or [])

@@ -20,11 +20,11 @@ def _dataset(root: Path, train: int, text: int) -> Path:
 
 
 def _finished_run(root: Path, name: str, base_model: str, batch: int, s_per_step: float, mtime: float,
-                  validation: tuple[int, float] = (0, 0.0)) -> None:
+                  validation: tuple[int, float] = (0, 0.0), method: str = "auto") -> None:
     run = root / "models" / name
     run.mkdir(parents=True)
     (run / "settings.yaml").write_text(yaml.safe_dump({"base_model": base_model, "per_device_batch_size": batch,
-                                                       "gradient_accumulation_steps": 1}))
+                                                       "gradient_accumulation_steps": 1, "method": method}))
     passes, seconds = validation
     (run / "metrics.json").write_text(json.dumps({"s_per_step": s_per_step, "eval_seconds": seconds,
                                                   "validation": [{"step": i} for i in range(passes)]}))
@@ -80,6 +80,10 @@ def test_the_time_comes_from_the_newest_run_of_the_same_base_model(tmp_path):
     # Validation every 25 steps of 60 (after 25, 50 and 60): three passes of 10 s on top.
     assert expected_training(ds, s.model_copy(update={"eval_every_steps": 25}), tmp_path).seconds == 120 + 30
     assert duration(120) == "2 min" and duration(45) == "45 s" and duration(3900) == "1 h 05 min"
+    # a full fine-tune paces by full fine-tunes, an adapter by adapters
+    _finished_run(tmp_path, "full", "", 8, 4.0, 4_000, method="full")
+    assert expected_training(ds, s, tmp_path).measured_on == "new"
+    assert expected_training(ds, s.model_copy(update={"method": "full"}), tmp_path).measured_on == "full"
 
 
 def test_the_framed_copies_of_sparsely_asked_facts_count_in_the_expected_steps(tmp_path):
