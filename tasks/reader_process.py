@@ -107,9 +107,10 @@ class ReaderProcess:
         except (EOFError, OSError):
             ready = False
         if not ready:
+            died = self._proc.poll() is not None
             code = self._stop(kill=True)
-            raise RuntimeError(f"the reader process did not start within {STARTUP_S} s (exit code {code}); "
-                               "its errors are in the worker's log above")
+            what = "exited while starting" if died else f"did not start within {STARTUP_S} s"
+            raise RuntimeError(f"the reader process {what} (exit code {code}); its errors are in the worker's log above")
 
     def _stop(self, kill: bool) -> int | None:
         proc, conn, self._proc, self._conn = self._proc, self._conn, None, None

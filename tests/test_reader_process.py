@@ -91,6 +91,8 @@ def test_a_reader_killed_mid_file_skips_that_file_only(tmp_path):
     settings = IngestSettings(file_timeout_s=600)
     refs = {r.relpath: r for r in discover(folder, settings)}
     with ReaderProcess(settings) as reader:
+        # A first file starts the reader, so the kill falls mid-file, not into a slow start-up on a loaded machine.
+        assert [d.path for d in ingest_file(folder, refs["z.md"], settings, reader.read).documents] == ["z.md"]
         killer = threading.Timer(2.0, lambda: os.kill(reader.pid, signal.SIGKILL))  # as the OOM killer would
         killer.start()
         try:
