@@ -29,7 +29,7 @@ from doctune.metrics import facts_found
 from doctune.prefect_utils import CACHE
 from doctune.prompts import load_prompt, render
 from doctune.records import Chunk, QAPair
-from tasks.synthesize import MONTHS, WEEKDAYS, extract_facts, question_targets
+from tasks.synthesize import MONTHS, WEEKDAYS, TableCell, extract_facts, question_targets, table_cells
 
 PROMPT = "cloze"
 
@@ -435,18 +435,69 @@ def chinese_questions(fact: str, prompt: dict) -> list[str]:
     return list(dict.fromkeys(reversed(questions)))[::-1]
 
 
+_MONEY_WORDS = re.compile(r"\b(price|prices|fare|fares|fee|fees|cost|costs|charge|charges|tariff|euros?|eur|"
+                          r"usd|dollars?|rmb|yuan)\b|[€$¥£]|价|费|元", re.I)
+_PARTICIPLE = re.compile(r"[A-Za-z]+ed|built|made|sold|held|run|begun|founded|opened|closed")
+
+
+def table_questions(cell: TableCell, prompt: dict) -> list[str]:
+    """Questions for one table cell, naming its row and column (and once its caption); prompts/cloze.yaml's
+    `table` wordings, by the kind of value. A table cell is not a sentence the other rules can read: 'What is
+    Fares from Aldermouth: the adult of Merrow Island?' is what they made of one."""
+    kind = _kind(cell.value)
+    if cell.language == "zh":
+        t = prompt["table"]["zh"]
+        money = kind == "money" or bool(_MONEY_WORDS.search(f"{cell.caption} {cell.column}"))
+        wh = t["money" if money else "time" if kind == "time" else "name" if kind == "name" else "number"]
+        questions = [render(t["plain"], key=cell.key, column=cell.column, wh=wh)]
+        if cell.caption:
+            questions.append(render(t["caption"], caption=cell.caption, key=cell.key, column=cell.column, wh=wh))
+        return questions
+    t = prompt["table"]["en"]
+    column = cell.column if cell.column.isupper() else cell.column[0].lower() + cell.column[1:]
+    fills = {"key": cell.key, "column": column, "caption": cell.caption}
+    questions = [render(q, **fills) for q in t["plain"]]
+    if cell.caption:
+        questions.append(render(t["caption"], **fills))
+    unit = " ".join(cell.value.split()[1:]).lower()
+    if kind == "time":
+        questions += [render(q, **fills) for q in t["time"]]
+    elif kind in ("year", "date", "month") and _PARTICIPLE.fullmatch(column):
+        questions.append(render(t["participle"], wh="When", **fills))
+        questions.append(render(t["participle"], wh=_upper_first(render(prompt["en"][kind])), **fills))
+    elif kind == "count" and _is_duration(kind, unit):
+        questions.append(render(t["duration"], **fills))
+    elif kind == "money" or kind == "number" and _MONEY_WORDS.search(f"{cell.caption} {cell.column}"):
+        questions.append(render(t["money"], **fills))
+    elif kind == "number" and re.fullmatch(r"\d+", cell.value) and re.fullmatch(r"[a-z]+s", column):
+        questions.append(render(t["count"], **fills))
+    return list(dict.fromkeys(questions))
+
+
+def fact_questions(fact: str, chunk: Chunk, prompt: dict, cells: list[TableCell] | None = None) -> list[str]:
+    """The rule-made questions for a fact sentence of the chunk (`extract_facts`): a table cell's by
+    `table_questions`, a Chinese sentence's by `chinese_questions` (pass it through `chinese_fact` first), an
+    English sentence's by `english_questions`. `cells`: the chunk's `table_cells`, when the caller has them."""
+    cell = next((c for c in (table_cells(chunk) if cells is None else cells) if c.sentence == fact), None)
+    if cell is not None:
+        return table_questions(cell, prompt)
+    if chunk.language == "zh":
+        return chinese_questions(fact, prompt)
+    return english_questions(fact, question_targets(fact, chunk), prompt, chunk.text)
+
+
 def cloze_pairs(chunks: list[Chunk]) -> list[QAPair]:
     """Cloze questions for every fact sentence of the chunks (English and Chinese), answered with
-    the sentence (its subject restored from the heading, as fact mode does)."""
-    prompt = load_prompt(PROMPT, required=("version", "en", "zh"))
+    the sentence (its subject restored from the heading, as fact mode does); a table cell's questions name
+    its row and column."""
+    prompt = load_prompt(PROMPT, required=("version", "en", "zh", "table"))
     pairs = []
     for chunk in chunks:
+        cells = table_cells(chunk)
         for fact in extract_facts(chunk):
-            if chunk.language == "zh":
+            if chunk.language == "zh" and all(c.sentence != fact for c in cells):
                 fact = chinese_fact(fact)
-                questions = chinese_questions(fact, prompt)
-            else:
-                questions = english_questions(fact, question_targets(fact, chunk), prompt, chunk.text)
+            questions = fact_questions(fact, chunk, prompt, cells)
             pairs += [QAPair(question=q, answer=fact, source="cloze", doc_id=chunk.doc_id, path=chunk.path,
                              chunk_id=chunk.chunk_id, mode="cloze", prompt_version=prompt["version"],
                              language=chunk.language) for q in questions]

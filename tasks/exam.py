@@ -37,9 +37,9 @@ from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt, render
 from doctune.records import NOT_ONE_FACT, Chunk, Dropped, QAPair, fact_key, short_hash
 from doctune.settings import DedupSettings, LLMSettings
-from tasks.cloze import ZH_UNITS, chinese_fact, chinese_questions, english_questions
+from tasks.cloze import ZH_UNITS, chinese_fact, fact_questions
 from tasks.dedup import jaccard, normalize, shingles
-from tasks.synthesize import check_question, clean_question, extract_facts, question_targets
+from tasks.synthesize import check_question, clean_question, extract_facts, question_targets, table_cells
 
 STAGE = "exam"
 PROMPT = "exam_questions"
@@ -80,9 +80,11 @@ def exam_messages(fact: str, language: str) -> tuple[list[dict], str]:
 
 
 def _item(chunk: Chunk, fact: str, question: str, source: str, version: str) -> ExamItem | None:
-    if chunk.language == "zh":
+    cell = next((c for c in table_cells(chunk) if c.sentence == fact), None)
+    if chunk.language == "zh" and cell is None:
         fact = chinese_fact(fact)  # the sentence as training answers it, without a heading the reader glued on
-    facts = answer_facts(question, fact, chunk.language)
+    # A table cell's fact is its value: the caption's names ("Fares from Aldermouth") are not what is asked.
+    facts = answer_facts(question, cell.value if cell else fact, chunk.language)
     if not facts:
         return None
     return ExamItem(id=f"exam-{short_hash(chunk.chunk_id, fact, question, n=12)}", question=question, answer=fact,
@@ -90,10 +92,10 @@ def _item(chunk: Chunk, fact: str, question: str, source: str, version: str) -> 
                     chunk_id=chunk.chunk_id, source=source, prompt_version=version)
 
 
-def rule_question(chunk: Chunk, fact: str, targets: list[str], cloze: dict) -> ExamItem | None:
+def rule_question(chunk: Chunk, fact: str, cloze: dict) -> ExamItem | None:
     """The cloze rules' question for the fact: the value moved to the front where the sentence allows
     ("How much does … cost?"), else in place ("特萨林深圳办事处共有员工多少人？")."""
-    questions = chinese_questions(fact, cloze) if chunk.language == "zh" else english_questions(fact, targets, cloze, chunk.text)
+    questions = fact_questions(fact, chunk, cloze)
     for q in reversed(questions):
         if item := _item(chunk, fact, q, "rule", cloze["version"]):
             return item
@@ -121,7 +123,7 @@ def _one_fact(client, llm: LLMSettings, settings: ExamSettings, cloze: dict, use
             return out
         out.dropped.append(Dropped(stage=STAGE, reason=reason or "no_fact_left_to_check", record={
             "question": question, "fact": fact, "path": chunk.path, "chunk_id": chunk.chunk_id}))
-    if item := rule_question(chunk, fact, targets, cloze):
+    if item := rule_question(chunk, fact, cloze):
         out.items.append(item)
     return out
 
@@ -147,10 +149,10 @@ def make_exam(chunks: list[Chunk], llm: LLMSettings, settings: ExamSettings,
                 result.calls += r.calls
                 result.prompt_tokens += r.prompt_tokens
                 result.completion_tokens += r.completion_tokens
-    for chunk, fact, targets in candidates[rank:]:
+    for chunk, fact, _ in candidates[rank:]:
         if len(result.reserves) >= wanted:
             break
-        if item := rule_question(chunk, fact, targets, cloze):
+        if item := rule_question(chunk, fact, cloze):
             result.reserves.append(item)
     return result
 

@@ -74,7 +74,7 @@ def template_family(chat_template: str) -> str:
 
 def modelfile_text(gguf_name: str, chat_template: str, system_prompt: str, settings: ExportSettings) -> str:
     template, stops = _OLLAMA_TEMPLATES[template_family(chat_template)]
-    lines = [f"# Ollama: ollama create <name> -f Modelfile   (run in this folder)",
+    lines = ["# Ollama: ollama create <name> -f Modelfile   (run in this folder)",
              f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""',
              # The system prompt the model was trained with: answers drift without it.
              f'SYSTEM """{system_prompt}"""']

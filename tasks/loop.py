@@ -27,7 +27,7 @@ from doctune.prefect_utils import CACHE, network_retries
 from doctune.prompts import load_prompt
 from doctune.records import Chunk, Dropped, QAPair, short_hash
 from doctune.settings import DedupSettings, LLMSettings
-from tasks.cloze import chinese_questions, english_questions
+from tasks.cloze import fact_questions
 from tasks.dedup import jaccard, normalize, shingles
 from tasks.synthesize import (SynthResult, check_question, clean_question, fact_messages, question_targets,
                               target_for)
@@ -66,10 +66,7 @@ def framed(question: str, chunk: Chunk, round_: int) -> str | None:
 
 def rule_wordings(target: LoopTarget, chunk: Chunk) -> list[str]:
     cloze = load_prompt("cloze", required=("version", "en", "zh"))
-    if chunk.language == "zh":
-        questions = chinese_questions(target.fact, cloze)
-    else:
-        questions = english_questions(target.fact, question_targets(target.fact, chunk), cloze, chunk.text)
+    questions = fact_questions(target.fact, chunk, cloze)
     return [f for q in questions if (f := framed(q, chunk, target.round))]
 
 

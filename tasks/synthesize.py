@@ -118,22 +118,47 @@ def restore_subject(sentence: str, chunk: Chunk) -> str:
 
 
 ROW_FACT_MAX_COLUMNS = 8  # wider tables are data dumps: a sentence per cell would flood the questions
+CAPTION_MAX_WORDS = 12  # a longer line above a table is a paragraph, not its caption
+_SENTENCE_END = (".", "。", "!", "！", "?", "？", ";", "；")
 
 
-def _row_sentence(key: str, column: str, value: str, language: str) -> str:
-    if language == "zh":
-        return f"{key}的{column}是{value}。"
-    if not column.isupper():  # "Price" mid-sentence, "EUR" as it is
-        column = column[0].lower() + column[1:]
-    return f"The {column} of {key} is {value.rstrip('.')}."
+@dataclass(frozen=True)
+class TableCell:
+    """One cell of a table row, read with its column's header, the row's first named cell (its key) and
+    the table's caption: the short line right above the table, else the section heading."""
+    caption: str
+    key: str
+    column: str
+    value: str
+    language: str
+
+    @property
+    def sentence(self) -> str:
+        """The cell as a fact sentence, the caption first: 'Fares from Aldermouth (euros, single journey): the
+        adult of Merrow Island is 23.60.' A model answering from it names the table before the row, and the
+        caption's words ('fares', 'single journey') are the ones a question about the cell brings."""
+        if self.language == "zh":
+            return f"{self.caption}：" * bool(self.caption) + f"{self.key}的{self.column}是{self.value}。"
+        column = self.column if self.column.isupper() else self.column[0].lower() + self.column[1:]
+        said = f"the {column} of {self.key} is {self.value.rstrip('.')}."
+        return f"{self.caption}: {said}" if self.caption else said[0].upper() + said[1:]
 
 
-def table_row_facts(chunk: Chunk) -> list[str]:
-    """A sentence for each cell of each table row, read with its column's header and the row's first
-    named cell: under '| Model | Price |', '| Kestrel K4 | 8,950 EUR |' is 'The price of Kestrel K4 is 8,950
-    EUR.' (Chinese: 'Kestrel K4的价格是8,950欧元。'). A chunk starting inside a table reads its rows with the
-    `table_header` it carries."""
-    facts, header, run = [], None, []
+def _caption(line: str, language: str) -> str:
+    """The line above a table as its caption ('' for a sentence or a paragraph): heading marks and a closing
+    colon left out."""
+    line = " ".join(line.strip().lstrip("#").split()).rstrip(":：").strip()
+    size = len(CJK.findall(line)) // 2 if language == "zh" else len(line.split())
+    return "" if not line or line.endswith(_SENTENCE_END) or size > CAPTION_MAX_WORDS else line
+
+
+def table_cells(chunk: Chunk) -> list[TableCell]:
+    """Every cell of every table row with a header, read as `TableCell`s: under '| Model | Price |',
+    '| Kestrel K4 | 8,950 EUR |' is the price of Kestrel K4. A chunk starting inside a table reads its rows with
+    the `table_header` it carries. A row without a named cell, and a table wider than ROW_FACT_MAX_COLUMNS, give
+    none."""
+    out, header, run, above = [], None, [], ""
+    heading = _caption(chunk.heading_path[-1], chunk.language) if chunk.heading_path else ""
     lines = chunk.text.split("\n") + [""]
     carried = cells(chunk.table_header.split("\n")[0]) if chunk.table_header else None
     for k, line in enumerate(lines):
@@ -147,17 +172,26 @@ def table_row_facts(chunk: Chunk) -> list[str]:
                 header, rows = carried, run
             else:
                 header, rows = None, []
+            caption = _caption(above, chunk.language) or heading
             if header and len(header) <= ROW_FACT_MAX_COLUMNS:
                 for row in rows:
                     values = cells(row)
                     named = next((i for i, c in enumerate(values) if re.search(r"[^\W\d_]", c)), None)
                     if named is None:
                         continue
-                    facts += [_row_sentence(values[named], column, value, chunk.language)
-                              for i, (column, value) in enumerate(zip(header, values))
-                              if i != named and column and value]
+                    out += [TableCell(caption=caption, key=values[named], column=column, value=value,
+                                      language=chunk.language)
+                            for i, (column, value) in enumerate(zip(header, values))
+                            if i != named and column and value]
             run = []
-    return facts
+        if line.strip():
+            above = line
+    return out
+
+
+def table_row_facts(chunk: Chunk) -> list[str]:
+    """A sentence for each cell of each table row (`TableCell.sentence`)."""
+    return [c.sentence for c in table_cells(chunk)]
 
 
 def extract_facts(chunk: Chunk) -> list[str]:

@@ -230,12 +230,12 @@ def test_pairs_answer_with_the_fact_and_keep_their_chunk():
             "Wren W1 has a flight time of how many minutes?", "What is the flight time of Wren W1?"],
         "红隼K4每台售价人民币9000元。": ["红隼K4每台售价多少元？", "红隼K4每台售价多少钱？"],
     }
-    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-5")}
+    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-6")}
     assert {p.chunk_id for p in pairs} == {"docs/price_sheet.md:0", "docs/zh.md:0"}
     assert {p.language for p in pairs if p.path == "docs/zh.md"} == {"zh"}
 
 
-def test_a_table_row_is_read_with_its_header_into_facts_and_cloze_questions():
+def test_a_table_row_is_read_with_its_header_and_caption_into_facts_and_cloze_questions():
     from tasks.synthesize import extract_facts
 
     text = ("All prices include VAT.\n\n| Model | Price | Range |\n| --- | --- | --- |\n"
@@ -243,16 +243,46 @@ def test_a_table_row_is_read_with_its_header_into_facts_and_cloze_questions():
     chunk = Chunk(chunk_id="d:0", doc_id="d", path="prices.md", index=0, text=text, heading_path=["Prices"],
                   start=0, end=len(text), n_tokens=60, title="Prices")
     facts = extract_facts(chunk)
-    assert facts == ["All prices include VAT.", "The price of Kestrel K4 is 8,950 EUR.", "The range of Kestrel K4 is 120 km.",
-                         "The price of Kestrel K5 is 11,200 EUR.", "The range of Kestrel K5 is 160 km."]
+    # The line above is a sentence, not a caption: the section heading names the table.
+    assert facts == ["All prices include VAT.", "Prices: the price of Kestrel K4 is 8,950 EUR.",
+                     "Prices: the range of Kestrel K4 is 120 km.", "Prices: the price of Kestrel K5 is 11,200 EUR.",
+                     "Prices: the range of Kestrel K5 is 160 km."]
     questions = {p.question: p.answer for p in cloze_pairs([chunk])}
-    assert any("Kestrel K4" in q and a == "The price of Kestrel K4 is 8,950 EUR." for q, a in questions.items())
+    assert questions["What is the price of Kestrel K4?"] == "Prices: the price of Kestrel K4 is 8,950 EUR."
+    assert questions["How much is the price for Kestrel K5?"] == "Prices: the price of Kestrel K5 is 11,200 EUR."
+    assert questions["Prices: what is the range for Kestrel K4?"] == "Prices: the range of Kestrel K4 is 120 km."
+    assert not any(q.startswith("What is Prices") for q in questions)  # the sentence rules do not read a cell
     # The continuation of a long table, without its header in the text, reads it from table_header.
-    rest = chunk.model_copy(update={"text": "| Kestrel K6 | 12,400 EUR | 180 km |",
+    rest = chunk.model_copy(update={"text": "| Kestrel K6 | 12,400 EUR | 180 km |", "heading_path": [],
                                     "table_header": "| Model | Price | Range |\n| --- | --- | --- |"})
     assert extract_facts(rest) == ["The price of Kestrel K6 is 12,400 EUR.", "The range of Kestrel K6 is 180 km."]
     zh = Chunk(chunk_id="z:0", doc_id="z", path="价格.md", index=0, text="| 型号 | 价格 |\n| --- | --- |\n| 星河三号 | 4999元 |",
                start=0, end=30, n_tokens=20, language="zh")
     assert extract_facts(zh) == ["星河三号的价格是4999元。"]
+    assert [p.question for p in cloze_pairs([zh])] == ["星河三号的价格是多少钱？"]
     no_header = chunk.model_copy(update={"text": "| Kestrel K4 | 8,950 EUR |\n| Kestrel K5 | 11,200 EUR |"})
     assert extract_facts(no_header) == []  # a row without a header says nothing certain
+
+
+def test_a_table_caption_is_the_short_line_above_it_and_its_questions_follow_the_value():
+    text = ("Services from Aldermouth: timetable and fares.\nDepartures from Aldermouth (daily)\n\n"
+            "| Destination | First sailing | Crossing |\n| --- | --- | --- |\n| Tollan | 07:25 | 1 hour 20 minutes |\n\n"
+            "## Fares (euros, single journey):\n| Destination | Adult |\n| --- | --- |\n| Tollan | 14.80 |\n\n"
+            "The fleet as of this winter, with the year each ship was built and its capacity, is listed below.\n"
+            "| Vessel | Built | Passengers |\n| --- | --- | --- |\n| MV Solvig | 2009 | 320 |")
+    chunk = Chunk(chunk_id="t:0", doc_id="t", path="timetable.pdf", index=0, text=text, heading_path=["Winter"],
+                  start=0, end=len(text), n_tokens=90, title="timetable")
+    by_answer = {}
+    for p in cloze_pairs([chunk]):
+        by_answer.setdefault(p.answer, []).append(p.question)
+    assert by_answer["Departures from Aldermouth (daily): the first sailing of Tollan is 07:25."] == [
+        "What is the first sailing of Tollan?", "Departures from Aldermouth (daily): what is the first sailing for Tollan?",
+        "When is the first sailing of Tollan?", "What time is the first sailing of Tollan?"]
+    assert "How long is the crossing of Tollan?" in by_answer[
+        "Departures from Aldermouth (daily): the crossing of Tollan is 1 hour 20 minutes."]
+    # A heading line is a caption too, without its marks and colon; a bare number under "Fares" is money.
+    assert "How much is the adult for Tollan?" in by_answer["Fares (euros, single journey): the adult of Tollan is 14.80."]
+    # A long line above is a paragraph: the section heading stands in; a participle column asks "when was".
+    assert by_answer["Winter: the built of MV Solvig is 2009."][-2:] == [
+        "When was MV Solvig built?", "What year was MV Solvig built?"]
+    assert by_answer["Winter: the passengers of MV Solvig is 320."][-1] == "How many passengers does MV Solvig have?"

@@ -140,7 +140,7 @@ def test_an_exam_question_never_takes_a_facts_only_training_question():
 def zh_item(question: str, answer: str, doc_id: str = "z") -> ExamItem:
     return ExamItem(id=f"exam-{doc_id}-{len(question)}-{question[-4:]}", question=question, answer=answer,
                     facts=["x"], language="zh", path="售后政策.md", doc_id=doc_id, chunk_id=f"{doc_id}:0",
-                    source="rule", prompt_version="cloze-5")
+                    source="rule", prompt_version="cloze-6")
 
 
 def test_a_chinese_exam_question_takes_its_question_word_swaps_out_of_training():
@@ -207,3 +207,17 @@ def test_the_exam_keeps_rule_made_reserves_and_a_chinese_answer_without_its_glue
     glued = "售后政策 ==== 一、保修 特萨林FjordCell电池的保修期为12个月。深圳办事处共有员工37人。红隼K4老用户以旧换新可抵扣900元。\n"
     zh = make_exam(chunks(glued, "售后政策.txt", "zh"), llm, rule_only(facts_per_question=1), [])
     assert zh.items and not any("====" in i.answer or "一、" in i.answer for i in zh.items + zh.reserves)
+
+
+def test_a_table_cells_exam_question_asks_its_row_and_column_and_scores_only_its_value():
+    table = ("# Timetable\n\nDepartures from Aldermouth (daily)\n\n| Destination | First sailing | Vessel |\n"
+             "| --- | --- | --- |\n| Tollan | 07:25 | MV Harrowgate |\n| Brisk Isle | 06:10 | MV Solvig |\n")
+    llm = LLMSettings(base_url="http://127.0.0.1:9/v1")  # never called: tries=0
+    made = make_exam(chunks(table, "timetable.md"), llm, rule_only(facts_per_question=1, max_per_document=4), [])
+    assert len(made.items) == 4
+    for item in made.items:
+        assert item.answer.startswith("Departures from Aldermouth (daily): the ")
+        # The caption's "Aldermouth" is in the answer, never among the facts a reply must hold.
+        assert item.facts == [item.answer.rsplit(" is ", 1)[1].rstrip(".")], item
+        row = "Tollan" if "Tollan" in item.answer else "Brisk Isle"
+        assert row in item.question and not facts_found(item.question, item.facts)[0]
