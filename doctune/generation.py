@@ -80,8 +80,9 @@ def load_model(model_ref: str | Path):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if (ref / "adapter_config.json").exists():
         raise ValueError(f"{ref} is a bare adapter folder; pass its run folder ({ref.parent}, with run.json)")
-    if (ref / "run.json").exists() and full_model_of(ref) is not None:
-        model_ref = full_model_of(ref)  # a full fine-tune: its model/ folder is the whole model
+    full = full_model_of(ref) if (ref / "run.json").exists() else None
+    if full is not None:
+        model_ref = full  # a full fine-tune: its model/ folder is the whole model
         tokenizer = AutoTokenizer.from_pretrained(model_ref)
         model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
     elif (ref / "run.json").exists():

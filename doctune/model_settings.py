@@ -10,6 +10,7 @@ fields' names, order, types and defaults are part of that name: change them know
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -172,6 +173,20 @@ def for_base_model(settings: TrainSettings, parameters: int | None) -> tuple[Tra
     chosen = ", ".join(f"{k} {v:g}" for k, v in unset.items())
     how = ", trained in full" if settings.method == "full" else ""
     return settings.model_copy(update=unset), f"{chosen} for a base model of {size}{how} (unset in the settings)"
+
+
+def check_full_fits(settings: TrainSettings, parameters: int | None, base: str) -> None:
+    """method full trains every weight: fp32 weights, gradients and two AdamW states, ~16 bytes per parameter.
+    Refused above SMALL_MODEL parameters, where an adapter (LoRA, or QLoRA on a GPU) is the way."""
+    if settings.method != "full":
+        return
+    if parameters is None:
+        logging.getLogger(__name__).warning("method full: the parameter count of %s is unknown; a full "
+                                            "fine-tune needs about 16 bytes of memory per parameter", base)
+    elif parameters > SMALL_MODEL:
+        raise ValueError(f"method full: {base} has {parameters / 1e9:.1f}B parameters; a full fine-tune needs about "
+                         f"{parameters * 16 / 2**30:.0f} GiB for weights, gradients and optimizer states and is "
+                         f"offered up to {SMALL_MODEL / 1e9:.0f}B; set method: auto (LoRA, or QLoRA on a GPU)")
 
 
 # ------------------------------------------------------------------------------------------- evaluate

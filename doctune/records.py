@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Literal, TypeVar
+from typing import Iterable, Iterator, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -135,6 +137,20 @@ def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> Path:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
+
+
+@contextmanager
+def replacing_dir(final: Path) -> Iterator[Path]:
+    """An empty .tmp- sibling of `final` to write a folder into; when the block ends without an error it
+    takes the place of `final` (an older folder of that name goes first), so `final` is whole or absent,
+    never half written. After an error the .tmp- folder stays, and the next write clears it."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
 
 def read_jsonl(path: str | Path, model: type[R] | None = None) -> list:

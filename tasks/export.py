@@ -20,7 +20,7 @@ from doctune.gguf_export import GGUF_TYPES, ExportError, write_gguf
 from doctune.gold import gold_files
 from doctune.metrics import fmt_score
 from doctune.model_settings import ExportSettings, GGUFType
-from doctune.records import sha256_text
+from doctune.records import replacing_dir, sha256_text
 from doctune.runs import base_model_of, full_model_of, resolve_run, trained_system_prompt
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,13 @@ def export_dir_for(run_dir: Path, settings: ExportSettings, output_dir: str | Pa
 def merge_run(run_dir: Path, out: Path) -> Path:
     """Base + adapter folded into one model in the base's own dtype, saved with the tokenizer and chat template;
     a full fine-tune's model/ (a whole model already) is copied."""
-    from doctune.training.checkpoint import atomic_dir
     from doctune.training.merge import merge_adapter  # here: torch loads only when a merge runs
 
     full = full_model_of(run_dir)
     if full is None:
         return merge_adapter(base_model_of(run_dir), run_dir / "adapter", out)
-    tmp = atomic_dir(out)
-    shutil.copytree(full, tmp, dirs_exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with replacing_dir(out) as tmp:
+        shutil.copytree(full, tmp, dirs_exist_ok=True)
     return out
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from doctune.generation import chat_prompts, generate_greedy
 from doctune.metrics import fact_recall, rouge_l
-from doctune.model_settings import SMALL_MODEL, TrainSettings, for_base_model
+from doctune.model_settings import TrainSettings, check_full_fits, for_base_model
 from doctune.prefect_utils import CACHE
 from doctune.runs import dataset_hash, dataset_system_prompt, run_dir_for, settings_hash, write_json
 from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
@@ -215,20 +215,6 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
             else dataset_system_prompt(dataset_dir),
         },
     )
-
-
-def check_full_fits(settings: TrainSettings, parameters: int | None, base: str) -> None:
-    """method full trains every weight: fp32 weights, gradients and two AdamW states, ~16 bytes per parameter.
-    Refused above SMALL_MODEL parameters, where an adapter (LoRA, or QLoRA on a GPU) is the way."""
-    if settings.method != "full":
-        return
-    if parameters is None:
-        log.warning("method full: the parameter count of %s is unknown; a full fine-tune needs about 16 bytes of "
-                    "memory per parameter", base)
-    elif parameters > SMALL_MODEL:
-        raise ValueError(f"method full: {base} has {parameters / 1e9:.1f}B parameters; a full fine-tune needs about "
-                         f"{parameters * 16 / 2**30:.0f} GiB for weights, gradients and optimizer states and is "
-                         f"offered up to {SMALL_MODEL / 1e9:.0f}B; set method: auto (LoRA, or QLoRA on a GPU)")
 
 
 # ----------------------------------------------------------------------------- the loop

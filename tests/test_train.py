@@ -17,7 +17,7 @@ from doctune.training.checkpoint import checkpoints
 from doctune.training.model import initial_plan, load_model
 from doctune.training.report import loss_markdown
 from tasks import train as tr
-from doctune.model_settings import SMALL_MODEL, TrainSettings, for_base_model, load_train_settings
+from doctune.model_settings import SMALL_MODEL, TrainSettings, check_full_fits, for_base_model, load_train_settings
 from tasks.train import TrainingInterrupted, train
 from tests.training.common import SYSTEM, _row, adapter_weights, dataset_dir, one_thread, tiny_settings  # noqa: F401 (fixtures)
 
@@ -388,8 +388,8 @@ def test_full_takes_a_tenth_of_the_adapter_rate_and_is_refused_on_large_models(t
     assert (full.learning_rate, full.neftune_alpha) == (1e-4, 15) and "trained in full" in said
     assert for_base_model(TrainSettings(method="full", learning_rate=3e-4), 10**8)[0].learning_rate == 3e-4
     with pytest.raises(ValueError, match=r"7.0B parameters; a full fine-tune needs about 104 GiB.*method: auto"):
-        tr.check_full_fits(TrainSettings(method="full"), 7 * SMALL_MODEL, "/models/big")
-    tr.check_full_fits(TrainSettings(), 7 * SMALL_MODEL, "/models/big")  # LoRA: any size
+        check_full_fits(TrainSettings(method="full"), 7 * SMALL_MODEL, "/models/big")
+    check_full_fits(TrainSettings(), 7 * SMALL_MODEL, "/models/big")  # LoRA: any size
 
     # through train(): refused from the safetensors header alone, before a run folder exists
     big = tmp_path / "big"

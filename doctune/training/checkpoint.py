@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from doctune.records import replacing_dir
+
 log = logging.getLogger(__name__)
 
 # What a checkpoint holds besides its weights; state.json is written last, so a folder without it was never finished.
@@ -27,14 +29,6 @@ WEIGHT_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"),
 def weights_name(model) -> str:
     """The folder a model's trained weights go to: adapter/ for a peft model, model/ for a whole one."""
     return "adapter" if hasattr(model, "peft_config") else "model"
-
-
-def atomic_dir(final: Path) -> Path:
-    """An empty .tmp- sibling of `final` to write into; renamed to `final` once complete."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,18 +93,18 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
     final = run_dir / "checkpoints" / f"step-{state['step']}"
-    tmp = atomic_dir(final)
-    model.save_pretrained(tmp / weights_name(model), max_shard_size="100GB")  # one file: WEIGHT_FILES
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    _fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)  # a torn folder of the same step, from before a crash
-    tmp.rename(final)  # a crash mid-save leaves only a .tmp- folder, never a half checkpoint
+    # A crash mid-save leaves only a .tmp- folder, never a half checkpoint; a torn folder of the same step,
+    # from before a crash, is replaced.
+    with replacing_dir(final) as tmp:
+        model.save_pretrained(tmp / weights_name(model), max_shard_size="100GB")  # one file: WEIGHT_FILES
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+        _fsync_tree(tmp)
     _fsync_dir(final.parent)
     _fsync_dir(run_dir)  # the checkpoints/ entry itself, after the first save
     for old in checkpoints(run_dir)[:-keep]:
@@ -157,14 +151,12 @@ def save_weights(run_dir: Path, model, tokenizer, name: str | None = None) -> No
     """The trained weights with the tokenizer in run_dir/`name` (default: adapter/ or model/, weights_name).
     A whole model is saved with its KV cache on (training switched it off), ready to generate."""
     name = name or weights_name(model)
-    tmp = atomic_dir(run_dir / name)
     use_cache = model.config.use_cache
     if weights_name(model) == "model":
         model.config.use_cache = True
     try:
-        model.save_pretrained(tmp)
+        with replacing_dir(run_dir / name) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     finally:
         model.config.use_cache = use_cache
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(run_dir / name, ignore_errors=True)
-    tmp.rename(run_dir / name)

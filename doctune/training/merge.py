@@ -3,12 +3,11 @@ tokenizer and its chat template. Training's merge check (merge: true) and export
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from doctune.training.checkpoint import atomic_dir
+from doctune.records import replacing_dir
 from doctune.training.model import load_tokenizer
 
 
@@ -26,11 +25,9 @@ def save_merged(model, tokenizer, out_dir: Path) -> Path:
     """Fold the adapter of `model` (base + adapter) into its weights and save the result with the
     tokenizer; `out_dir` appears complete or not at all."""
     merged = model.merge_and_unload()
-    tmp = atomic_dir(out_dir)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with replacing_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 
