@@ -39,7 +39,7 @@ from doctune.records import NOT_ONE_FACT, Chunk, Dropped, QAPair, fact_key, shor
 from doctune.settings import DedupSettings, LLMSettings
 from tasks.cloze import ZH_UNITS, chinese_fact, fact_questions
 from tasks.dedup import jaccard, normalize, shingles
-from tasks.synthesize import check_question, clean_question, extract_facts, question_targets, table_cells
+from tasks.synthesize import cell_of, check_fact_question, clean_question, extract_facts, question_targets
 
 STAGE = "exam"
 PROMPT = "exam_questions"
@@ -80,7 +80,7 @@ def exam_messages(fact: str, language: str) -> tuple[list[dict], str]:
 
 
 def _item(chunk: Chunk, fact: str, question: str, source: str, version: str) -> ExamItem | None:
-    cell = next((c for c in table_cells(chunk) if c.sentence == fact), None)
+    cell = cell_of(fact, chunk)
     if chunk.language == "zh" and cell is None:
         fact = chinese_fact(fact)  # the sentence as training answers it, without a heading the reader glued on
     # A table cell's fact is its value: the caption's names ("Fares from Aldermouth") are not what is asked.
@@ -116,7 +116,7 @@ def _one_fact(client, llm: LLMSettings, settings: ExamSettings, cloze: dict, use
         out.prompt_tokens += reply.prompt_tokens
         out.completion_tokens += reply.completion_tokens
         question = clean_question(reply.text)
-        reason = check_question(question, fact, chunk.language, targets)
+        reason = check_fact_question(question, fact, chunk, targets)
         item = None if reason else _item(chunk, fact, question, "llm", version)
         if item:
             out.items.append(item)

@@ -29,7 +29,7 @@ from doctune.records import Chunk, Dropped, QAPair, short_hash
 from doctune.settings import DedupSettings, LLMSettings
 from tasks.cloze import fact_questions
 from tasks.dedup import jaccard, normalize, shingles
-from tasks.synthesize import (SynthResult, check_question, clean_question, fact_messages, question_targets,
+from tasks.synthesize import (SynthResult, check_fact_question, clean_question, fact_messages, question_targets,
                               target_for)
 from tasks.variants import heading_line
 
@@ -86,7 +86,7 @@ def _endpoint_wordings(client, llm: LLMSettings, settings: LoopSettings, target:
         out.prompt_tokens += reply.prompt_tokens
         out.completion_tokens += reply.completion_tokens
         question = clean_question(reply.text)
-        reason = check_question(question, target.fact, chunk.language, values)
+        reason = check_fact_question(question, target.fact, chunk, values)
         pair = QAPair(question=question, answer=target.fact, source="synthesized", doc_id=chunk.doc_id,
                       path=chunk.path, chunk_id=chunk.chunk_id, mode=MODE, model=llm.model, prompt_version=version,
                       language=chunk.language)

@@ -194,6 +194,11 @@ def table_row_facts(chunk: Chunk) -> list[str]:
     return [c.sentence for c in table_cells(chunk)]
 
 
+def cell_of(fact: str, chunk: Chunk) -> TableCell | None:
+    """The table cell of the chunk that `fact` is the sentence of, else None (a prose fact)."""
+    return next((c for c in table_cells(chunk) if c.sentence == fact), None)
+
+
 def extract_facts(chunk: Chunk) -> list[str]:
     """Sentences of the chunk worth a question: prose with some content, subjects restored; table rows
     as a sentence per cell (`table_row_facts`)."""
@@ -233,10 +238,12 @@ def _key_words(text: str, language: str) -> set[str]:
 def question_targets(fact: str, chunk: Chunk) -> list[str]:
     """The values of a fact a question may ask for (`answer_spans`), less the ones that only
     repeat the document title or heading ("Tessarine" in the Tessarine handbook)."""
+    cell = cell_of(fact, chunk)
+    caption = cell.caption if cell else ""  # a table's caption names the table, not what its cell says
     if chunk.language == "zh":
-        context_text = normalize(chunk.title + "".join(chunk.heading_path))
+        context_text = normalize(chunk.title + "".join(chunk.heading_path) + caption)
         return [s for s in answer_spans(fact, "zh") if normalize(s) not in context_text]
-    context = set(normalize(" ".join([chunk.title, *chunk.heading_path])).split())
+    context = set(normalize(" ".join([chunk.title, *chunk.heading_path, caption])).split())
     return [s for s in answer_spans(fact, "en") if not set(normalize(s).split()) <= context]
 
 
@@ -306,6 +313,18 @@ def is_vague(question: str, fact: str) -> bool:
     # "X is 48 euros" / "X is the flight-log software": X is given; "X is located ..." is no definition.
     return not (follows[:1] and follows[0] in ("is", "are", "was", "were")
                 and not (len(follows) > 1 and follows[1].endswith("ed")))
+
+
+def check_fact_question(question: str, fact: str, chunk: Chunk, targets: list[str] | None = None) -> str | None:
+    """`check_question` for a fact of `chunk`; a question about a table cell must also name the cell's row
+    ('What is the price of a bicycle to Tollan?'): one that names only the caption's words ('How many times
+    can you pay for a bicycle in Aldermouth?') fits every row of the table, and training on it teaches one."""
+    if reason := check_question(question, fact, chunk.language, targets):
+        return reason
+    cell = cell_of(fact, chunk)
+    if cell and normalize(cell.key) not in normalize(question):
+        return "table_row_not_named"
+    return None
 
 
 def check_question(question: str, fact: str, language: str, targets: list[str] | None = None) -> str | None:
@@ -512,7 +531,7 @@ def _run_call(client, llm: LLMSettings, settings: SynthSettings, call: _Call) ->
     meta = _pair_meta(call, llm, mode)
     if mode == "fact":
         question = clean_question(reply.text)
-        reason = check_question(question, call.fact, call.chunk.language, call.targets)
+        reason = check_fact_question(question, call.fact, call.chunk, call.targets)
         rows = [(question, call.fact, reason)]
     else:
         parsed = parse_pairs(reply.text)

@@ -311,3 +311,23 @@ def test_the_probe_sample_survives_an_edit_to_a_document_outside_it():
     assert probe_sample(edited) == sample  # the probes' cache key: an edit elsewhere keeps it
     edited[chunks.index(sample[0])] = chunk(0, text=sample[0].text + " Sold out.")
     assert probe_sample(edited) != sample  # an edit inside it is probed again
+
+
+def test_a_question_about_a_table_cell_names_its_row_and_never_asks_for_the_caption():
+    from tasks.synthesize import check_fact_question
+
+    text = ("Fares from Aldermouth (euros, single journey)\n\n| Destination | Adult | Bicycle |\n| --- | --- | --- |\n"
+            "| Tollan | 14.80 | 4.00 |\n| Merrow Island | 23.60 | 5.50 |")
+    table = Chunk(chunk_id="t:0", doc_id="t", path="fares.pdf", index=0, text=text, heading_path=[], start=0,
+                  end=len(text), n_tokens=40, title="fares")
+    fact = "Fares from Aldermouth (euros, single journey): the bicycle of Tollan is 4.00."
+    assert fact in extract_facts(table)
+    assert question_targets(fact, table) == ["Tollan", "4.00"]  # not the caption's Aldermouth
+    assert check_fact_question("What is the price of a bicycle to Tollan?", fact, table) is None
+    assert check_fact_question("How many times can you pay for a bicycle in Aldermouth?", fact, table) == \
+        "table_row_not_named"
+    assert check_fact_question("What is the price of a bicycle to Tollan?", fact, table,
+                               question_targets(fact, table)) is None
+    # A prose fact is checked as before: no row to name.
+    assert check_fact_question("How much does the Kestrel K4 survey drone cost?",
+                               "The Kestrel K4 survey drone costs 8,950 euros.", chunk()) is None
