@@ -29,7 +29,8 @@ from doctune.metrics import facts_found
 from doctune.prefect_utils import CACHE
 from doctune.prompts import load_prompt, render
 from doctune.records import Chunk, QAPair
-from tasks.synthesize import MONTHS, WEEKDAYS, TableCell, extract_facts, question_targets, table_cells
+from tasks.synthesize import (MONTHS, PARTICIPLE_COLUMN, WEEKDAYS, TableCell, extract_facts, question_targets,
+                              table_cells)
 
 PROMPT = "cloze"
 
@@ -437,7 +438,6 @@ def chinese_questions(fact: str, prompt: dict) -> list[str]:
 
 _MONEY_WORDS = re.compile(r"\b(price|prices|fare|fares|fee|fees|cost|costs|charge|charges|tariff|euros?|eur|"
                           r"usd|dollars?|rmb|yuan)\b|[€$¥£]|价|费|元", re.I)
-_PARTICIPLE = re.compile(r"[A-Za-z]+ed|built|made|sold|held|run|begun|founded|opened|closed")
 
 
 def table_questions(cell: TableCell, prompt: dict) -> list[str]:
@@ -462,7 +462,7 @@ def table_questions(cell: TableCell, prompt: dict) -> list[str]:
     unit = " ".join(cell.value.split()[1:]).lower()
     if kind == "time":
         questions += [render(q, **fills) for q in t["time"]]
-    elif kind in ("year", "date", "month") and _PARTICIPLE.fullmatch(column):
+    elif kind in ("year", "date", "month") and PARTICIPLE_COLUMN.fullmatch(column):
         questions.append(render(t["participle"], wh="When", **fills))
         questions.append(render(t["participle"], wh=_upper_first(render(prompt["en"][kind])), **fills))
     elif kind == "count" and _is_duration(kind, unit):

@@ -120,6 +120,9 @@ def restore_subject(sentence: str, chunk: Chunk) -> str:
 ROW_FACT_MAX_COLUMNS = 8  # wider tables are data dumps: a sentence per cell would flood the questions
 CAPTION_MAX_WORDS = 12  # a longer line above a table is a paragraph, not its caption
 _SENTENCE_END = (".", "。", "!", "！", "?", "？", ";", "；")
+# A column named by a participle ("Built", "Opened") holding a year or a date: "MV Solvig was built in 2009."
+PARTICIPLE_COLUMN = re.compile(r"[A-Za-z]+ed|built|made|sold|held|run|begun|founded|opened|closed")
+_YEAR_OR_DATE = re.compile(r"(19|20)\d\d|\d{1,2} [A-Z][a-z]+ (19|20)\d\d")
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class TableCell:
         if self.language == "zh":
             return f"{self.caption}：" * bool(self.caption) + f"{self.key}的{self.column}是{self.value}。"
         column = self.column if self.column.isupper() else self.column[0].lower() + self.column[1:]
+        if PARTICIPLE_COLUMN.fullmatch(column) and _YEAR_OR_DATE.fullmatch(self.value):  # "Built" | "2003"
+            said = f"{self.key} was {column} {'in' if self.value.isdigit() else 'on'} {self.value}."
+            return f"{self.caption}: {said}" if self.caption else said
         said = f"the {column} of {self.key} is {self.value.rstrip('.')}."
         return f"{self.caption}: {said}" if self.caption else said[0].upper() + said[1:]
 

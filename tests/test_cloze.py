@@ -283,6 +283,6 @@ def test_a_table_caption_is_the_short_line_above_it_and_its_questions_follow_the
     # A heading line is a caption too, without its marks and colon; a bare number under "Fares" is money.
     assert "How much is the adult for Tollan?" in by_answer["Fares (euros, single journey): the adult of Tollan is 14.80."]
     # A long line above is a paragraph: the section heading stands in; a participle column asks "when was".
-    assert by_answer["Winter: the built of MV Solvig is 2009."][-2:] == [
+    assert by_answer["Winter: MV Solvig was built in 2009."][-2:] == [
         "When was MV Solvig built?", "What year was MV Solvig built?"]
     assert by_answer["Winter: the passengers of MV Solvig is 320."][-1] == "How many passengers does MV Solvig have?"
