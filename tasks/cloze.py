@@ -55,7 +55,8 @@ _SUBJECT = r"[A-Z][^,]*?"  # from the capital that starts the sentence, as short
 _VERB_S = r"[a-z]+[^s\W]s"  # "costs", "reimburses" (not "class"): a singular verb, or a plural noun
 _ROLE = re.compile(r"\b(founder|chief|ceo|head|manager|director|controller|owner|contact|chair|president|lead)\b", re.I)
 # A company's head, asked for as the one who runs or leads it.
-_LEADER = re.compile(r"chief executive(?: officer)?|ceo|managing director|president|head|general manager|director", re.I)
+_LEADER = re.compile(r"chief executive(?: officer)?|ceo|managing director|president|head|general manager|director",
+                     re.I)
 _ENGLISH_LEAD = re.compile(r"^(The|A|An|Every|All|Each) ")
 # Nouns that name the number after them ("extension 4471", "room 12"), with up to one word before.
 _LABEL_BEFORE = re.compile(
@@ -166,16 +167,19 @@ def _owner_questions(subject: str, wh: str, be: str, t: dict, text: str) -> list
     """"The founder of Lumenholm Ferries is …": asked with the owner first ("Who is Lumenholm Ferries' founder?"),
     and for a founder or a company's head with the verbs people use ("Who founded …?", "Who runs …?"); a company
     the chunk also calls by its first word alone ("Tessarine" for "Tessarine Aerial Robotics") by that name too."""
-    m = re.fullmatch(r"[Tt]he ((?:[a-z-]+ ){0,2}[a-z-]+|CEO) of ((?:the )?[A-Z][\w&.-]*(?: [A-Z0-9][\w&.-]*)*)", subject)
+    m = re.fullmatch(r"[Tt]he ((?:[a-z-]+ ){0,2}[a-z-]+|CEO) of ((?:the )?[A-Z][\w&.-]*(?: [A-Z0-9][\w&.-]*)*)",
+                     subject)
     if not m:
         return []
     role, owner = m.group(1), m.group(2)
     owners = [owner]
-    if len(words := owner.split()) > 1 and words[0] != "the" and re.search(rf"\b{re.escape(words[0])}\b(?! {re.escape(words[1])})", text):
+    if len(words := owner.split()) > 1 and words[0] != "the" \
+            and re.search(rf"\b{re.escape(words[0])}\b(?! {re.escape(words[1])})", text):
         owners.append(words[0])
     questions = []
     for name in owners:
-        questions.append(render(t["front_possessive"], wh=wh, be=be, np=role, owner=name + ("'" if name.endswith("s") else "'s")))
+        possessive = name + ("'" if name.endswith("s") else "'s")
+        questions.append(render(t["front_possessive"], wh=wh, be=be, np=role, owner=possessive))
         if wh == "Who":
             kind = "founder" if role == "founder" else "leader" if _LEADER.fullmatch(role) else None
             questions += [render(q, owner=name) for q in t.get(kind, [])] if kind else []
@@ -231,7 +235,8 @@ def _other_words(before: str, after: str, kind: str, unit: str, t: dict) -> list
     """The value in place once more with the question word people ask it with as often: "how often" for "once
     every 14 days", "how long" for a duration, "when" for a date, a year or a time, "how much" for a share."""
     if kind == "count" and re.match(r" of (?!the\b)[a-z]+(?<!ing)\b", after) \
-            and not re.search(rf"\b(?:{_PREPOSITIONS}) $", before):  # "receive 30 days of paid leave" -> "how much paid leave"
+            and not re.search(rf"\b(?:{_PREPOSITIONS}) $", before):
+        # "receive 30 days of paid leave" -> "how much paid leave"
         return [before + render(t["money"]) + after[len(" of"):] + "?"]
     if kind == "count" and unit in ("year", "years") and re.search(r"\b(?:under|over|above|below|aged) $", before):
         return [before + render(t["age"]) + re.sub(r"^ old\b", "", after) + "?"]  # "Children under what age …"
@@ -254,11 +259,13 @@ def _also_asked(front: list[str], kind: str, unit: str, t: dict) -> list[str]:
     other = []
     for q in front:
         if kind in ("date", "year", "month", "time") and (m := re.match(r"(On|In|At|Until|From|By) what \w+ ", q)):
-            lead = render(t["when"]) if m.group(1) in ("On", "In", "At") else f"{m.group(1).lower()} {render(t['when'])}"
+            when = render(t["when"])
+            lead = when if m.group(1) in ("On", "In", "At") else f"{m.group(1).lower()} {when}"
             other.append(_upper_first(lead) + " " + q[m.end():])
         elif kind == "count" and (m := re.match(rf"How many {re.escape(unit)} of ", q)):
             other.append(_upper_first(render(t["money"])) + " " + q[m.end():])
-        elif _is_duration(kind, unit) and (m := re.match(rf"(?:For )?[Hh]ow many {re.escape(unit)} (?=do|does|is|are|must)", q)):
+        elif _is_duration(kind, unit) and (
+                m := re.match(rf"(?:For )?[Hh]ow many {re.escape(unit)} (?=do|does|is|are|must)", q)):
             other.append(_upper_first(render(t["how_long"])) + " " + q[m.end():])
     return other + front
 

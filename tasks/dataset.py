@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from prefect import task
 
-from doctune.records import Chunk, Dropped, QAPair, sha256_text, write_jsonl
+from doctune.records import Chunk, Dropped, QAPair, replacing_dir, sha256_text, write_jsonl
 from doctune.settings import DatasetSettings
 
 TRAIN_ONLY = {"replay", "passage", "cloze"}  # never held out: no question a user asks, or written by rule
@@ -118,7 +118,6 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
     out = Path(output_dir) / "datasets" / f"ds-{fingerprint(pairs, settings, texts)}"
     if (out / "manifest.json").exists():
         return out
-    tmp = out.with_name(out.name + ".partial")
     rows = [to_row(p, settings.system_prompt) for p in pairs]
     full = Dataset.from_list(rows)
     if len(rows) >= 10:
@@ -128,35 +127,36 @@ def write_dataset(pairs: list[QAPair], dropped: list[Dropped], counts: dict, set
     dd = DatasetDict({name: full.select(idx) for name, idx in split.items()})
     # Empty splits stay out of hf/: datasets writes them but cannot load them back (IndexError in
     # concat_tables), and every reader treats a missing split as empty. The JSONL files keep all three.
-    DatasetDict({name: ds for name, ds in dd.items() if len(ds)}).save_to_disk(str(tmp / "hf"))
-    if texts:  # beside hf/, whose splits are all question/answer rows
-        write_jsonl(tmp / "text.jsonl", texts)
-    for split, ds in dd.items():
-        write_jsonl(tmp / f"{split}.messages.jsonl",
-                    ({"messages": r["messages"], "pair_id": r["pair_id"], "source": r["source"],
-                      "path": r["path"], "chunk_id": r["chunk_id"]} for r in ds))
-        write_jsonl(tmp / f"{split}.alpaca.jsonl",
-                    ({"instruction": r["question"], "input": "", "output": r["answer"], "system": r["system"]}
-                     for r in ds))
-        if split in OPENAI_SPLITS and len(ds):
-            # OpenAI's fine-tuning file format has no place for our bookkeeping keys (pair_id, source, path);
-            # no file for an empty split, so every openai file here can be uploaded as it is.
-            write_jsonl(tmp / f"{split}.openai.jsonl", ({"messages": r["messages"]} for r in ds))
-    info = llamafactory_info({split: len(ds) for split, ds in dd.items()}, len(texts))
-    (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    write_jsonl(tmp / "dropped.jsonl", dropped)
-    manifest = {
-        "name": out.name, "train": len(dd["train"]), "validation": len(dd["validation"]), "test": len(dd["test"]),
-        "text_rows": len(texts), "text_rows_by_kind": dict(Counter(t.get("kind", "document") for t in texts)),
-        "by_source": dict(Counter(r["source"] for r in rows)),
-        "by_language": dict(Counter(r["language"] for r in rows)),
-        "by_file": dict(Counter(r["path"] for r in rows)),
-        "dropped_by_reason": dict(Counter(f"{d.stage}:{d.reason}" for d in dropped)),
-        "counts": counts, "settings": settings.model_dump(),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
-    (tmp / "card.md").write_text(dataset_card(manifest), encoding="utf-8")
-    tmp.replace(out)
+    # A crash leaves a .tmp- folder, never a dataset folder without its manifest (the early return above).
+    with replacing_dir(out) as tmp:
+        DatasetDict({name: ds for name, ds in dd.items() if len(ds)}).save_to_disk(str(tmp / "hf"))
+        if texts:  # beside hf/, whose splits are all question/answer rows
+            write_jsonl(tmp / "text.jsonl", texts)
+        for split, ds in dd.items():
+            write_jsonl(tmp / f"{split}.messages.jsonl",
+                        ({"messages": r["messages"], "pair_id": r["pair_id"], "source": r["source"],
+                          "path": r["path"], "chunk_id": r["chunk_id"]} for r in ds))
+            write_jsonl(tmp / f"{split}.alpaca.jsonl",
+                        ({"instruction": r["question"], "input": "", "output": r["answer"], "system": r["system"]}
+                         for r in ds))
+            if split in OPENAI_SPLITS and len(ds):
+                # OpenAI's fine-tuning file format has no place for our bookkeeping keys (pair_id, source, path);
+                # no file for an empty split, so every openai file here can be uploaded as it is.
+                write_jsonl(tmp / f"{split}.openai.jsonl", ({"messages": r["messages"]} for r in ds))
+        info = llamafactory_info({split: len(ds) for split, ds in dd.items()}, len(texts))
+        (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        write_jsonl(tmp / "dropped.jsonl", dropped)
+        manifest = {
+            "name": out.name, "train": len(dd["train"]), "validation": len(dd["validation"]), "test": len(dd["test"]),
+            "text_rows": len(texts), "text_rows_by_kind": dict(Counter(t.get("kind", "document") for t in texts)),
+            "by_source": dict(Counter(r["source"] for r in rows)),
+            "by_language": dict(Counter(r["language"] for r in rows)),
+            "by_file": dict(Counter(r["path"] for r in rows)),
+            "dropped_by_reason": dict(Counter(f"{d.stage}:{d.reason}" for d in dropped)),
+            "counts": counts, "settings": settings.model_dump(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
+        (tmp / "card.md").write_text(dataset_card(manifest), encoding="utf-8")
     return out
 
 
