@@ -1,16 +1,19 @@
-"""Does a full fine-tune learn the documents better than the LoRA adapter doctune trains today?
+"""Does a full fine-tune learn the documents better than the LoRA adapter doctune trains by default?
 
-For each corpus and seed: the dataset as bench/knowledge.py builds it, trained twice with the same data order,
-steps, rate schedule and NEFTune noise (configs/demo.yaml): once as doctune trains (tasks/train.py, LoRA rank 16)
-and once with every weight of the model trainable (the loop below, AdamW at --full-lr). Both are scored on the
-corpus's paraphrased questions the way bench/knowledge.py scores them. Optional extra rows per full fine-tune:
+For each corpus and seed: the dataset as bench/knowledge.py builds it, trained twice by doctune's training
+(tasks/train.py) with the same data order, steps, rate schedule and NEFTune noise (configs/demo.yaml): once as
+configured (LoRA rank 16) and once with `method: full` (every weight trainable, AdamW at --full-lr). Both are
+scored on the corpus's paraphrased questions the way bench/knowledge.py scores them (its `full` recipe is the
+second half alone). Until 2026-12-07 the full half was a loop of this script's own, with the same batches and
+schedule. Optional extra rows per full fine-tune:
   --ranks 64 128   the full fine-tune's change of each LoRA target layer cut to that rank by SVD (what a LoRA
                    adapter extracted from it would carry; embeddings and norms as in the base)
   --soup           the full fine-tunes of all seeds averaged weight by weight (one model)
 
 Needs the local services (the dataset build):  . scripts/env.sh && scripts/services.sh up prefect llm
 Run:  python bench/full_finetune.py --corpora lumen sample --seeds 0 1 --output-dir outputs/bench/k1
-The full models go to <output-dir>/<corpus>/full/ (about 540 MB each); every reply to replies-*.jsonl beside them.
+The run folders go to <output-dir>/<corpus>/models/ (a full one about 540 MB); every reply to
+<output-dir>/<corpus>/replies-*.jsonl.
 """
 
 from __future__ import annotations
@@ -18,11 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,50 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import knowledge  # noqa: E402  (bench/knowledge.py: corpora, scoring)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def train_full(dataset: str, settings, base: str, out: Path, lr: float) -> float:
-    """Every weight trainable, the same micro-batches, schedule, clipping and noise as tasks/train.py; the model is
-    saved to `out`. Returns the training seconds."""
-    import torch
-    from transformers import AutoModelForCausalLM, get_scheduler
-
-    from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
-    from doctune.training.data import load_train_split, tokenize_split
-    from doctune.training.model import Plan, add_neftune, cpu_has_bf16, load_tokenizer
-    from tasks.train import optimizer_step  # normalising, clipping and stepping as doctune's training does
-
-    tokenizer = load_tokenizer(base)
-    examples, _ = tokenize_split(tokenizer, load_train_split(dataset), settings)
-    steps = total_steps(settings, len(examples))
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable({"use_reentrant": False})
-    if settings.neftune_alpha:
-        add_neftune(model, settings.neftune_alpha)
-    model.train()
-    # bf16 autocast over fp32 weights where the CPU has bf16 units (what the CPU probe picked there); without them
-    # bf16 is many times slower (doctune/training/model.probe_cpu_dtype), so fp32
-    plan = Plan("cpu", "lora", "bf16" if cpu_has_bf16() else "fp32", "adamw_torch")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_training_steps=steps,
-                              num_warmup_steps=math.ceil(settings.warmup_ratio * steps))
-    stream = micro_batch_stream(examples, settings, 0)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        batch = to_device(collate(next(stream), settings.batching, tokenizer.pad_token_id, settings.max_seq_len), "cpu")
-        loss, _ = optimizer_step(model, [batch], plan, optimizer, scheduler, settings.max_grad_norm)
-        if step % 20 == 0 or step == steps:
-            logging.info("full fine-tune step %d/%d loss %.4f, %.0f s", step, steps, loss, time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return seconds
 
 
 def cut_to_rank(full: Path, base: str, out: Path, rank: int) -> float:
@@ -130,15 +86,15 @@ def run_corpus(name: str, seeds: list[int], lr: float, ranks: list[int], with_so
         minutes = json.loads((Path(run_dir) / "metrics.json").read_text())["train_seconds"] / 60
         rows.append(scored({"corpus": name, "recipe": "lora-r16", "seed": seed, "train_minutes": round(minutes, 1)},
                            str(run_dir), items, system, out / name / f"replies-lora-r16-seed{seed}.jsonl"))
-        full = out / name / "full" / f"{Path(dataset).name}-lr{lr:g}-seed{seed}"
-        if not (full / "model.safetensors").is_file():
-            seconds = train_full(dataset, settings, base, full, lr)
-            (full / "train_seconds").write_text(f"{seconds:.1f}\n")
-        minutes = float((full / "train_seconds").read_text()) / 60
+        # The full fine-tune as doctune trains it (method: full), at the rate asked for.
+        full_run = train(dataset, settings.model_copy(update={"method": "full", "learning_rate": lr}), out / name,
+                         progress=False)
+        full = Path(full_run) / "model"
+        minutes = json.loads((Path(full_run) / "metrics.json").read_text())["train_seconds"] / 60
         fulls.append(full)
         recipe = f"full-lr{lr:g}"
         rows.append(scored({"corpus": name, "recipe": recipe, "seed": seed, "train_minutes": round(minutes, 1)},
-                           str(full), items, system, out / name / f"replies-{recipe}-seed{seed}.jsonl"))
+                           str(full_run), items, system, out / name / f"replies-{recipe}-seed{seed}.jsonl"))
         for rank in ranks:
             cut = full.with_name(full.name + f"-rank{rank}")
             energy = cut_to_rank(full, base, cut, rank)
@@ -147,7 +103,7 @@ def run_corpus(name: str, seeds: list[int], lr: float, ranks: list[int], with_so
                                str(cut), items, system, out / name / f"replies-{recipe}-rank{rank}-seed{seed}.jsonl"))
             shutil.rmtree(cut)
     if with_soup and len(fulls) > 1:
-        mixed = out / name / "full" / f"{Path(dataset).name}-lr{lr:g}-soup"
+        mixed = out / name / "soups" / f"{Path(dataset).name}-lr{lr:g}"
         soup(fulls, mixed)
         rows.append(scored({"corpus": name, "recipe": f"full-lr{lr:g}-soup", "seed": None,
                             "train_minutes": round(sum(r["train_minutes"] for r in rows
