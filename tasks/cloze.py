@@ -29,8 +29,8 @@ from doctune.metrics import facts_found
 from doctune.prefect_utils import CACHE
 from doctune.prompts import load_prompt, render
 from doctune.records import Chunk, QAPair
-from tasks.synthesize import (MONTHS, PARTICIPLE_COLUMN, WEEKDAYS, TableCell, extract_facts, question_targets,
-                              table_cells)
+from tasks.synthesize import (MONTHS, PARTICIPLE_COLUMN, WEEKDAYS, TableCell, cell_of, extract_facts,
+                              question_targets, table_cells)
 
 PROMPT = "cloze"
 
@@ -485,7 +485,7 @@ def fact_questions(fact: str, chunk: Chunk, prompt: dict, cells: list[TableCell]
     """The rule-made questions for a fact sentence of the chunk (`extract_facts`): a table cell's by
     `table_questions`, a Chinese sentence's by `chinese_questions` (pass it through `chinese_fact` first), an
     English sentence's by `english_questions`. `cells`: the chunk's `table_cells`, when the caller has them."""
-    cell = next((c for c in (table_cells(chunk) if cells is None else cells) if c.sentence == fact), None)
+    cell = cell_of(fact, chunk, cells)
     if cell is not None:
         return table_questions(cell, prompt)
     if chunk.language == "zh":
@@ -502,7 +502,7 @@ def cloze_pairs(chunks: list[Chunk]) -> list[QAPair]:
     for chunk in chunks:
         cells = table_cells(chunk)
         for fact in extract_facts(chunk):
-            if chunk.language == "zh" and all(c.sentence != fact for c in cells):
+            if chunk.language == "zh" and cell_of(fact, chunk, cells) is None:
                 fact = chinese_fact(fact)
             questions = fact_questions(fact, chunk, prompt, cells)
             pairs += [QAPair(question=q, answer=fact, source="cloze", doc_id=chunk.doc_id, path=chunk.path,

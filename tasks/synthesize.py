@@ -151,9 +151,9 @@ class TableCell:
 
 
 def _caption(line: str, language: str) -> str:
-    """The line above a table as its caption ('' for a sentence or a paragraph): heading marks and a closing
-    colon left out."""
-    line = " ".join(line.strip().lstrip("#").split()).rstrip(":：").strip()
+    """The line above a table as its caption ('' for a sentence or a paragraph): heading, list and bold marks
+    and a closing colon left out."""
+    line = " ".join(re.sub(r"^\s*(?:[#>]+\s*|[-*+]\s+)+|\*\*", "", line).split()).rstrip(":：").strip()
     size = len(CJK.findall(line)) // 2 if language == "zh" else len(line.split())
     return "" if not line or line.endswith(_SENTENCE_END) or size > CAPTION_MAX_WORDS else line
 
@@ -200,9 +200,10 @@ def table_row_facts(chunk: Chunk) -> list[str]:
     return [c.sentence for c in table_cells(chunk)]
 
 
-def cell_of(fact: str, chunk: Chunk) -> TableCell | None:
-    """The table cell of the chunk that `fact` is the sentence of, else None (a prose fact)."""
-    return next((c for c in table_cells(chunk) if c.sentence == fact), None)
+def cell_of(fact: str, chunk: Chunk, cells: list[TableCell] | None = None) -> TableCell | None:
+    """The table cell of the chunk that `fact` is the sentence of, else None (a prose fact). `cells`: the chunk's
+    `table_cells`, when the caller has them."""
+    return next((c for c in (table_cells(chunk) if cells is None else cells) if c.sentence == fact), None)
 
 
 def extract_facts(chunk: Chunk) -> list[str]:

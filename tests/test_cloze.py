@@ -286,3 +286,13 @@ def test_a_table_caption_is_the_short_line_above_it_and_its_questions_follow_the
     assert by_answer["Winter: MV Solvig was built in 2009."][-2:] == [
         "When was MV Solvig built?", "What year was MV Solvig built?"]
     assert by_answer["Winter: the passengers of MV Solvig is 320."][-1] == "How many passengers does MV Solvig have?"
+
+
+def test_a_caption_loses_its_list_and_bold_marks_and_a_sentence_is_none():
+    from tasks.synthesize import _caption
+
+    assert _caption("- **Prices 2025**:", "en") == "Prices 2025"
+    assert _caption("> ## Departures (daily)", "en") == "Departures (daily)"
+    assert _caption("-20 °C limits", "en") == "-20 °C limits"  # a sign, not a list mark
+    assert _caption("All prices include VAT.", "en") == ""
+    assert _caption("票价（欧元，单程）：", "zh") == "票价（欧元，单程）"
