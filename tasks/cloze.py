@@ -452,16 +452,17 @@ def table_questions(cell: TableCell, prompt: dict) -> list[str]:
     `table` wordings, by the kind of value. A table cell is not a sentence the other rules can read: 'What is
     Fares from Aldermouth: the adult of Merrow Island?' is what they made of one."""
     kind = _kind(cell.value)
+    priced = bool(_MONEY_WORDS.search(f"{cell.caption} {cell.column}"))  # a bare number under "Fares", "Price"
     if cell.language == "zh":
         t = prompt["table"]["zh"]
-        money = kind == "money" or bool(_MONEY_WORDS.search(f"{cell.caption} {cell.column}"))
+        money = kind == "money" or priced
         wh = t["money" if money else "time" if kind == "time" else "name" if kind == "name" else "number"]
         questions = [render(t["plain"], key=cell.key, column=cell.column, wh=wh)]
         if cell.caption:
             questions.append(render(t["caption"], caption=cell.caption, key=cell.key, column=cell.column, wh=wh))
         return questions
     t = prompt["table"]["en"]
-    column = cell.column if cell.column.isupper() else cell.column[0].lower() + cell.column[1:]
+    column = cell.column_in_text
     fills = {"key": cell.key, "column": column, "caption": cell.caption}
     questions = [render(q, **fills) for q in t["plain"]]
     if cell.caption:
@@ -474,7 +475,7 @@ def table_questions(cell: TableCell, prompt: dict) -> list[str]:
         questions.append(render(t["participle"], wh=_upper_first(render(prompt["en"][kind])), **fills))
     elif kind == "count" and _is_duration(kind, unit):
         questions.append(render(t["duration"], **fills))
-    elif kind == "money" or kind == "number" and _MONEY_WORDS.search(f"{cell.caption} {cell.column}"):
+    elif kind == "money" or kind == "number" and priced:
         questions.append(render(t["money"], **fills))
     elif kind == "number" and re.fullmatch(r"\d+", cell.value) and re.fullmatch(r"[a-z]+s", column):
         questions.append(render(t["count"], **fills))

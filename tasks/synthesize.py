@@ -136,13 +136,18 @@ class TableCell:
     language: str
 
     @property
+    def column_in_text(self) -> str:
+        """The column's header as it stands mid-sentence: 'Price' -> 'price', 'EUR' as it is."""
+        return self.column if self.column.isupper() else self.column[0].lower() + self.column[1:]
+
+    @property
     def sentence(self) -> str:
         """The cell as a fact sentence, the caption first: 'Fares from Aldermouth (euros, single journey): the
         adult of Merrow Island is 23.60.' A model answering from it names the table before the row, and the
         caption's words ('fares', 'single journey') are the ones a question about the cell brings."""
         if self.language == "zh":
             return f"{self.caption}：" * bool(self.caption) + f"{self.key}的{self.column}是{self.value}。"
-        column = self.column if self.column.isupper() else self.column[0].lower() + self.column[1:]
+        column = self.column_in_text
         if PARTICIPLE_COLUMN.fullmatch(column) and _YEAR_OR_DATE.fullmatch(self.value):  # "Built" | "2003"
             said = f"{self.key} was {column} {'in' if self.value.isdigit() else 'on'} {self.value}."
             return f"{self.caption}: {said}" if self.caption else said
