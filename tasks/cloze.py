@@ -50,6 +50,10 @@ _MOVABLE = {"count", "money", "percent", "number", "year", "date", "month", "tim
 # Prepositions that move to the front with the value ("On what date was …", "Within how many days …").
 _PREPOSITIONS = "in|on|at|within|until|by|for|after|before|from"
 _AUXILIARY = "is|are|was|were|must|can|could|should|will|would|may|might"
+# Verbs that end a clause before a time or a place ("The briefing starts at 05:45", "Ferries leave from Pier 3"):
+# a closed list, since a plural noun looks like a verb ("Dogs travel on Lumenholm ferries for 6 euros").
+_EVENT_VERBS = ("(?:starts?|begins?|opens?|closes?|ends?|finish(?:es)?|leaves?|departs?|arrives?|sails?|runs?|stops?|"
+                "returns?|meets?|expires?|apply|applies|operates?|takes? place)")
 _DETERMINER = "the|a|an|every|all|each|its|their|your|our|both"
 _SUBJECT = r"[A-Z][^,]*?"  # from the capital that starts the sentence, as short as the rest allows
 _VERB_S = r"[a-z]+[^s\W]s"  # "costs", "reimburses" (not "class"): a singular verb, or a plural noun
@@ -130,7 +134,7 @@ def _lower_lead(subject: str) -> str:
 
 
 def _verb_base(verb: str) -> str:
-    if verb.endswith(("ches", "shes", "sses", "xes", "zzes")):
+    if verb.endswith(("ches", "shes", "sses", "xes", "zzes", "oes")):  # "goes" -> "go"
         return verb[:-2]
     return verb[:-3] + "y" if verb.endswith("ies") else verb[:-1]
 
@@ -201,6 +205,8 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict, text: str = "
             front = [render(t["front_rated"], be=m.group(2), subject=subject),
                      render(t["front_rating"], do="does" if m.group(2) == "is" else "do", subject=subject)]
             return _with_short_name(front, subject)
+        if where := _where_questions(before, after, t) or _which_subject(before, after, t):
+            return where
         # A name inside the sentence is usually its subject or the object of its verb: skipped.
         return [] if after.strip() else _name_question(before, t, text)
     if kind == "number" and (counted := _counted(after)):
@@ -226,6 +232,52 @@ def _questions_for(sentence: str, target: str, kind: str, t: dict, text: str = "
     return questions + _also_asked(_front_questions(before, after, kind, wh, unit, t), kind, unit, t)
 
 
+_LEAD_WORDS = {"while", "when", "after", "before", "until", "if", "during", "since", "because", "in", "on", "at", "for",
+               "from", "by"}
+
+
+def _which_subject(before: str, after: str, t: dict) -> list[str]:
+    """A name that is the sentence's subject after the noun that says what it is, asked for by "which" and that noun:
+    "While MV Harrowgate is away, the chartered vessel MV Saltreed covers the Tollan route." -> "Which chartered
+    vessel covers the Tollan route while MV Harrowgate is away?"."""
+    m = re.fullmatch(r"(?:([A-Z][^,]*), )?[Tt]he ((?:[a-z-]+ ){0,2}[a-z-]+) ", before)
+    if not m or not re.match(rf" (?:{_AUXILIARY}|{_VERB_S})\b", after) or m.group(2).split()[-1] in _NOT_A_COUNT_OR_VERB:
+        return []
+    question = _upper_first(render(t["which"], np=m.group(2))) + after
+    if lead := m.group(1):
+        first, _, rest = lead.partition(" ")
+        if first.lower() not in _LEAD_WORDS:
+            return []
+        question += f" {first.lower()} {rest}"
+    return [question + "?"]
+
+
+# Verbs after which "in" names a place ("is based in Oslo"); "founded in 2011 in Skarvhamn" stays "in what?".
+_IN_A_PLACE = "is|are|was|were|located|based|situated|headquartered|held|kept|stored|registered|lives|live|works|work"
+
+
+def _where_questions(before: str, after: str, t: dict) -> list[str]:
+    """A name after "at" (or "from" after a verb of motion, "in" behind a verb of place) is asked for by "where", in place and in
+    front: "The head office of Lumenholm Ferries is at Quayside Row 14 in Aldermouth." -> "The head office of
+    Lumenholm Ferries is where?", "Where is the head office of Lumenholm Ferries?"; "All departures leave from
+    Pier 3." -> "Where do all departures leave from?". A town after the place belongs to the same answer."""
+    if after.strip() and not re.fullmatch(r",? in [A-Z][\w-]*(?: [A-Z0-9][\w-]*)*", after):
+        return []
+    if (m := re.fullmatch(r"(.+) (at|from) ", before)) and (
+            m.group(2) == "at" or re.search(rf"\b(?:{_EVENT_VERBS}|available|collected)$", m.group(1))):
+        head, prep = m.group(1), m.group(2)  # "from" a place after a verb of motion; "takes over … from MV Solvig"
+    elif m := re.fullmatch(rf"(.+ (?:{_IN_A_PLACE})) in ", before):
+        head, prep = m.group(1), "in"
+    else:
+        return []
+    tail = " from" if prep == "from" else ""  # "leave from where": the preposition stays with a verb of motion
+    questions = [f"{head}{tail} {render(t['where'])}?"]
+    if clause := _clause(head):
+        subject, do, rest = clause
+        questions.append(render(t["front_where"], do=do, subject=subject, rest=rest + tail))
+    return questions
+
+
 def _is_duration(kind: str, unit: str) -> bool:
     """"7 days", "3 to 5 working days"; not "12 metres per second" (a rate)."""
     return kind == "count" and bool(unit) and " per " not in f" {unit} " and unit.split()[-1] in _DURATION_UNITS
@@ -242,7 +294,12 @@ def _other_words(before: str, after: str, kind: str, unit: str, t: dict) -> list
         return [before + render(t["age"]) + re.sub(r"^ old\b", "", after) + "?"]  # "Children under what age …"
     if _is_duration(kind, unit):
         if m := re.search(r"\b(?:once )?every $", before):
-            return [before[: m.start()] + render(t["how_often"]) + after + "?"]
+            questions = [before[: m.start()] + render(t["how_often"]) + after + "?"]
+            if clause := _clause(before[: m.start()].rstrip()):  # "How often does every vessel hold a drill?"
+                subject, do, rest = clause
+                questions.append(render(t["front_verb"], wh=_upper_first(render(t["how_often"])), do=do,
+                                        subject=subject, verb=rest.strip(), rest=after))
+            return questions
         if not re.search(r"\b(?:under|over|above|below|aged|within|of|between) $", before):
             return [before + render(t["how_long"]) + after + "?"]
     if kind in ("date", "year", "month", "time") and (m := re.search(r"\b(?:on|in|at) $", before)):
@@ -330,23 +387,41 @@ def _after_verb(before: str, after: str, kind: str, wh: str, t: dict) -> tuple[l
 def _after_preposition(before: str, after: str, wh: str, t: dict) -> tuple[list[str], str]:
     """A value after a preposition, moved to the front with it: "was released on 14 May 2025" ->
     "On what date was … released?", "Hold … for 8 seconds" -> "For how many seconds do I hold …?"."""
-    if not (m := re.fullmatch(rf"(.+) ({_PREPOSITIONS}) ", before)):
+    if not (m := re.fullmatch(rf"(.+) ({_PREPOSITIONS}) ", before)) or not (clause := _clause(m.group(1))):
         return [], ""
-    head = re.sub(r", [^,]+, ", " ", m.group(1))  # "The Hangar Hour, a demo session, starts …"
+    subject, do, rest = clause
+    return [render(t["front_prep"], prep=_upper_first(m.group(2)), wh=wh, do=do, subject=subject,
+                   rest=rest + after)], subject
+
+
+def _clause(head: str) -> tuple[str, str, str] | None:
+    """The sentence before a value's preposition as (subject, auxiliary, rest) for a question in front of it:
+    "SkyLedger 3.2 was released" -> ("SkyLedger 3.2", "was", " released"), "Lumenholm keeps its archive" ->
+    ("Lumenholm", "does", " keep its archive"), "The morning briefing starts" -> ("the morning briefing", "does",
+    " start"), "All departures leave" -> ("all departures", "do", " leave"), "Hold the button" -> ("I", "do",
+    " hold the button"); None for what none of these reads (a long or a double subject)."""
+    head = re.sub(r", [^,]+, ", " ", head)  # "The Hangar Hour, a demo session, starts …"
     if v := re.fullmatch(rf"({_SUBJECT}) ({_AUXILIARY})( .+)?", head):
         subject, do, rest = _lower_lead(v.group(1)), v.group(2), v.group(3) or ""
-    elif (v := re.fullmatch(rf"({_SUBJECT}) ({_VERB_S}) ((?:(?:{_DETERMINER})\b|[A-Z]).*)", head)) \
-            and v.group(2) not in _NOT_A_COUNT_OR_VERB:
+    elif (v := re.fullmatch(rf"([A-Z][^,]*?) ({_EVENT_VERBS})", head)) \
+            and v.group(1).split()[-1].lower() not in _NOT_A_COUNT_OR_VERB:
+        # a verb of time or motion ends the clause ("The briefing starts", "All departures leave"); "to leave" is none
+        verb, *place = v.group(2).split()  # "takes place"
+        singular = re.fullmatch(_VERB_S, verb) is not None
+        subject, do = _lower_lead(v.group(1)), "does" if singular else "do"
+        rest = " ".join(["", _verb_base(verb) if singular else verb, *place])
+    elif (v := re.fullmatch(rf"({_SUBJECT}) ({_VERB_S}) ((?:(?:{_DETERMINER}|{_PREPOSITIONS}|into|onto)\b|[A-Z]).*)",
+                            head)) and v.group(2) not in _NOT_A_COUNT_OR_VERB:
+        # "covers the route", "goes into dry dock" (not "The Tessarine sales target": a bare noun after it is no object)
         subject, do, rest = _lower_lead(v.group(1)), "does", f" {_verb_base(v.group(2))} {v.group(3)}"
     elif (v := re.fullmatch(rf"([A-Z][a-z]+) ((?:{_DETERMINER}) .+)", head)) and not v.group(1).endswith("s") \
             and v.group(1).lower() not in _DETERMINER.split("|"):
         subject, do, rest = "I", "do", f" {v.group(1).lower()} {v.group(2)}"  # an instruction: "Hold the …"
     else:
-        return [], ""
+        return None
     if len(subject.split()) > 8 or " and " in subject:
-        return [], ""
-    return [render(t["front_prep"], prep=_upper_first(m.group(2)), wh=wh, do=do, subject=subject,
-                   rest=rest + after)], subject
+        return None
+    return subject, do, rest
 
 
 def _with_short_name(front: list[str], subject: str) -> list[str]:

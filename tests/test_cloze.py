@@ -121,10 +121,51 @@ def zh(sentence):
         "The SkyLedger free trial lasts how many days and needs no credit card?",
         "The SkyLedger free trial lasts how long and needs no credit card?",
         "How long does the SkyLedger free trial last?", "How many days does the SkyLedger free trial last?"]),
-    # "once every N days" is asked "how often"; a range after "between" gets no front form
+    # "once every N days" is asked "how often", in place and in front; a range after "between" gets no front form
     ("Every Lumenholm vessel holds a full abandon-ship drill once every 14 days.", [
         "Every Lumenholm vessel holds a full abandon-ship drill once every how many days?",
-        "Every Lumenholm vessel holds a full abandon-ship drill how often?"]),
+        "Every Lumenholm vessel holds a full abandon-ship drill how often?",
+        "How often does every Lumenholm vessel hold a full abandon-ship drill?"]),
+    # a place after "at" or "from" (or "in" behind a verb of place) is asked "where"; a town after it is part of it
+    ("The head office of Lumenholm Ferries is at Quayside Row 14 in Aldermouth.", [
+        "The head office of Lumenholm Ferries is where?", "Where is the head office of Lumenholm Ferries?",
+        "The head office of Lumenholm Ferries is at Quayside Row 14 in what?"]),
+    ("All Lumenholm departures from Aldermouth leave from Pier 3.", [
+        "All Lumenholm departures from Aldermouth leave from where?",
+        "Where do all Lumenholm departures from Aldermouth leave from?"]),
+    ("Tessarine Aerial Robotics is based in Skarvhamn.", [
+        "Tessarine Aerial Robotics is based where?", "Where is Tessarine Aerial Robotics based?"]),
+    ("Lumenholm keeps its archive at Quayside Row 14.", [
+        "Lumenholm keeps its archive where?", "Where does Lumenholm keep its archive?"]),
+    # a verb that ends the clause before the value's preposition: "does" for a singular verb, "do" for a plural one
+    ("The morning safety briefing for all Lumenholm crew starts at 05:45 in the Aldermouth crew room.", [
+        "The morning safety briefing for all Lumenholm crew starts at what time in the Aldermouth crew room?",
+        "The morning safety briefing for all Lumenholm crew starts when in the Aldermouth crew room?",
+        "When does the morning safety briefing for all Lumenholm crew start in the Aldermouth crew room?",
+        "At what time does the morning safety briefing for all Lumenholm crew start in the Aldermouth crew room?"]),
+    ("Night ferries leave at 23:10.", [
+        "Night ferries leave at what time?", "Night ferries leave when?", "When do Night ferries leave?",
+        "At what time do Night ferries leave?"]),
+    # a verb with its object before the value's preposition: "does" and the verb's base form
+    ("MV Harrowgate goes into dry dock at the Fennick shipyard on 11 January 2027.", [
+        "MV Harrowgate goes into dry dock at the Fennick shipyard on what date?",
+        "MV Harrowgate goes into dry dock at the Fennick shipyard when?",
+        "When does MV Harrowgate go into dry dock at the Fennick shipyard?",
+        "On what date does MV Harrowgate go into dry dock at the Fennick shipyard?"]),
+    # a bare noun after a word that looks like a verb is no object ("sales target"): no front form
+    ("The Tessarine sales target for 2026 is 41 million euros.", [
+        "The Tessarine sales target for what year is 41 million euros?",
+        "The Tessarine sales target for 2026 is how many million euros?",
+        "How many million euros is the Tessarine sales target for 2026?"]),
+    # a name that is the subject, after the noun that says what it is: "which" and the noun; a clause before it moves
+    ("While MV Harrowgate is away, the chartered vessel MV Saltreed covers the Tollan route.", [
+        "Which chartered vessel covers the Tollan route while MV Harrowgate is away?"]),
+    # "from" a name that is no place ("takes over … from MV Solvig"): no "where"
+    ("MV Aurelie takes over the Brisk Isle route from MV Solvig.", [
+        "MV Aurelie takes over the Brisk Isle route from what?"]),
+    # a noun after a preposition is no verb: no front form
+    ("The check-in desk for cars at 06:00 opens.", [
+        "The check-in desk for cars at what time opens?", "The check-in desk for cars when opens?"]),
     ("Passengers who cancel between 48 and 6 hours before departure receive a refund of 50 percent.", [
         "Passengers who cancel between how many hours before departure receive a refund of 50 percent?",
         "Passengers who cancel between 48 and 6 hours before departure receive a refund of what percentage?",
@@ -152,7 +193,8 @@ def test_a_question_never_holds_its_value_and_a_day_of_the_week_is_not_asked_for
         for question in en(sentence):
             assert not any(v in question for v in ("7 percent", "38 21", "10:00", "15:00")), question
     assert en("Core hours run from 10:00 to 15:00, Monday to Thursday.") == [
-        "Core hours run from what time to what time, Monday to Thursday?"]
+        "Core hours run from what time to what time, Monday to Thursday?",
+        "From what time to what time do Core hours run, Monday to Thursday?"]
     assert en("The Tessarine support hotline number is +47 38 21 90 40.")[-1] == "What is the Tessarine support hotline number?"
 
 
@@ -230,7 +272,7 @@ def test_pairs_answer_with_the_fact_and_keep_their_chunk():
             "Wren W1 has a flight time of how many minutes?", "What is the flight time of Wren W1?"],
         "红隼K4每台售价人民币9000元。": ["红隼K4每台售价多少元？", "红隼K4每台售价多少钱？"],
     }
-    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-6")}
+    assert {(p.source, p.mode, p.prompt_version) for p in pairs} == {("cloze", "cloze", "cloze-7")}
     assert {p.chunk_id for p in pairs} == {"docs/price_sheet.md:0", "docs/zh.md:0"}
     assert {p.language for p in pairs if p.path == "docs/zh.md"} == {"zh"}
 

@@ -140,7 +140,7 @@ def test_an_exam_question_never_takes_a_facts_only_training_question():
 def zh_item(question: str, answer: str, doc_id: str = "z") -> ExamItem:
     return ExamItem(id=f"exam-{doc_id}-{len(question)}-{question[-4:]}", question=question, answer=answer,
                     facts=["x"], language="zh", path="售后政策.md", doc_id=doc_id, chunk_id=f"{doc_id}:0",
-                    source="rule", prompt_version="cloze-6")
+                    source="rule", prompt_version="cloze-7")
 
 
 def test_a_chinese_exam_question_takes_its_question_word_swaps_out_of_training():
