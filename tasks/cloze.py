@@ -30,7 +30,7 @@ from doctune.prefect_utils import CACHE
 from doctune.prompts import load_prompt, render
 from doctune.records import Chunk, QAPair
 from tasks.synthesize import (MONTHS, PARTICIPLE_COLUMN, WEEKDAYS, TableCell, cell_of, extract_facts,
-                              question_targets, table_cells)
+                              question_targets)
 
 PROMPT = "cloze"
 
@@ -557,11 +557,11 @@ def table_questions(cell: TableCell, prompt: dict) -> list[str]:
     return list(dict.fromkeys(questions))
 
 
-def fact_questions(fact: str, chunk: Chunk, prompt: dict, cells: list[TableCell] | None = None) -> list[str]:
+def fact_questions(fact: str, chunk: Chunk, prompt: dict) -> list[str]:
     """The rule-made questions for a fact sentence of the chunk (`extract_facts`): a table cell's by
     `table_questions`, a Chinese sentence's by `chinese_questions` (pass it through `chinese_fact` first), an
-    English sentence's by `english_questions`. `cells`: the chunk's `table_cells`, when the caller has them."""
-    cell = cell_of(fact, chunk, cells)
+    English sentence's by `english_questions`."""
+    cell = cell_of(fact, chunk)
     if cell is not None:
         return table_questions(cell, prompt)
     if chunk.language == "zh":
@@ -576,11 +576,10 @@ def cloze_pairs(chunks: list[Chunk]) -> list[QAPair]:
     prompt = load_prompt(PROMPT, required=("version", "en", "zh", "table"))
     pairs = []
     for chunk in chunks:
-        cells = table_cells(chunk)
         for fact in extract_facts(chunk):
-            if chunk.language == "zh" and cell_of(fact, chunk, cells) is None:
+            if chunk.language == "zh" and cell_of(fact, chunk) is None:
                 fact = chinese_fact(fact)
-            questions = fact_questions(fact, chunk, prompt, cells)
+            questions = fact_questions(fact, chunk, prompt)
             pairs += [QAPair(question=q, answer=fact, source="cloze", doc_id=chunk.doc_id, path=chunk.path,
                              chunk_id=chunk.chunk_id, mode="cloze", prompt_version=prompt["version"],
                              language=chunk.language) for q in questions]

@@ -3,8 +3,8 @@ the nightly can measure what tonight's model learned of the user's own documents
 file format and the settings).
 
 - **Which facts**: the fact sentences of a document (fact mode's `extract_facts`) that hold a name or a
-  number to ask for, in an order drawn from the exam's own seed; one question per `facts_per_question`
-  facts, at least one per document.
+  number to ask for, in an order drawn from the exam's own seed, its table cells and its prose taking turns;
+  one question per `facts_per_question` facts, at least one per document.
 - **Worded apart**: the endpoint writes the question from the exam's own prompt family
   (prompts/exam_questions.*.yaml: other instructions, other examples), sampled with the exam's own seed and
   temperature, and fact mode's checks drop a bad one (with the reason). A fact the endpoint wrote no usable
@@ -59,10 +59,16 @@ class ExamResult(BaseModel):
 
 
 def exam_candidates(chunks: list[Chunk], seed: int) -> list[tuple[Chunk, str, list[str]]]:
-    """(chunk, fact, values to ask for) for every fact sentence with a name or number, in the exam's order."""
+    """(chunk, fact, values to ask for) for every fact sentence with a name or number, in the exam's order: the
+    document's table cells and its other facts take turns (each in an order drawn from the seed), so that a big
+    table, a fact per cell, does not crowd the prose out of the document's questions."""
     found = [(c, fact, targets) for c in chunks for fact in extract_facts(c)
              if (targets := question_targets(fact, c))]
-    return sorted(found, key=lambda x: short_hash(str(seed), x[0].chunk_id, x[1]))
+    found.sort(key=lambda x: short_hash(str(seed), x[0].chunk_id, x[1]))
+    prose = [x for x in found if cell_of(x[1], x[0]) is None]
+    cells = [x for x in found if cell_of(x[1], x[0]) is not None]
+    turns = [x for pair in zip(prose, cells) for x in pair]
+    return turns + prose[len(cells):] + cells[len(prose):]
 
 
 def questions_for(n_facts: int, settings: ExamSettings) -> int:

@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 from prefect import task
 from pydantic import BaseModel, Field
@@ -167,11 +168,20 @@ def table_cells(chunk: Chunk) -> list[TableCell]:
     """Every cell of every table row with a header, read as `TableCell`s: under '| Model | Price |',
     '| Kestrel K4 | 8,950 EUR |' is the price of Kestrel K4. A chunk starting inside a table reads its rows with
     the `table_header` it carries. A row without a named cell, and a table wider than ROW_FACT_MAX_COLUMNS, give
-    none."""
+    none. Read once per chunk text: synthesis, cloze and the exam ask it for every fact and question."""
+    return list(_table_cells(*_table_key(chunk)))
+
+
+def _table_key(chunk: Chunk) -> tuple[str, str, str | None, str]:
+    return chunk.text, chunk.heading_path[-1] if chunk.heading_path else "", chunk.table_header, chunk.language
+
+
+@lru_cache(maxsize=1024)
+def _table_cells(text: str, heading_line: str, table_header: str | None, language: str) -> tuple[TableCell, ...]:
     out, header, run, above = [], None, [], ""
-    heading = _caption(chunk.heading_path[-1], chunk.language) if chunk.heading_path else ""
-    lines = chunk.text.split("\n") + [""]
-    carried = cells(chunk.table_header.split("\n")[0]) if chunk.table_header else None
+    heading = _caption(heading_line, language) if heading_line else ""
+    lines = text.split("\n") + [""]
+    carried = cells(table_header.split("\n")[0]) if table_header else None
     for k, line in enumerate(lines):
         if line.strip().startswith("|"):
             run.append(line)
@@ -183,7 +193,7 @@ def table_cells(chunk: Chunk) -> list[TableCell]:
                 header, rows = carried, run
             else:
                 header, rows = None, []
-            caption = _caption(above, chunk.language) or heading
+            caption = _caption(above, language) or heading
             if header and len(header) <= ROW_FACT_MAX_COLUMNS:
                 for row in rows:
                     values = cells(row)
@@ -191,13 +201,13 @@ def table_cells(chunk: Chunk) -> list[TableCell]:
                     if named is None:
                         continue
                     out += [TableCell(caption=caption, key=values[named], column=column, value=value,
-                                      language=chunk.language)
+                                      language=language)
                             for i, (column, value) in enumerate(zip(header, values))
                             if i != named and column and value]
             run = []
         if line.strip():
             above = line
-    return out
+    return tuple(out)
 
 
 def table_row_facts(chunk: Chunk) -> list[str]:
@@ -205,10 +215,17 @@ def table_row_facts(chunk: Chunk) -> list[str]:
     return [c.sentence for c in table_cells(chunk)]
 
 
-def cell_of(fact: str, chunk: Chunk, cells: list[TableCell] | None = None) -> TableCell | None:
-    """The table cell of the chunk that `fact` is the sentence of, else None (a prose fact). `cells`: the chunk's
-    `table_cells`, when the caller has them."""
-    return next((c for c in (table_cells(chunk) if cells is None else cells) if c.sentence == fact), None)
+def cell_of(fact: str, chunk: Chunk) -> TableCell | None:
+    """The table cell of the chunk that `fact` is the sentence of, else None (a prose fact)."""
+    return _cells_by_sentence(*_table_key(chunk)).get(fact)
+
+
+@lru_cache(maxsize=1024)
+def _cells_by_sentence(*key) -> dict[str, TableCell]:
+    by_sentence: dict[str, TableCell] = {}
+    for cell in _table_cells(*key):
+        by_sentence.setdefault(cell.sentence, cell)  # the first, as a search in reading order finds it
+    return by_sentence
 
 
 def extract_facts(chunk: Chunk) -> list[str]:

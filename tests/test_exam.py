@@ -221,3 +221,18 @@ def test_a_table_cells_exam_question_asks_its_row_and_column_and_scores_only_its
         assert item.facts == [item.answer.rsplit(" is ", 1)[1].rstrip(".")], item
         row = "Tollan" if "Tollan" in item.answer else "Brisk Isle"
         assert row in item.question and not facts_found(item.question, item.facts)[0]
+
+
+def test_a_big_table_takes_turns_with_the_documents_prose_in_the_exam():
+    rows = "".join(f"| Isle {chr(65 + i)} | 0{i}:15 | {20 + i}.50 |\n" for i in range(8))
+    text = ("# Timetable\n\nThe winter timetable is valid from 2 November 2026 to 28 March 2027. All departures "
+            "leave from Pier 3. The ticket office opens at 05:30. Passengers with cars check in 30 minutes before "
+            "sailing.\n\nDepartures from Aldermouth (daily)\n\n| Destination | First sailing | Fare |\n"
+            "| --- | --- | --- |\n" + rows)
+    document = chunks(text, "timetable.md")
+    llm = LLMSettings(base_url="http://127.0.0.1:9/v1")  # never called: tries=0
+    for seed in range(3):
+        made = make_exam(document, llm, rule_only(facts_per_question=1, max_per_document=6, seed=seed), [])
+        cells = [i for i in made.items if i.answer.startswith("Departures from Aldermouth")]
+        # 16 cells and 4 prose facts: drawn uniformly, most seeds would ask cells only
+        assert len(made.items) == 6 and len(cells) == 3, [i.question for i in made.items]
