@@ -40,6 +40,8 @@ META = re.compile(
 )
 PRONOUN_START = re.compile(r"^(it|its|they|their|this|these|he|she|his|her)\b", re.IGNORECASE)
 ZH_PRONOUN_START = re.compile(r"^(它|其|他们|她们|他|她|这|该)")
+# The verb after a "This" / "These" that stands for the subject ("This is …", "These apply …" is read as a noun)
+_PRONOUN_VERB = re.compile(r" (?:is|are|was|were|has|have|had|can|could|will|would|must|may|might|should|does|do|did)\b")
 NUMBERISH = re.compile(r"(?<![A-Za-z\d])\d+(?:[.,:]\d+)*")  # not the 2 of "X2"
 # A number right after a capitalised word is part of a name ("SkyLedger 3.2", "Tessarine 2025"):
 # a question may name it without giving the answer away.
@@ -113,6 +115,10 @@ def restore_subject(sentence: str, chunk: Chunk) -> str:
         return sentence
     word = m.group(1).lower()
     rest = sentence[m.end():]
+    if word in ("this", "these") and not _PRONOUN_VERB.match(rest) \
+            and not (word == "this" and re.match(r" [a-z]+[^s\W]s\b", rest)):
+        # "This policy was approved …": a determiner, its noun names the subject ("This costs …" is a pronoun)
+        return f"The{rest}"
     if word in ("its", "their", "his", "her"):
         return f"{subject}'s{rest}"
     return f"{subject}{rest}"

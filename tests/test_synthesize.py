@@ -51,6 +51,12 @@ def test_facts_are_sentences_with_subject_restored():
 
 def test_restore_subject_possessive_and_chinese():
     assert restore_subject("Its battery lasts 2 hours.", chunk()) == "Nimbus X2's battery lasts 2 hours."
+    # "This" before a noun is a determiner: the noun is the subject, the heading is not put in front of it
+    assert restore_subject("This fare and refund policy was approved on 12 February 2026.", chunk()) == \
+        "The fare and refund policy was approved on 12 February 2026."
+    assert restore_subject("These rules apply to all routes.", chunk()) == "The rules apply to all routes."
+    assert restore_subject("This is rated IP54.", chunk()) == "Nimbus X2 is rated IP54."
+    assert restore_subject("This costs 1,490 euros.", chunk()) == "Nimbus X2 costs 1,490 euros."
     zh = chunk(ZH_TEXT, "zh", heading=("星河三号",))
     assert restore_subject("它的电池可以飞行40分钟。", zh) == "星河三号的电池可以飞行40分钟。"
     assert len(extract_facts(zh)) == 2
