@@ -108,8 +108,20 @@ def _newline_is_soft_wrap(text: str, nl: int, language: str) -> bool:
         return False
     if text[nxt].islower():
         return True
+    if language != "zh" and text[nxt].isupper() and _is_prose_line(text[text.rfind("\n", 0, prev) + 1: prev + 1]):
+        return True  # "… from the flight safety officer, Ragnhild\nTveit.": a scan's line cut before a name
     # Chinese has no spaces or case: a CJK character on both sides of the break is one sentence.
     return language == "zh" and _is_cjk(text[nxt]) and _is_cjk(text[prev])
+
+
+def _is_prose_line(line: str) -> bool:
+    """A line of running text (6+ words, most of them lower case, not a list item, heading or table row) that
+    stops without a full stop: the sentence goes on in the next line. A title ("Skarvhamn Test Field - Safety
+    Notice"), a short line ("Dear colleagues") or a signature is a line of its own."""
+    words = line.split()
+    if len(words) < 6 or re.match(r"\s*(?:[#>|*+-]|\d+[.)]\s)", line):
+        return False
+    return sum(w[0].islower() for w in words) * 2 > len(words)
 
 
 def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:

@@ -239,10 +239,12 @@ def extract_facts(chunk: Chunk) -> list[str]:
     as a sentence per cell (`table_row_facts`)."""
     facts = []
     for start, end in split_sentences(chunk.text, chunk.language):
-        s = " ".join(chunk.text[start:end].split())
-        s = re.sub(r"^[#>*\-\d.)\s]+(?=\S)", "", s) if s.startswith(("#", ">", "*", "-")) else s
-        if s.startswith("|") or s.endswith(("?", "？", ":", "：")):
-            continue  # table rows, questions and lead-ins are not facts
+        raw = " ".join(chunk.text[start:end].split())
+        s = re.sub(r"^[#>*\-\d.)\s]+(?=\S)", "", raw) if raw.startswith(("#", ">", "*", "-")) else raw
+        if s.startswith("|") or s.endswith(("?", "？", ":", "：")) or raw.startswith("#"):
+            continue  # table rows, questions, lead-ins and headings are not facts
+        if s == raw and not s.endswith(_SENTENCE_END + ("”", '"')) and not re.search(r"\w[:：]\s*\S", s):
+            continue  # a line without a full stop that is no list item and no "Phone: …": a title, caption or signature
         size = len(CJK.findall(s)) if chunk.language == "zh" else len(s.split())
         if size < (8 if chunk.language == "zh" else 4) or len(s) > 400:
             continue

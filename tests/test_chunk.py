@@ -94,6 +94,13 @@ def test_line_breaks():
     # A wrapped line (lowercase continuation) is one sentence; list items and rows are not.
     assert sentences("The policy applies to\nall staff. Then\nNew line\n- item\n| a |") == [
         "The policy applies to\nall staff.", "Then", "New line", "- item", "| a |"]
+    # A line of running text without a full stop goes on in the next, even before a capital (a scan's wrapped
+    # name); a title or a short line does not.
+    assert sentences("Skarvhamn Test Field - Safety Notice\nTest flights above 120 metres need approval from the "
+                     "safety officer, Ragnhild\nTveit.\nDear colleagues\nPlease read it.") == [
+        "Skarvhamn Test Field - Safety Notice",
+        "Test flights above 120 metres need approval from the safety officer, Ragnhild\nTveit.",
+        "Dear colleagues", "Please read it."]
     assert sentences("差旅政策适用\n于全体员工。\n第二句", "zh") == ["差旅政策适用\n于全体员工。", "第二句"]
     assert sentences("差旅政策适用\n于全体员工。", "en") == ["差旅政策适用", "于全体员工。"]
 

@@ -49,6 +49,17 @@ def test_facts_are_sentences_with_subject_restored():
                      "Nimbus X2 weighs 870 grams."]  # "It" got its subject; "Contact us." is too short
 
 
+def test_titles_captions_and_signatures_are_no_facts_but_list_items_and_labels_are():
+    text = ("# Lumenholm Ferries Winter Timetable 2026/27\n\nSkarvhamn Test Field - Safety Notice\n"
+            "Tobias Quenell, managing director - 14 January 2026\n\n"
+            "The winter timetable is valid from 2 November 2026.\n\n- Deck crew work rotations of 7 days\n"
+            "- Night crossings pay 38 euros a shift\n\nCustomer service phone: +44 1632 960 418\n\n"
+            "Departures from Aldermouth (daily)\n")
+    assert extract_facts(chunk(text, heading=("Timetable",))) == [
+        "The winter timetable is valid from 2 November 2026.", "Deck crew work rotations of 7 days",
+        "Night crossings pay 38 euros a shift", "Customer service phone: +44 1632 960 418"]
+
+
 def test_restore_subject_possessive_and_chinese():
     assert restore_subject("Its battery lasts 2 hours.", chunk()) == "Nimbus X2's battery lasts 2 hours."
     # "This" before a noun is a determiner: the noun is the subject, the heading is not put in front of it
