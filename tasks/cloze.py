@@ -252,8 +252,9 @@ def _which_subject(before: str, after: str, t: dict) -> list[str]:
     return [question + "?"]
 
 
-# Verbs after which "in" names a place ("is based in Oslo"); "founded in 2011 in Skarvhamn" stays "in what?".
-_IN_A_PLACE = "is|are|was|were|located|based|situated|headquartered|held|kept|stored|registered|lives|live|works|work"
+# Verbs after which "in" names a place ("is based in Oslo"); not "is in" ("is in May", "is in English"), and
+# "founded in 2011 in Skarvhamn" stays "in what?".
+_IN_A_PLACE = "located|based|situated|headquartered|held|kept|stored|registered|lives|live|works|work"
 
 
 def _where_questions(before: str, after: str, t: dict) -> list[str]:
@@ -262,7 +263,9 @@ def _where_questions(before: str, after: str, t: dict) -> list[str]:
     Lumenholm Ferries is where?", "Where is the head office of Lumenholm Ferries?"; "All departures leave from
     Pier 3." -> "Where do all departures leave from?". A town after the place belongs to the same answer."""
     if after.strip() and not re.fullmatch(r",? in [A-Z][\w-]*(?: [A-Z0-9][\w-]*)*", after):
-        return []
+        if not (re.search(r" (?:at|from|in) the $", before) and re.fullmatch(r"(?: [a-z-]+){1,3}", after)):
+            return []  # "is held at the Skarvhamn harbour hall": the place is the name and the nouns after it
+        before = before[: -len("the ")]
     if (m := re.fullmatch(r"(.+) (at|from) ", before)) and (
             m.group(2) == "at" or re.search(rf"\b(?:{_EVENT_VERBS}|available|collected)$", m.group(1))):
         head, prep = m.group(1), m.group(2)  # "from" a place after a verb of motion; "takes over … from MV Solvig"

@@ -135,6 +135,10 @@ def zh(sentence):
         "Where do all Lumenholm departures from Aldermouth leave from?"]),
     ("Tessarine Aerial Robotics is based in Skarvhamn.", [
         "Tessarine Aerial Robotics is based where?", "Where is Tessarine Aerial Robotics based?"]),
+    ("The kickoff dinner is held at the Skarvhamn harbour hall.", [
+        "The kickoff dinner is held where?", "Where is the kickoff dinner held?"]),
+    # "is in" is no place ("is in May", "is in English")
+    ("The summer party is in May.", ["The summer party is in what?"]),
     ("Lumenholm keeps its archive at Quayside Row 14.", [
         "Lumenholm keeps its archive where?", "Where does Lumenholm keep its archive?"]),
     # a verb that ends the clause before the value's preposition: "does" for a singular verb, "do" for a plural one
