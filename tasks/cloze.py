@@ -241,7 +241,8 @@ def _which_subject(before: str, after: str, t: dict) -> list[str]:
     "While MV Harrowgate is away, the chartered vessel MV Saltreed covers the Tollan route." -> "Which chartered
     vessel covers the Tollan route while MV Harrowgate is away?"."""
     m = re.fullmatch(r"(?:([A-Z][^,]*), )?[Tt]he ((?:[a-z-]+ ){0,2}[a-z-]+) ", before)
-    if not m or not re.match(rf" (?:{_AUXILIARY}|{_VERB_S})\b", after) or m.group(2).split()[-1] in _NOT_A_COUNT_OR_VERB:
+    if not m or not re.match(rf" (?:{_AUXILIARY}|{_VERB_S})\b", after) \
+            or m.group(2).split()[-1] in _NOT_A_COUNT_OR_VERB:
         return []
     question = _upper_first(render(t["which"], np=m.group(2))) + after
     if lead := m.group(1):
@@ -258,10 +259,10 @@ _IN_A_PLACE = "located|based|situated|headquartered|held|kept|stored|registered|
 
 
 def _where_questions(before: str, after: str, t: dict) -> list[str]:
-    """A name after "at" (or "from" after a verb of motion, "in" behind a verb of place) is asked for by "where", in place and in
-    front: "The head office of Lumenholm Ferries is at Quayside Row 14 in Aldermouth." -> "The head office of
-    Lumenholm Ferries is where?", "Where is the head office of Lumenholm Ferries?"; "All departures leave from
-    Pier 3." -> "Where do all departures leave from?". A town after the place belongs to the same answer."""
+    """A name after "at" (or "from" after a verb of motion, "in" behind a verb of place) is asked for by "where",
+    in place and in front: "The head office of Lumenholm Ferries is at Quayside Row 14 in Aldermouth." -> "The head
+    office of Lumenholm Ferries is where?", "Where is the head office of Lumenholm Ferries?"; "All departures leave
+    from Pier 3." -> "Where do all departures leave from?". A town after the place belongs to the same answer."""
     if after.strip() and not re.fullmatch(r",? in [A-Z][\w-]*(?: [A-Z0-9][\w-]*)*", after):
         if not (re.search(r" (?:at|from|in) the $", before) and re.fullmatch(r"(?: [a-z-]+){1,3}", after)):
             return []  # "is held at the Skarvhamn harbour hall": the place is the name and the nouns after it

@@ -244,7 +244,7 @@ def extract_facts(chunk: Chunk) -> list[str]:
         if s.startswith("|") or s.endswith(("?", "？", ":", "：")) or raw.startswith("#"):
             continue  # table rows, questions, lead-ins and headings are not facts
         if s == raw and not s.endswith(_SENTENCE_END + ("”", '"')) and not re.search(r"\w[:：]\s*\S", s):
-            continue  # a line without a full stop that is no list item and no "Phone: …": a title, caption or signature
+            continue  # no full stop, no list mark, no "Phone: …": a title, a caption or a signature
         size = len(CJK.findall(s)) if chunk.language == "zh" else len(s.split())
         if size < (8 if chunk.language == "zh" else 4) or len(s) > 400:
             continue
