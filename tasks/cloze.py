@@ -133,6 +133,17 @@ def _lower_lead(subject: str) -> str:
     return _ENGLISH_LEAD.sub(lambda m: m.group(1).lower() + " ", subject)
 
 
+def _past_base(verb: str) -> str | None:
+    """The base form of a past tense where its spelling tells it: "carried" -> "carry", "dropped" -> "drop"; None
+    otherwise ("approved" / "opened": whether an "e" comes back is not in the spelling)."""
+    if verb.endswith("ied"):
+        return verb[:-3] + "y"
+    stem = verb[:-2]
+    if stem[-1] == stem[-2] and stem[-1] not in "aeioudlsfz":  # "dropped", "planned" (not "added", "called")
+        return stem[:-1]
+    return None
+
+
 def _verb_base(verb: str) -> str:
     if verb.endswith(("ches", "shes", "sses", "xes", "zzes", "oes")):  # "goes" -> "go"
         return verb[:-2]
@@ -375,9 +386,13 @@ def _after_verb(before: str, after: str, kind: str, wh: str, t: dict) -> tuple[l
             and len(m.group(1).split()) <= 7:
         verb, subject = m.group(2), _lower_lead(m.group(1))
         singular = verb.endswith("s") and not verb.endswith("ss")
+        do = "does" if singular else "do"
         base = _verb_base(verb) if singular else verb
-        front = [render(t["front_verb"], wh=wh, do="does" if singular else "do", subject=subject, verb=base,
-                        rest=after)]
+        if verb.endswith("ed") and len(verb) > 4:  # "carried" -> "did … carry"; "approved": no base form known
+            if (base := _past_base(verb)) is None:
+                return [], ""
+            do = "did"
+        front = [render(t["front_verb"], wh=wh, do=do, subject=subject, verb=base, rest=after)]
         if kind == "money" and base == "cost" and not after.strip():
             front.append(render(t["front_price"], subject=subject))
         return front, subject

@@ -167,6 +167,9 @@ def zh(sentence):
     # "from" a name that is no place ("takes over … from MV Solvig"): no "where"
     ("MV Aurelie takes over the Brisk Isle route from MV Solvig.", [
         "MV Aurelie takes over the Brisk Isle route from what?"]),
+    # a past tense: "did" and the base form where the spelling tells it, else no front form ("approved")
+    ("The team planned 3 trips.", ["The team planned how many trips?", "How many trips did the team plan?"]),
+    ("Lumenholm approved 12 new routes.", ["Lumenholm approved how many new routes?"]),
     # a noun after a preposition is no verb: no front form
     ("The check-in desk for cars at 06:00 opens.", [
         "The check-in desk for cars at what time opens?", "The check-in desk for cars when opens?"]),
