@@ -65,8 +65,9 @@ def exam_candidates(chunks: list[Chunk], seed: int) -> list[tuple[Chunk, str, li
     found = [(c, fact, targets) for c in chunks for fact in extract_facts(c)
              if (targets := question_targets(fact, c))]
     found.sort(key=lambda x: short_hash(str(seed), x[0].chunk_id, x[1]))
-    prose = [x for x in found if cell_of(x[1], x[0]) is None]
-    cells = [x for x in found if cell_of(x[1], x[0]) is not None]
+    prose, cells = [], []
+    for x in found:
+        (prose if cell_of(x[1], x[0]) is None else cells).append(x)
     turns = [x for pair in zip(prose, cells) for x in pair]
     return turns + prose[len(cells):] + cells[len(prose):]
 
