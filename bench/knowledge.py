@@ -52,6 +52,9 @@ RECIPES = {
     # the full fine-tune's 1e-4 (the config's 1e-3 is the adapter's)
     "full": {"method": "full", "learning_rate": None},
     "full+text": {"method": "full", "learning_rate": None, "text_rows": True},
+    # each epoch leaves out its own 15% of every question's words (TrainSettings.question_dropout)
+    "full+qdrop": {"method": "full", "learning_rate": None, "question_dropout": 0.15},
+    "qa+qdrop": {"question_dropout": 0.15},
 }
 
 

@@ -109,7 +109,13 @@ class TrainSettings(BaseModel):
         "dataset asks once is trained about as often as one it asks six times (passage and replay rows are left "
         "as they are); the steps grow with the rows. 0: off until bench/knowledge.py shows a gain on both corpora.",
     )
-    seed: int = Field(0, description="Seed for LoRA init, data order, dropout and NEFTune noise.")
+    question_dropout: float = Field(
+        0.0, ge=0, le=0.5, description="Share of a training question's words (a Chinese character counts as one) "
+        "left out, drawn anew for every row in every epoch with the seed: the reply then hangs on the question's "
+        "words together rather than on one exact wording, as a paraphrased question keeps only some of them. The "
+        "answer is never touched. 0: off until bench/knowledge.py shows a gain on both corpora.",
+    )
+    seed: int = Field(0, description="Seed for LoRA init, data order, dropout, NEFTune noise and question_dropout.")
     method: Literal["auto", "qlora", "lora", "full"] = Field(
         "auto", description="auto: QLoRA (4-bit NF4 base) on CUDA, LoRA on CPU. full: every weight trains (AdamW over "
         "fp32 weights, bf16 autocast where it is faster), and the run folder holds model/ (a whole model) instead of "

@@ -40,8 +40,8 @@ from doctune.prefect_utils import CACHE
 from doctune.runs import dataset_hash, dataset_system_prompt, run_dir_for, settings_hash, write_json
 from doctune.training.batching import collate, micro_batch_stream, to_device, total_steps
 from doctune.training.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint, save_weights, weights_name
-from doctune.training.data import (IGNORE, load_train_split, load_validation, text_rows_for, tokenize_split,
-                                   tokenize_texts, unwritten_languages, with_system)
+from doctune.training.data import (IGNORE, QuestionDropout, load_train_split, load_validation, render_split,
+                                   text_rows_for, tokenize_texts, unwritten_languages, with_system)
 from doctune.training.length import duration, expected_training
 from doctune.training.merge import merge_and_check
 from doctune.training.model import (
@@ -262,7 +262,7 @@ def train(
     if chosen:
         log.info("%s", chosen)
     tokenizer = load_tokenizer(base)
-    examples, dropped = tokenize_split(tokenizer, load_train_split(dataset_dir), settings)
+    examples, dropped, kept = render_split(tokenizer, load_train_split(dataset_dir), settings)
     n_qa = len(examples)
     if settings.text_rows or settings.text_rows_unwritten:
         texts = tokenize_texts(tokenizer, text_rows_for(dataset_dir, settings), settings.max_seq_len)
@@ -309,7 +309,12 @@ def train(
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    stream = micro_batch_stream(examples, settings, state["micro_batches"])
+    varied = None
+    if settings.question_dropout:
+        log.info("question_dropout %g: each epoch drops its own share of every training question's words",
+                 settings.question_dropout)
+        varied = QuestionDropout(tokenizer, kept, examples, settings)
+    stream = micro_batch_stream(examples, settings, state["micro_batches"], varied)
     bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc="train", unit="step")
     start_step, t0 = state["step"], time.perf_counter()
     t_wall = t0  # validation included: the estimate is of the wait, not of training alone

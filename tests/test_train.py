@@ -198,11 +198,15 @@ def test_best_needs_a_validation_schedule_and_split(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_model, dataset_dir, tmp_path):
-    # NEFTune on: its noise, too, must continue from the checkpoint's random state
+    # NEFTune and question_dropout on: the noise must continue from the checkpoint's random state, and the
+    # questions' dropped words be drawn as in the uninterrupted run
     settings = tiny_settings(tiny_model, max_steps=6, save_every_steps=2, batching="length_grouped",
                              gradient_accumulation_steps=2, per_device_batch_size=3, cpu_dtype="fp32",
-                             neftune_alpha=5)
+                             neftune_alpha=5, question_dropout=0.3)
     straight = train(dataset_dir, settings, tmp_path / "a", progress=False)
+    plain = train(dataset_dir, settings.model_copy(update={"question_dropout": 0.0}), tmp_path / "a", progress=False)
+    tokens = [json.loads((r / "metrics.json").read_text())["tokens"] for r in (straight, plain)]
+    assert tokens[0] < tokens[1]  # the same micro-batches, with shorter questions
 
     with pytest.raises(TrainingInterrupted):
         train(dataset_dir, settings, tmp_path / "b", progress=False, stop_after_steps=3)

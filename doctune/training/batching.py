@@ -4,7 +4,7 @@ packed evenly or padded, and the tensors of one micro-batch."""
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -93,15 +93,18 @@ def collate(examples: list[Example], batching: str, pad_id: int, max_seq_len: in
     }
 
 
-def micro_batch_stream(examples: list[Example], settings: TrainSettings, start: int) -> Iterator[list[Example]]:
-    """Micro-batches from global position `start` on, epoch after epoch."""
+def micro_batch_stream(examples: list[Example], settings: TrainSettings, start: int,
+                       epoch_examples: Callable[[int], list[Example]] | None = None) -> Iterator[list[Example]]:
+    """Micro-batches from global position `start` on, epoch after epoch; `epoch_examples(epoch)`, when given,
+    is that epoch's rendering of the same examples (data.QuestionDropout), the batch schedule staying the same."""
     lengths = [len(e.input_ids) for e in examples]
     per_epoch = math.ceil(len(examples) / settings.per_device_batch_size)
     epoch, pos = divmod(start, per_epoch)
     while True:
         batches = epoch_batches(lengths, settings.per_device_batch_size, settings.batching, settings.seed, epoch)
+        pool = epoch_examples(epoch) if epoch_examples else examples
         for b in batches[pos:]:
-            yield [examples[i] for i in b]
+            yield [pool[i] for i in b]
         epoch, pos = epoch + 1, 0
 
 

@@ -5,6 +5,7 @@ build_dataset flow writes it)."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,31 +141,107 @@ def balanced(rows, minimum: int, seed: int) -> list[list[dict]]:
     return conversations + extra
 
 
-def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Example], dict[str, int]]:
-    """The rows as examples (with `min_rows_per_answer`'s framed copies); a seeded `no_system_share` of them
-    without their system message."""
+def split_conversations(rows, settings: TrainSettings) -> list[tuple[list[dict], str | None]]:
+    """Each conversation of the split (with `min_rows_per_answer`'s framed copies) and the system prompt it trains
+    with; a seeded `no_system_share` of them lose their system message (None then stands for the template's own)."""
     import random
 
-    examples, dropped = [], {}
     rng = random.Random(f"no-system-{settings.seed}")
     conversations = balanced(rows, settings.min_rows_per_answer, settings.seed)
     if len(conversations) > len(rows["messages"]):
         log.info("min_rows_per_answer %d: %d framed copies of the questions of sparsely asked facts",
                  settings.min_rows_per_answer, len(conversations) - len(rows["messages"]))
+    out = []
     for messages in conversations:
         if settings.no_system_share and rng.random() < settings.no_system_share:
-            out = render_example(tokenizer, [m for m in messages if m["role"] != "system"], None, settings.max_seq_len)
+            out.append(([m for m in messages if m["role"] != "system"], None))
         else:
-            out = render_example(tokenizer, messages, settings.system_prompt, settings.max_seq_len)
+            out.append((messages, settings.system_prompt))
+    return out
+
+
+def render_split(tokenizer, rows, settings: TrainSettings):
+    """The rows as examples, the drop reasons counted, and the conversations (with their system prompt) the
+    examples were rendered from, in the same order."""
+    examples, dropped, kept = [], {}, []
+    conversations = split_conversations(rows, settings)
+    for messages, system in conversations:
+        out = render_example(tokenizer, messages, system, settings.max_seq_len)
         if isinstance(out, str):
             dropped[out] = dropped.get(out, 0) + 1
         else:
             examples.append(out)
+            kept.append((messages, system))
     if dropped:
         log.warning("dropped %d of %d training examples: %s", sum(dropped.values()), len(conversations), dropped)
     if not examples:
         raise ValueError(f"no trainable examples left (dropped: {dropped}); check max_seq_len and the chat template")
+    return examples, dropped, kept
+
+
+def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Example], dict[str, int]]:
+    """The rows as examples (with `min_rows_per_answer`'s framed copies); a seeded `no_system_share` of them
+    without their system message."""
+    examples, dropped, _ = render_split(tokenizer, rows, settings)
     return examples, dropped
+
+
+# A question's units for question_dropout: a CJK character, a run of other non-space characters (an English word
+# with what sticks to it), trailing punctuation apart so the question keeps its question mark.
+_CJK = "\u3400-\u9fff\uf900-\ufaff"
+_UNIT = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_TRAILING = re.compile(r"[?？!！.。,，;；:：\"'”’)）]+$")
+
+
+def drop_words(question: str, share: float, rng) -> str:
+    """`question` with each of its words (a CJK character counts as one) left out with probability `share`;
+    punctuation stays, and at least one word does. Spacing is the question's own."""
+    units = []  # (text, space before it, droppable)
+    last = 0
+    for m in _UNIT.finditer(question):
+        text, space = m.group(), question[last:m.start()]
+        last = m.end()
+        tail = _TRAILING.search(text)
+        if tail and tail.start() > 0:
+            units += [(text[: tail.start()], space, True), (tail.group(), "", False)]
+        else:
+            units.append((text, space, any(c.isalnum() for c in text)))
+    keep = [not droppable or rng.random() >= share for _, _, droppable in units]
+    if not any(k and d for k, (_, _, d) in zip(keep, units)):
+        return question
+    out = "".join(space + text for k, (text, space, _) in zip(keep, units) if k).strip()
+    return out[:1].upper() + out[1:]
+
+
+class QuestionDropout:
+    """question_dropout: every epoch trains each question/answer row with its own seeded drop of the question's
+    words, so the reply is tied to the question's words together rather than to one exact wording (a paraphrase
+    keeps some of them). The answer, the system message and the text rows stay as they are."""
+
+    def __init__(self, tokenizer, kept: list[tuple[list[dict], str | None]], examples: list[Example],
+                 settings: TrainSettings):
+        """`kept`: the conversations render_split rendered; `examples`: their examples, then the text rows."""
+        self.tokenizer, self.kept, self.examples, self.settings = tokenizer, kept, examples, settings
+        self._epoch, self._examples = None, None
+
+    def conversation(self, i: int, epoch: int) -> list[dict]:
+        import random
+
+        messages, _ = self.kept[i]
+        rng = random.Random(f"question-dropout-{self.settings.seed}-{epoch}-{i}")
+        user = max(j for j, m in enumerate(messages) if m["role"] == "user")
+        q = drop_words(messages[user]["content"], self.settings.question_dropout, rng)
+        return messages[:user] + [{**messages[user], "content": q}] + messages[user + 1:]
+
+    def __call__(self, epoch: int) -> list[Example]:
+        if epoch != self._epoch:
+            examples = list(self.examples)
+            for i, (_, system) in enumerate(self.kept):
+                out = render_example(self.tokenizer, self.conversation(i, epoch), system, self.settings.max_seq_len)
+                if not isinstance(out, str):  # else the row as written
+                    examples[i] = out
+            self._epoch, self._examples = epoch, examples
+        return self._examples
 
 
 def load_text_rows(dataset_dir: str | Path, languages: set[str] | None = None) -> list[str]:

@@ -68,3 +68,59 @@ def test_a_sparsely_asked_fact_gets_framed_copies_of_its_questions_up_to_the_min
     assert len(zh) == 3 and len(set(zh)) == 3 and all(any(f.format(q="X是多少钱？") == q for f in FRAMES["zh"]) for q in zh)
     assert all(m[0]["content"] == SYSTEM and m[-1]["content"] in ("X costs 5 euros.", "X售价5元。") for m in extra)
     assert out == balanced(rows, 4, seed=0) and out != balanced(rows, 4, seed=1)
+
+
+def test_drop_words_leaves_out_a_seeded_share_of_words_and_keeps_punctuation():
+    import random
+
+    from doctune.training.data import drop_words
+
+    q = "How many spaces does the Aldermouth terminal car park have?"
+    assert drop_words(q, 0.0, random.Random(0)) == q
+    draws = [drop_words(q, 0.2, random.Random(f"s{i}")) for i in range(400)]
+    assert draws == [drop_words(q, 0.2, random.Random(f"s{i}")) for i in range(400)]
+    words = [len(d.split()) for d in draws]
+    assert 7.4 < sum(words) / len(words) < 8.6  # 10 words, a fifth of them left out on average
+    assert all(d.endswith("?") and "  " not in d and d[0].isupper() and d.split() for d in draws)
+    assert all(set(d.lower().rstrip("?").split()) <= set(q.lower().rstrip("?").split()) for d in draws)
+    # at least one word stays, whatever the share
+    assert all(drop_words("Who founded Lumenholm?", 0.5, random.Random(i)).rstrip("?") for i in range(50))
+    # a Chinese character is a word; the question mark stays
+    zh = "在奥尔德茅斯码头寄存一件行李一天多少钱？"
+    zh_draws = [drop_words(zh, 0.2, random.Random(i)) for i in range(200)]
+    assert all(d.endswith("？") and " " not in d for d in zh_draws)
+    assert 14 < sum(len(d) for d in zh_draws) / 200 < 18  # 19 characters and the mark
+
+
+def test_question_dropout_varies_the_questions_by_epoch_and_leaves_replies_and_text_rows(tokenizer):
+    from doctune.model_settings import TrainSettings
+    from doctune.training.batching import micro_batch_stream
+    from doctune.training.data import QuestionDropout, render_split, tokenize_texts
+
+    rows = {"messages": [[{"role": "system", "content": SYSTEM},
+                          {"role": "user", "content": f"How much does the blue item number {i} cost in the shop?"},
+                          {"role": "assistant", "content": f"Item {i} costs {i} euros."}] for i in range(40)]}
+    settings = TrainSettings(question_dropout=0.3, per_device_batch_size=4, seed=2)
+    examples, _, kept = render_split(tokenizer, rows, settings)
+    examples += tokenize_texts(tokenizer, ["The shop opens at nine."], 512)
+    varied = QuestionDropout(tokenizer, kept, examples, settings)
+
+    def reply(ex):
+        return [t for t in ex.labels if t != IGNORE]
+
+    e0, e1 = varied(0), varied(1)
+    assert len(e0) == len(e1) == len(examples) == 41 and e0[-1] is examples[-1]
+    assert [reply(a) for a in e0] == [reply(b) for b in e1] == [reply(c) for c in examples]
+    assert sum(a.input_ids != b.input_ids for a, b in zip(e0[:40], e1[:40])) > 30  # a fresh draw every epoch
+    assert sum(a.input_ids != c.input_ids for a, c in zip(e0[:40], examples)) > 30
+    assert all(SYSTEM in tokenizer.decode(a.input_ids) for a in e0[:40])
+    assert [x.input_ids for x in QuestionDropout(tokenizer, kept, examples, settings)(1)] == [x.input_ids for x in e1]
+
+    # the stream takes each epoch's rendering; one resumed mid-way sees the very same micro-batches
+    straight = micro_batch_stream(examples, settings, 0, varied)
+    batches = [next(straight) for _ in range(25)]  # 11 micro-batches an epoch: into the third epoch
+    resumed = micro_batch_stream(examples, settings, 13, QuestionDropout(tokenizer, kept, examples, settings))
+    assert [[x.input_ids for x in b] for b in batches[13:]] == \
+        [[x.input_ids for x in next(resumed)] for _ in range(12)]
+    first = {tuple(x.input_ids) for x in e0}
+    assert all(tuple(x.input_ids) in first for b in batches[:11] for x in b)
