@@ -96,7 +96,8 @@ def run_corpus(name: str, seeds: list[int], lr: float, ranks: list[int], with_so
         rows.append(scored({"corpus": name, "recipe": recipe, "seed": seed, "train_minutes": round(minutes, 1)},
                            str(full_run), items, system, out / name / f"replies-{recipe}-seed{seed}.jsonl"))
         for rank in ranks:
-            cut = full.with_name(full.name + f"-rank{rank}")
+            # beside the corpus's runs, not inside the run folder (whose content names a finished run)
+            cut = out / name / "cuts" / f"{Path(full_run).name}-rank{rank}"
             energy = cut_to_rank(full, base, cut, rank)
             rows.append(scored({"corpus": name, "recipe": f"{recipe}-cut-rank{rank}", "seed": seed,
                                 "train_minutes": round(minutes, 1), "energy_kept": round(energy, 3)},
