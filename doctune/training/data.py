@@ -229,7 +229,9 @@ class QuestionDropout:
 
         messages, _ = self.kept[i]
         rng = random.Random(f"question-dropout-{self.settings.seed}-{epoch}-{i}")
-        user = max(j for j, m in enumerate(messages) if m["role"] == "user")
+        user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if user is None:
+            return messages
         q = drop_words(messages[user]["content"], self.settings.question_dropout, rng)
         return messages[:user] + [{**messages[user], "content": q}] + messages[user + 1:]
 
