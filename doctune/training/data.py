@@ -113,6 +113,15 @@ def _column(rows, name: str, n: int) -> list:
     return list(rows[name]) if name in getattr(rows, "column_names", rows) else [None] * n
 
 
+def with_question(messages: list[dict], rewrite) -> list[dict]:
+    """`messages` with the last user message's content put through `rewrite`; a conversation without a user
+    message is returned as it is."""
+    user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if user is None:
+        return messages
+    return messages[:user] + [{**messages[user], "content": rewrite(messages[user]["content"])}] + messages[user + 1:]
+
+
 def balanced(rows, minimum: int, seed: int) -> list[list[dict]]:
     """The rows' conversations, and for every answer asked by fewer than `minimum` questions, framed copies of
     its questions (cycling through them and FRAMES, in a seeded order) until it has `minimum`."""
@@ -124,7 +133,8 @@ def balanced(rows, minimum: int, seed: int) -> list[list[dict]]:
     n = len(conversations)
     by_answer: dict[str, list[int]] = {}
     for i, (messages, source) in enumerate(zip(conversations, _column(rows, "source", n))):
-        if source in NOT_ONE_FACT or not messages or messages[-1]["role"] != "assistant":
+        if source in NOT_ONE_FACT or not messages or messages[-1]["role"] != "assistant" or \
+                not any(m["role"] == "user" for m in messages):
             continue
         by_answer.setdefault(fact_key(messages[-1]["content"]), []).append(i)
     rng = random.Random(f"balance-{seed}")
@@ -134,10 +144,8 @@ def balanced(rows, minimum: int, seed: int) -> list[list[dict]]:
         frames = list(FRAMES["zh" if languages[members[0]] == "zh" else "en"])
         rng.shuffle(frames)
         for k in range(minimum - len(members)):
-            messages = conversations[members[k % len(members)]]
-            user = max(j for j, m in enumerate(messages) if m["role"] == "user")
-            q = frames[k % len(frames)].format(q=messages[user]["content"])
-            extra.append(messages[:user] + [{**messages[user], "content": q}] + messages[user + 1:])
+            frame = frames[k % len(frames)]
+            extra.append(with_question(conversations[members[k % len(members)]], lambda q: frame.format(q=q)))
     return conversations + extra
 
 
@@ -229,11 +237,7 @@ class QuestionDropout:
 
         messages, _ = self.kept[i]
         rng = random.Random(f"question-dropout-{self.settings.seed}-{epoch}-{i}")
-        user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=None)
-        if user is None:
-            return messages
-        q = drop_words(messages[user]["content"], self.settings.question_dropout, rng)
-        return messages[:user] + [{**messages[user], "content": q}] + messages[user + 1:]
+        return with_question(messages, lambda q: drop_words(q, self.settings.question_dropout, rng))
 
     def __call__(self, epoch: int) -> list[Example]:
         if epoch != self._epoch:

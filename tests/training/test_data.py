@@ -55,13 +55,16 @@ def test_a_sparsely_asked_fact_gets_framed_copies_of_its_questions_up_to_the_min
     data = [row("How much is X?", "X costs 5 euros."), row("X costs how much?", "X costs 5 euros."),
             *[row(f"What does Y cost, take {i}?", "Y costs 7 euros.") for i in range(4)],
             row("X是多少钱？", "X售价5元。", language="zh"),
-            row("What does the handbook say?", "A long section.", source="passage")]
+            row("What does the handbook say?", "A long section.", source="passage"),
+            {"messages": [{"role": "system", "content": SYSTEM}, {"role": "assistant", "content": "Z costs 9 euros."}],
+             "source": "cloze", "language": "en"}]
     rows = {k: [r[k] for r in data] for k in ("messages", "source", "language")}
     assert balanced(rows, 0, seed=0) == rows["messages"]
     out = balanced(rows, 4, seed=0)
     extra = out[len(data):]
     asked = [m[1]["content"] for m in extra]
-    # X: 2 questions -> 2 copies; Y: already 4; the Chinese fact: 1 -> 3 copies; the passage is left alone
+    # X: 2 questions -> 2 copies; Y: already 4; the Chinese fact: 1 -> 3 copies; the passage and the row without a
+    # question are left alone
     assert len(extra) == 5
     assert sum("How much is X?" in q or "X costs how much?" in q for q in asked) == 2
     zh = [q for q in asked if "X是多少钱？" in q]
