@@ -75,7 +75,7 @@ def settings_for(args):
         batching=args.batching, save_every_steps=0, device=args.device, cpu_dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing, method=args.method, lora_dropout=args.lora_dropout,
         fast_lora_dropout=args.fast_dropout,
-        learning_rate=2e-4, neftune_alpha=0,  # set, not by model size: both sides train the same way, no noise
+        learning_rate=2e-4, neftune_alpha=0, question_dropout=0,  # set, not by size: both sides train alike
     )
 
 

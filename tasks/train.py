@@ -202,6 +202,7 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
             "settings_sha256": settings_hash(asked),
             "learning_rate": settings.learning_rate,
             "neftune_alpha": settings.neftune_alpha,
+            "question_dropout": settings.question_dropout,
             "init_adapter": settings.init_adapter,
             "method": plan.name,
             "device": plan.device,

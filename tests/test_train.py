@@ -71,28 +71,32 @@ def test_bad_values_name_the_key_and_the_fix(tmp_path, yaml_text, expected):
 
 def test_unset_rate_and_noise_follow_the_base_models_size():
     small, said = for_base_model(TrainSettings(), 134_515_008)
-    assert (small.learning_rate, small.neftune_alpha) == (1e-3, 15) and "135M parameters" in said
+    assert (small.learning_rate, small.neftune_alpha, small.question_dropout) == (1e-3, 15, 0.15)
+    assert "135M parameters" in said and "question_dropout 0.15" in said
     large, _ = for_base_model(TrainSettings(), 7 * SMALL_MODEL)
-    assert (large.learning_rate, large.neftune_alpha) == (2e-4, 0)
+    assert (large.learning_rate, large.neftune_alpha, large.question_dropout) == (2e-4, 0, 0)
     unknown, said = for_base_model(TrainSettings(), None)
     assert unknown == large and "unknown parameter count" in said
-    kept, said = for_base_model(TrainSettings(learning_rate=3e-4, neftune_alpha=0), 10**8)
-    assert kept == TrainSettings(learning_rate=3e-4, neftune_alpha=0) and said == ""
+    kept, said = for_base_model(TrainSettings(learning_rate=3e-4, neftune_alpha=0, question_dropout=0), 10**8)
+    assert kept == TrainSettings(learning_rate=3e-4, neftune_alpha=0, question_dropout=0) and said == ""
     partly, _ = for_base_model(TrainSettings(neftune_alpha=5), 10**8)
     assert (partly.learning_rate, partly.neftune_alpha) == (1e-3, 5)
 
 
 def test_a_run_records_the_rate_and_noise_it_chose_and_keeps_its_name(tiny_model, dataset_dir, tmp_path,
                                                                         caplog):
-    settings = tiny_settings(tiny_model, max_steps=2, learning_rate=None, neftune_alpha=None)
+    settings = tiny_settings(tiny_model, max_steps=2, learning_rate=None, neftune_alpha=None, question_dropout=None)
     with caplog.at_level("INFO", logger="tasks.train"):
         run_dir = train(dataset_dir, settings, tmp_path, progress=False)
     assert run_dir == run_dir_for(dataset_dir, settings, tmp_path)  # the name comes from the settings as given
     run = json.loads((run_dir / "run.json").read_text())
-    assert (run["learning_rate"], run["neftune_alpha"]) == (1e-3, 15)  # a tiny model: the small-model values
+    # a tiny model: the small-model values
+    assert (run["learning_rate"], run["neftune_alpha"], run["question_dropout"]) == (1e-3, 15, 0.15)
     assert run["settings_sha256"] == settings_hash(settings)
     assert load_train_settings(run_dir / "settings.yaml") == settings
-    assert any("learning_rate 0.001, neftune_alpha 15 for a base model of" in r.message for r in caplog.records)
+    assert any("learning_rate 0.001, neftune_alpha 15, question_dropout 0.15 for a base model of" in r.message
+               for r in caplog.records)
+    assert any("question_dropout 0.15: each epoch drops" in r.message for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- training

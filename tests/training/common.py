@@ -53,7 +53,7 @@ def dataset_dir(tmp_path_factory) -> Path:
 
 def tiny_settings(tiny_model: str, **kw) -> TrainSettings:
     base = dict(base_model=tiny_model, max_steps=6, per_device_batch_size=4, learning_rate=5e-3, neftune_alpha=0,
-                save_every_steps=0, logging_steps=2, device="cpu", lora_r=8, lora_alpha=16)
+                question_dropout=0, save_every_steps=0, logging_steps=2, device="cpu", lora_r=8, lora_alpha=16)
     return TrainSettings(**{**base, **kw})
 
 
