@@ -159,7 +159,8 @@ class TrainSettings(BaseModel):
         return self
 
 
-# The rate and the noise a base model gets when the settings leave them unset (None), by its parameter count.
+# The rate, the noise and question_dropout a base model gets when the settings leave them unset (None), by its
+# parameter count.
 SMALL_MODEL = 1_000_000_000
 BY_SIZE = {"small": {"learning_rate": 1e-3, "neftune_alpha": 15.0, "question_dropout": 0.15},
            "large": {"learning_rate": 2e-4, "neftune_alpha": 0.0, "question_dropout": 0.0}}
