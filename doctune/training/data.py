@@ -113,10 +113,15 @@ def _column(rows, name: str, n: int) -> list:
     return list(rows[name]) if name in getattr(rows, "column_names", rows) else [None] * n
 
 
+def last_user(messages: list[dict]) -> int | None:
+    """The index of the conversation's last user message (its question); None when it has none."""
+    return max((j for j, m in enumerate(messages) if m["role"] == "user"), default=None)
+
+
 def with_question(messages: list[dict], rewrite) -> list[dict]:
     """`messages` with the last user message's content put through `rewrite`; a conversation without a user
     message is returned as it is."""
-    user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=None)
+    user = last_user(messages)
     if user is None:
         return messages
     return messages[:user] + [{**messages[user], "content": rewrite(messages[user]["content"])}] + messages[user + 1:]
@@ -133,8 +138,7 @@ def balanced(rows, minimum: int, seed: int) -> list[list[dict]]:
     n = len(conversations)
     by_answer: dict[str, list[int]] = {}
     for i, (messages, source) in enumerate(zip(conversations, _column(rows, "source", n))):
-        if source in NOT_ONE_FACT or not messages or messages[-1]["role"] != "assistant" or \
-                not any(m["role"] == "user" for m in messages):
+        if source in NOT_ONE_FACT or not messages or messages[-1]["role"] != "assistant" or last_user(messages) is None:
             continue
         by_answer.setdefault(fact_key(messages[-1]["content"]), []).append(i)
     rng = random.Random(f"balance-{seed}")
