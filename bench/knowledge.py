@@ -60,6 +60,8 @@ RECIPES = {
     "full+qdrop": {"method": "full", "learning_rate": None, "question_dropout": 0.15},
     # a larger share than the default's 0.15
     "qa+qdrop0.3": {"question_dropout": 0.3},
+    # question_insertion: other training questions' words put into each question, as a paraphrase brings its own
+    "qa+qins": {"question_insertion": 0.15},
 }
 
 

@@ -116,7 +116,16 @@ class TrainSettings(BaseModel):
         "answer is never touched. 0: off; None: by the base model's size, 0.15 under a billion parameters "
         "(measured on SmolLM2-135M, bench/README.md), else 0 (not measured on larger models here).",
     )
-    seed: int = Field(0, description="Seed for LoRA init, data order, dropout, NEFTune noise and question_dropout.")
+    question_insertion: float = Field(
+        0.0, ge=0, le=0.5, description="Chance that a word of another training question (of the same script; a "
+        "Chinese character counts as one) is put in before each word of a training question, drawn anew for every "
+        "row in every epoch with the seed, after question_dropout: a paraphrased question brings words the training "
+        "questions of its fact never held, some of them other facts' words, and the reply should hang on the words "
+        "it shares with them. The answer is never touched. 0: off until bench/knowledge.py shows a gain on both "
+        "corpora.",
+    )
+    seed: int = Field(0, description="Seed for LoRA init, data order, dropout, NEFTune noise, question_dropout and "
+                      "question_insertion.")
     method: Literal["auto", "qlora", "lora", "full"] = Field(
         "auto", description="auto: QLoRA (4-bit NF4 base) on CUDA, LoRA on CPU. full: every weight trains (AdamW over "
         "fp32 weights, bf16 autocast where it is faster), and the run folder holds model/ (a whole model) instead of "

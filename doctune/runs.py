@@ -55,7 +55,7 @@ def dataset_hash(dataset_dir: str | Path) -> str:
 # Fields added to TrainSettings after run names were pinned: left out of the name while at their default,
 # so every run trained before them keeps its folder.
 LATER_FIELDS = {"text_rows": False, "text_rows_unwritten": False, "no_system_share": 0.0, "min_rows_per_answer": 0,
-                "question_dropout": 0.0}
+                "question_dropout": 0.0, "question_insertion": 0.0}
 
 
 def settings_hash(settings: TrainSettings) -> str:

@@ -203,6 +203,7 @@ def write_outputs(run_dir: Path, tokenizer, state: dict, plan: Plan, settings: T
             "learning_rate": settings.learning_rate,
             "neftune_alpha": settings.neftune_alpha,
             "question_dropout": settings.question_dropout,
+            "question_insertion": settings.question_insertion,
             "init_adapter": settings.init_adapter,
             "method": plan.name,
             "device": plan.device,
@@ -314,6 +315,10 @@ def train(
     if settings.question_dropout:
         log.info("question_dropout %g: each epoch drops its own share of every training question's words",
                  settings.question_dropout)
+    if settings.question_insertion:
+        log.info("question_insertion %g: each epoch puts other training questions' words into every training "
+                 "question", settings.question_insertion)
+    if settings.question_dropout or settings.question_insertion:
         varied = QuestionDropout(tokenizer, kept, examples, settings)
     stream = micro_batch_stream(examples, settings, state["micro_batches"], varied)
     bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc="train", unit="step")

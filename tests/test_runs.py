@@ -35,6 +35,7 @@ def test_run_folder_names_are_pinned(tmp_path):
     # A field added later changes the name only when it is set.
     assert settings_hash(TrainSettings(text_rows=True)) != settings_hash(TrainSettings())
     assert settings_hash(TrainSettings(text_rows_unwritten=True)) != settings_hash(TrainSettings())
+    assert settings_hash(TrainSettings(question_insertion=0.15)) != settings_hash(TrainSettings())
 
 
 def test_base_model_and_resolve_name_the_missing_file(tmp_path):

@@ -97,6 +97,17 @@ def test_a_run_records_the_rate_and_noise_it_chose_and_keeps_its_name(tiny_model
     assert any("learning_rate 0.001, neftune_alpha 15, question_dropout 0.15 for a base model of" in r.message
                for r in caplog.records)
     assert any("question_dropout 0.15: each epoch drops" in r.message for r in caplog.records)
+    assert run["question_insertion"] == 0 and not any("question_insertion" in r.message for r in caplog.records)
+
+
+def test_question_insertion_alone_varies_the_questions(tiny_model, dataset_dir, tmp_path, caplog):
+    settings = tiny_settings(tiny_model, max_steps=2, question_dropout=0, question_insertion=0.2)
+    with caplog.at_level("INFO", logger="tasks.train"):
+        run_dir = train(dataset_dir, settings, tmp_path, progress=False)
+    assert json.loads((run_dir / "run.json").read_text())["question_insertion"] == 0.2
+    assert any("question_insertion 0.2: each epoch puts" in r.message for r in caplog.records)
+    assert not any("question_dropout" in r.message and "each epoch drops" in r.message for r in caplog.records)
+    assert run_dir != run_dir_for(dataset_dir, settings.model_copy(update={"question_insertion": 0}), tmp_path)
 
 
 # --------------------------------------------------------------------------- training

@@ -225,23 +225,64 @@ def drop_words(question: str, share: float, rng) -> str:
     return out[:1].upper() + out[1:]
 
 
+def question_words(questions: list[str]) -> dict[bool, list[str]]:
+    """The words of `questions` for question_insertion, by script: {True: CJK characters of the questions that hold
+    any, False: the other questions' words}, each as often as it occurs, in order (a seeded draw is then stable); a
+    question's capitalised first word in lower case."""
+    pool = {True: [], False: []}
+    for q in questions:
+        cjk = bool(re.search(rf"[{_CJK}]", q))
+        for n, m in enumerate(_UNIT.finditer(q)):
+            word = _TRAILING.sub("", m.group())
+            if any(c.isalnum() for c in word) and bool(re.match(rf"[{_CJK}]", word)) == cjk:
+                pool[cjk].append(word.lower() if n == 0 and word.istitle() else word)  # "Where", not a name
+    return pool
+
+
+def insert_words(question: str, share: float, pool: dict[bool, list[str]], rng) -> str:
+    """`question` with, before each of its words, a word of another training question of its script put in with
+    probability `share` (a Chinese character counts as one word); the words and punctuation it had all stay."""
+    cjk = bool(re.search(rf"[{_CJK}]", question))
+    words = pool.get(cjk) or []
+    if not share or not words:
+        return question
+    out, last = [], 0
+    for m in _UNIT.finditer(question):
+        space, text = question[last:m.start()], m.group()
+        last = m.end()
+        if any(c.isalnum() for c in text) and rng.random() < share:
+            out.append((space or ("" if cjk else " ")) + rng.choice(words))
+            space = "" if cjk else " "
+        out.append(space + text)
+    text = "".join(out).strip()
+    return text[:1].upper() + text[1:] if question[:1].isupper() else text
+
+
 class QuestionDropout:
-    """question_dropout: every epoch trains each question/answer row with its own seeded drop of the question's
-    words, so the reply is tied to the question's words together rather than to one exact wording (a paraphrase
-    keeps some of them). The answer, the system message and the text rows stay as they are."""
+    """question_dropout and question_insertion: every epoch trains each question/answer row with its own seeded drop
+    of the question's words and insertion of other questions' words, so the reply is tied to the question's words
+    together rather than to one exact wording (a paraphrase keeps some of them and brings words of its own). The
+    answer, the system message and the text rows stay as they are."""
 
     def __init__(self, tokenizer, kept: list[tuple[list[dict], str | None]], examples: list[Example],
                  settings: TrainSettings):
         """`kept`: the conversations render_split rendered; `examples`: their examples, then the text rows."""
         self.tokenizer, self.kept, self.examples, self.settings = tokenizer, kept, examples, settings
         self._epoch, self._examples = None, None
+        self.pool = question_words([m[j]["content"] for m, _ in kept if (j := last_user(m)) is not None])
 
     def conversation(self, i: int, epoch: int) -> list[dict]:
         import random
 
         messages, _ = self.kept[i]
         rng = random.Random(f"question-dropout-{self.settings.seed}-{epoch}-{i}")
-        return with_question(messages, lambda q: drop_words(q, self.settings.question_dropout, rng))
+        drop, insert = self.settings.question_dropout or 0.0, self.settings.question_insertion
+
+        def vary(q: str) -> str:
+            q = drop_words(q, drop, rng) if drop else q
+            return insert_words(q, insert, self.pool, rng) if insert else q
+
+        return with_question(messages, vary)
 
     def __call__(self, epoch: int) -> list[Example]:
         if epoch != self._epoch:

@@ -95,6 +95,41 @@ def test_drop_words_leaves_out_a_seeded_share_of_words_and_keeps_punctuation():
     assert 14 < sum(len(d) for d in zh_draws) / 200 < 18  # 19 characters and the mark
 
 
+def test_insert_words_puts_in_a_seeded_share_of_other_questions_words_of_the_same_script():
+    import random
+
+    from doctune.training.data import insert_words, question_words
+
+    pool = question_words(["Where is the head office of Lumenholm Ferries?", "Which pier do ferries leave from?",
+                           "步行旅客应在开船前多久到达登船口？", "Wayfinder 是什么？"])
+    assert pool[False] == ["where", "is", "the", "head", "office", "of", "Lumenholm", "Ferries", "which", "pier",
+                           "do", "ferries", "leave", "from"]
+    assert pool[True] == list("步行旅客应在开船前多久到达登船口是什么")  # a Chinese question gives its characters only
+    q = "How many spaces does the Aldermouth terminal car park have?"
+    assert insert_words(q, 0.0, pool, random.Random(0)) == q
+    assert insert_words(q, 0.3, {True: [], False: []}, random.Random(0)) == q
+    draws = [insert_words(q, 0.2, pool, random.Random(f"s{i}")) for i in range(400)]
+    assert draws == [insert_words(q, 0.2, pool, random.Random(f"s{i}")) for i in range(400)]
+    assert 11.6 < sum(len(d.split()) for d in draws) / 400 < 12.4  # 10 words, one in five gets a word before it
+
+    def kept_in_order(short, long):  # every word of `short` is in `long`, in order
+        rest = iter(long)
+        return all(w in rest for w in short)
+
+    assert all(kept_in_order(q.split(), d.split()) or kept_in_order(q.lower().split(), d.lower().split())
+               for d in draws)
+    assert all(d.endswith("?") and "  " not in d and d[0].isupper() for d in draws)
+    assert all(set(d.lower().rstrip("?").split()) <= set(q.lower().rstrip("?").split()) | {w.lower() for w in pool[False]}
+               for d in draws)
+    assert sum(d != q for d in draws) > 300
+    # a Chinese question gets Chinese characters, no spaces, and keeps its own characters in order
+    zh = "在奥尔德茅斯码头寄存一件行李一天多少钱？"
+    zh_draws = [insert_words(zh, 0.2, pool, random.Random(i)) for i in range(200)]
+    assert all(d.endswith("？") and " " not in d and kept_in_order(zh, d) for d in zh_draws)
+    assert all(set(d) <= set(zh) | set(pool[True]) for d in zh_draws)
+    assert 22 < sum(len(d) for d in zh_draws) / 200 < 26  # 19 characters and the mark, ~3.8 put in
+
+
 def test_question_dropout_varies_the_questions_by_epoch_and_leaves_replies_and_text_rows(tokenizer):
     from doctune.model_settings import TrainSettings
     from doctune.training.batching import micro_batch_stream
@@ -127,3 +162,24 @@ def test_question_dropout_varies_the_questions_by_epoch_and_leaves_replies_and_t
         [[x.input_ids for x in next(resumed)] for _ in range(12)]
     first = {tuple(x.input_ids) for x in e0}
     assert all(tuple(x.input_ids) in first for b in batches[:11] for x in b)
+
+
+def test_question_insertion_alone_lengthens_every_epochs_questions_and_keeps_their_words(tokenizer):
+    from doctune.model_settings import TrainSettings
+    from doctune.training.data import QuestionDropout, render_split
+
+    rows = {"messages": [[{"role": "system", "content": SYSTEM},
+                          {"role": "user", "content": f"How much does the blue item number {i} cost in the shop?"},
+                          {"role": "assistant", "content": f"Item {i} costs {i} euros."}] for i in range(40)]}
+    settings = TrainSettings(question_dropout=0, question_insertion=0.3, seed=2)
+    examples, _, kept = render_split(tokenizer, rows, settings)
+    varied = QuestionDropout(tokenizer, kept, examples, settings)
+    for epoch in (0, 1):
+        asked = [varied.conversation(i, epoch) for i in range(40)]
+        assert [m[-1] for m in asked] == [m[-1] for m, _ in kept] and all(m[0]["content"] == SYSTEM for m in asked)
+        for i, m in enumerate(asked):
+            rest = iter(m[1]["content"].rstrip("?").split())
+            assert all(w in rest for w in f"How much does the blue item number {i} cost in the shop".split())
+        assert sum(len(m[1]["content"].split()) > 11 for m in asked) > 35
+    assert [varied.conversation(i, 0) for i in range(40)] != [varied.conversation(i, 1) for i in range(40)]
+    assert all(len(a.input_ids) > len(b.input_ids) for a, b in zip(varied(0), examples) if a is not b)
