@@ -117,7 +117,7 @@ class TrainSettings(BaseModel):
         "(measured on SmolLM2-135M, bench/README.md), else 0 (not measured on larger models here).",
     )
     question_insertion: float = Field(
-        0.0, ge=0, le=0.5, description="Chance that a word of another training question (of the same script; a "
+        0.0, ge=0, le=0.5, description="Chance that a word drawn from the training questions (of the same script; a "
         "Chinese character counts as one) is put in before each word of a training question, drawn anew for every "
         "row in every epoch with the seed, after question_dropout: a paraphrased question brings words the training "
         "questions of its fact never held, some of them other facts' words, and the reply should hang on the words "

@@ -240,8 +240,9 @@ def question_words(questions: list[str]) -> dict[bool, list[str]]:
 
 
 def insert_words(question: str, share: float, pool: dict[bool, list[str]], rng) -> str:
-    """`question` with, before each of its words, a word of another training question of its script put in with
-    probability `share` (a Chinese character counts as one word); the words and punctuation it had all stay."""
+    """`question` with, before each of its words, a word drawn from the training questions of its script (`pool`,
+    mostly other questions' words) put in with probability `share` (a Chinese character counts as one word); the
+    words and punctuation it had all stay."""
     cjk = bool(re.search(rf"[{_CJK}]", question))
     words = pool.get(cjk) or []
     if not share or not words:
