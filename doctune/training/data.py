@@ -203,6 +203,7 @@ def tokenize_split(tokenizer, rows, settings: TrainSettings) -> tuple[list[Examp
 _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _UNIT = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
 _TRAILING = re.compile(r"[?？!！.。,，;；:：\"'”’)）]+$")
+_HAS_CJK = re.compile(rf"[{_CJK}]")
 
 
 def drop_words(question: str, share: float, rng) -> str:
@@ -231,10 +232,10 @@ def question_words(questions: list[str]) -> dict[bool, list[str]]:
     question's capitalised first word in lower case."""
     pool = {True: [], False: []}
     for q in questions:
-        cjk = bool(re.search(rf"[{_CJK}]", q))
+        cjk = bool(_HAS_CJK.search(q))
         for n, m in enumerate(_UNIT.finditer(q)):
             word = _TRAILING.sub("", m.group())
-            if any(c.isalnum() for c in word) and bool(re.match(rf"[{_CJK}]", word)) == cjk:
+            if any(c.isalnum() for c in word) and bool(_HAS_CJK.match(word)) == cjk:
                 pool[cjk].append(word.lower() if n == 0 and word.istitle() else word)  # "Where", not a name
     return pool
 
@@ -243,7 +244,7 @@ def insert_words(question: str, share: float, pool: dict[bool, list[str]], rng) 
     """`question` with, before each of its words, a word drawn from the training questions of its script (`pool`,
     mostly other questions' words) put in with probability `share` (a Chinese character counts as one word); the
     words and punctuation it had all stay."""
-    cjk = bool(re.search(rf"[{_CJK}]", question))
+    cjk = bool(_HAS_CJK.search(question))
     words = pool.get(cjk) or []
     if not share or not words:
         return question
@@ -270,7 +271,8 @@ class QuestionDropout:
         """`kept`: the conversations render_split rendered; `examples`: their examples, then the text rows."""
         self.tokenizer, self.kept, self.examples, self.settings = tokenizer, kept, examples, settings
         self._epoch, self._examples = None, None
-        self.pool = question_words([m[j]["content"] for m, _ in kept if (j := last_user(m)) is not None])
+        self.pool = question_words([m[j]["content"] for m, _ in kept if (j := last_user(m)) is not None]) \
+            if settings.question_insertion else {}
 
     def conversation(self, i: int, epoch: int) -> list[dict]:
         import random

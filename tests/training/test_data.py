@@ -95,6 +95,19 @@ def test_drop_words_leaves_out_a_seeded_share_of_words_and_keeps_punctuation():
     assert 14 < sum(len(d) for d in zh_draws) / 200 < 18  # 19 characters and the mark
 
 
+def _priced_items(n: int) -> dict:
+    """`n` question/answer conversations that differ only in an item's number."""
+    return {"messages": [[{"role": "system", "content": SYSTEM},
+                          {"role": "user", "content": f"How much does the blue item number {i} cost in the shop?"},
+                          {"role": "assistant", "content": f"Item {i} costs {i} euros."}] for i in range(n)]}
+
+
+def _kept_in_order(short, long) -> bool:
+    """Every item of `short` is in `long`, in order."""
+    rest = iter(long)
+    return all(w in rest for w in short)
+
+
 def test_insert_words_puts_in_a_seeded_share_of_other_questions_words_of_the_same_script():
     import random
 
@@ -112,11 +125,7 @@ def test_insert_words_puts_in_a_seeded_share_of_other_questions_words_of_the_sam
     assert draws == [insert_words(q, 0.2, pool, random.Random(f"s{i}")) for i in range(400)]
     assert 11.6 < sum(len(d.split()) for d in draws) / 400 < 12.4  # 10 words, one in five gets a word before it
 
-    def kept_in_order(short, long):  # every word of `short` is in `long`, in order
-        rest = iter(long)
-        return all(w in rest for w in short)
-
-    assert all(kept_in_order(q.split(), d.split()) or kept_in_order(q.lower().split(), d.lower().split())
+    assert all(_kept_in_order(q.split(), d.split()) or _kept_in_order(q.lower().split(), d.lower().split())
                for d in draws)
     assert all(d.endswith("?") and "  " not in d and d[0].isupper() for d in draws)
     assert all(set(d.lower().rstrip("?").split()) <= set(q.lower().rstrip("?").split()) | {w.lower() for w in pool[False]}
@@ -125,7 +134,7 @@ def test_insert_words_puts_in_a_seeded_share_of_other_questions_words_of_the_sam
     # a Chinese question gets Chinese characters, no spaces, and keeps its own characters in order
     zh = "在奥尔德茅斯码头寄存一件行李一天多少钱？"
     zh_draws = [insert_words(zh, 0.2, pool, random.Random(i)) for i in range(200)]
-    assert all(d.endswith("？") and " " not in d and kept_in_order(zh, d) for d in zh_draws)
+    assert all(d.endswith("？") and " " not in d and _kept_in_order(zh, d) for d in zh_draws)
     assert all(set(d) <= set(zh) | set(pool[True]) for d in zh_draws)
     assert 22 < sum(len(d) for d in zh_draws) / 200 < 26  # 19 characters and the mark, ~3.8 put in
 
@@ -135,9 +144,7 @@ def test_question_dropout_varies_the_questions_by_epoch_and_leaves_replies_and_t
     from doctune.training.batching import micro_batch_stream
     from doctune.training.data import QuestionDropout, render_split, tokenize_texts
 
-    rows = {"messages": [[{"role": "system", "content": SYSTEM},
-                          {"role": "user", "content": f"How much does the blue item number {i} cost in the shop?"},
-                          {"role": "assistant", "content": f"Item {i} costs {i} euros."}] for i in range(40)]}
+    rows = _priced_items(40)
     settings = TrainSettings(question_dropout=0.3, per_device_batch_size=4, seed=2)
     examples, _, kept = render_split(tokenizer, rows, settings)
     examples += tokenize_texts(tokenizer, ["The shop opens at nine."], 512)
@@ -168,18 +175,15 @@ def test_question_insertion_alone_lengthens_every_epochs_questions_and_keeps_the
     from doctune.model_settings import TrainSettings
     from doctune.training.data import QuestionDropout, render_split
 
-    rows = {"messages": [[{"role": "system", "content": SYSTEM},
-                          {"role": "user", "content": f"How much does the blue item number {i} cost in the shop?"},
-                          {"role": "assistant", "content": f"Item {i} costs {i} euros."}] for i in range(40)]}
+    rows = _priced_items(40)
     settings = TrainSettings(question_dropout=0, question_insertion=0.3, seed=2)
     examples, _, kept = render_split(tokenizer, rows, settings)
     varied = QuestionDropout(tokenizer, kept, examples, settings)
     for epoch in (0, 1):
         asked = [varied.conversation(i, epoch) for i in range(40)]
         assert [m[-1] for m in asked] == [m[-1] for m, _ in kept] and all(m[0]["content"] == SYSTEM for m in asked)
-        for i, m in enumerate(asked):
-            rest = iter(m[1]["content"].rstrip("?").split())
-            assert all(w in rest for w in f"How much does the blue item number {i} cost in the shop".split())
+        assert all(_kept_in_order(f"How much does the blue item number {i} cost in the shop".split(),
+                                  m[1]["content"].rstrip("?").split()) for i, m in enumerate(asked))
         assert sum(len(m[1]["content"].split()) > 11 for m in asked) > 35
     assert [varied.conversation(i, 0) for i in range(40)] != [varied.conversation(i, 1) for i in range(40)]
     assert all(len(a.input_ids) > len(b.input_ids) for a, b in zip(varied(0), examples) if a is not b)
