@@ -65,6 +65,9 @@ RECIPES = {
     # 8 epochs instead of 6 (a third more steps): most questions are answered by some trainings of a corpus and
     # missed by others (bench/README.md, fifteenth session), as if their facts were learnt only just
     "qa+8ep": {"num_epochs": 8},
+    # the adapter on the MLP projections only: attention, which reads the question, keeps the base model's weights
+    # (facts are thought to be stored in the MLPs), so a paraphrase might be read as the base model reads it
+    "qa+mlp": {"target_modules": ["gate_proj", "up_proj", "down_proj"]},
 }
 
 
