@@ -107,6 +107,9 @@ def test_nightly_deployment_trains_on_the_gpu_pool_then_stops_early_then_retrain
     assert gpu.concurrency_limit == 1
     assert deps["train"].work_pool_name == deps["evaluate"].work_pool_name == "gpu"
     assert deps["nightly"].work_pool_name == "cpu"
+    # One nightly at a time; a second one (from the UI, or a late schedule) waits for the first.
+    limit, options = deps["nightly"].global_concurrency_limit, deps["nightly"].concurrency_options
+    assert (limit.limit, options.collision_strategy.value) == (1, "ENQUEUE")
     (schedule,) = deps["nightly"].schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
 
