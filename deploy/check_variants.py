@@ -4,8 +4,8 @@ cluster or Docker daemon is contacted.
     python deploy/check_variants.py            # from the project folder
 
 Always: both files parse; they have the root file's top-level name, version and pull steps, the same
-deployments (names, entrypoints, descriptions, parameters, schedules) in the same order, the cpu pool
-unchanged, and the gpu pool keeps its name and queue and has job_variables.
+deployments (names, entrypoints, descriptions, parameters, schedules, concurrency limits) in the same order,
+the cpu pool unchanged, and the gpu pool keeps its name and queue and has job_variables.
 When prefect-kubernetes / prefect-docker are importable (they are not project dependencies): the gpu
 job_variables, with `{{ $VAR }}` filled in as `prefect deploy` would, validate against the pool's
 variables schema and render through the worker's own job configuration class, and the rendered job
@@ -29,7 +29,7 @@ ROOT = HERE.parent
 VARIANTS = {"kubernetes": HERE / "prefect.kubernetes.yaml", "docker": HERE / "prefect.docker.yaml"}
 SAMPLE_ENV = {"DOCTUNE_ROOT": "/srv/doctune", "PREFECT_LOCAL_STORAGE_PATH": "/srv/doctune/.prefect/storage",
               "DOCTUNE_IMAGE": "doctune-gpu:check"}
-SAME_KEYS = ("entrypoint", "description", "parameters", "schedules")
+SAME_KEYS = ("entrypoint", "description", "parameters", "schedules", "concurrency_limit")
 
 
 def load(path: Path) -> dict:
